@@ -1,0 +1,161 @@
+"""Every use of TransformerLens 4 bridge internals lives here.
+
+TransformerLens 4 has no HookedTransformer; `TransformerBridge` wraps a HuggingFace
+model. codelens relies on these bridge facts, each covered by `tests/test_bridge.py`
+so that an upgrade that changes them fails loudly:
+
+- `boot_transformers(label, hf_model=..., tokenizer=...)` boots an in-memory model
+  offline, provided the tokenizer's `init_kwargs` name a path and ask for BOS
+  (otherwise the bridge re-downloads a tokenizer by name).
+- `blocks.{l}.attn.hook_z` and `blocks.{l}.hook_mlp_out` are aliases, resolved
+  through the hook registry, of HookPoints held by bridge components; replacing
+  the HookPoint object in the module tree and rebuilding the registry re-routes them.
+- The HookPoint behind `hook_z` sees the flat ``[..., n_heads * d_head]`` input of
+  W_O; its `hook_conversion` reshapes it to heads for hook functions.
+- The bridge's live parameters are `bridge.named_parameters()`; for GPT-2 and
+  GPT-NeoX the fused QKV weight of the HF model is replaced by split copies, so
+  checkpoints store the bridge's parameters, not the HF state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
+
+from codelens.codebook import CodebookLayer
+
+CODEBOOK_HOOKS = ("hook_codes", "hook_quantized")
+
+
+def prepare_tokenizer(tokenizer: Any, name: str) -> Any:
+    """Make an in-memory tokenizer bootable offline (see module docstring)."""
+    tokenizer.init_kwargs.setdefault("name_or_path", name)
+    tokenizer.init_kwargs["add_bos_token"] = True
+    return tokenizer
+
+
+def boot(
+    name_or_dir: str,
+    *,
+    hf_model: nn.Module | None = None,
+    tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TransformerBridge:
+    """Boot a bridge from a hub name, a local HF directory or an in-memory HF model."""
+    if tokenizer is not None:
+        prepare_tokenizer(tokenizer, name_or_dir)
+    kwargs: dict[str, Any] = {"dtype": dtype, "tokenizer": tokenizer}
+    if hf_model is not None:
+        kwargs["hf_model"] = hf_model
+    if device is not None:
+        kwargs["device"] = device
+    return TransformerBridge.boot_transformers(name_or_dir, **kwargs)
+
+
+def hf_model(bridge: TransformerBridge) -> nn.Module:
+    """The wrapped HuggingFace model."""
+    return bridge.original_model
+
+
+class CodebookSite(HookPoint):
+    """Stands in for the bridge's HookPoint at a codebook site.
+
+    User hooks on the site (``hook_z`` / ``hook_mlp_out``) run first and see the
+    activation before quantisation; the codebook then quantises what they return.
+    """
+
+    def __init__(self, replaced: HookPoint, codebook: CodebookLayer) -> None:
+        super().__init__()
+        self.name = replaced.name
+        self.hook_conversion = replaced.hook_conversion
+        self.backward_scale = replaced.backward_scale
+        self.pos_dim = replaced.pos_dim
+        self.codebook = codebook
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = super().__call__(x)
+        groups = self.codebook.n_groups
+        if x.shape[-2:] == (groups, self.codebook.d):
+            return self.codebook(x)
+        grouped = rearrange(x, "... (g d) -> ... g d", g=groups)
+        return rearrange(self.codebook(grouped), "... g d -> ... (g d)")
+
+
+def install_site(
+    bridge: TransformerBridge, hook_name: str, codebook: CodebookLayer
+) -> CodebookSite:
+    """Replace the HookPoint behind ``hook_name`` by a `CodebookSite` everywhere it is held."""
+    old = bridge.hook_dict.get(hook_name)
+    if old is None:
+        raise ValueError(f"the model has no hook point named {hook_name!r}")
+    if old.has_hooks():
+        raise RuntimeError(f"remove the hooks on {hook_name} before installing a codebook there")
+    site = CodebookSite(old, codebook)
+    replaced = 0
+    for module in bridge.modules():
+        for attr, value in list(module._modules.items()):
+            if value is old:
+                module._modules[attr] = site
+                replaced += 1
+        for attr, value in list(vars(module).items()):
+            if value is old:
+                object.__setattr__(module, attr, site)
+    if replaced == 0:
+        raise RuntimeError(f"could not find the module holding {hook_name}; bridge layout changed")
+    return site
+
+
+def uninstall_site(bridge: TransformerBridge, site: CodebookSite) -> None:
+    """Put a plain HookPoint back where a `CodebookSite` was."""
+    plain = HookPoint()
+    plain.name, plain.hook_conversion = site.name, site.hook_conversion
+    plain.backward_scale, plain.pos_dim = site.backward_scale, site.pos_dim
+    for module in bridge.modules():
+        for attr, value in list(module._modules.items()):
+            if value is site:
+                module._modules[attr] = plain
+        for attr, value in list(vars(module).items()):
+            if value is site:
+                object.__setattr__(module, attr, plain)
+
+
+class SiteAwareBridge(TransformerBridge):
+    """A bridge whose hook registry names codebook hooks ``{site}.hook_codes``.
+
+    Built by re-classing a booted bridge (the bridge has no constructor to call
+    for an already-wrapped model); it adds no state of its own here.
+    """
+
+    _codebook_sites: dict[str, CodebookSite]
+
+    def _scan_existing_hooks(self, module: nn.Module, prefix: str = "") -> None:
+        super()._scan_existing_hooks(module, prefix)
+        sites = getattr(self, "_codebook_sites", {})
+        ids = {id(getattr(s.codebook, h)) for s in sites.values() for h in CODEBOOK_HOOKS}
+        for key in [k for k, hp in self._hook_registry.items() if id(hp) in ids]:
+            del self._hook_registry[key]
+        for site_name, site in sites.items():
+            for hook in CODEBOOK_HOOKS:
+                hp = getattr(site.codebook, hook)
+                hp.name = f"{site_name}.{hook}"
+                self._hook_registry[hp.name] = hp
+
+    def refresh_hooks(self) -> None:
+        """Rebuild the hook registry after sites were installed or removed."""
+        self.clear_hook_registry()
+        self._initialize_hook_registry()
+
+
+def specialise(bridge: TransformerBridge, cls: type) -> Any:
+    """Turn a booted bridge into an instance of ``cls`` (a `SiteAwareBridge` subclass)."""
+    if not issubclass(cls, SiteAwareBridge):
+        raise TypeError(f"{cls.__name__} must subclass SiteAwareBridge")
+    bridge.__class__ = cls
+    bridge._codebook_sites = {}
+    return bridge

@@ -1,0 +1,80 @@
+"""`CodebookConfig`: where codebooks go in a model and how they quantise."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Similarity = Literal["cosine", "dot", "euclidean"]
+Combine = Literal["sum", "mean"]
+SITES = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class CodebookConfig:
+    """How and where to attach codebooks.
+
+    Attributes:
+        n_codes: codes per codebook (C).
+        k: codes chosen per activation (top-k).
+        sites: ``"attn"`` puts one codebook per head on ``blocks.{l}.attn.hook_z``;
+            ``"mlp"`` puts ``mlp_groups`` codebooks on ``blocks.{l}.hook_mlp_out``.
+        layers: the layers that get codebooks; ``None`` means every layer.
+        similarity: how codes are scored against an activation.
+        combine: ``"sum"`` (default) makes a site's output the plain sum of its active
+            code vectors, so each code's write is exactly its vector and swapping one
+            slot changes the output by exactly one vector; ``"mean"`` divides by k, as
+            the original implementation did.
+        layer_norm: score a LayerNorm-ed (no affine) copy of the activation; the output
+            is always built from the code vectors themselves.
+        mlp_groups: independent codebooks per MLP output (each sees d_model / groups).
+        memory_budget_mb: the largest score matrix (tokens x codes) built at once;
+            top-k runs in token chunks that fit it.
+    """
+
+    n_codes: int = 1000
+    k: int = 1
+    sites: tuple[str, ...] = SITES
+    layers: tuple[int, ...] | None = None
+    similarity: Similarity = "cosine"
+    combine: Combine = "sum"
+    layer_norm: bool = False
+    mlp_groups: int = 1
+    memory_budget_mb: float = 1024.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", tuple(self.sites))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if self.n_codes < 1:
+            raise ValueError(f"n_codes must be >= 1, got {self.n_codes}")
+        if not 1 <= self.k <= self.n_codes:
+            raise ValueError(f"k must be between 1 and n_codes={self.n_codes}, got k={self.k}")
+        unknown = [s for s in self.sites if s not in SITES]
+        if unknown or not self.sites:
+            raise ValueError(f"sites must be a non-empty subset of {SITES}, got {self.sites}")
+        if self.similarity not in ("cosine", "dot", "euclidean"):
+            raise ValueError(
+                f"similarity must be cosine, dot or euclidean, got {self.similarity!r}"
+            )
+        if self.combine not in ("sum", "mean"):
+            raise ValueError(f"combine must be 'sum' or 'mean', got {self.combine!r}")
+        if self.mlp_groups < 1:
+            raise ValueError(f"mlp_groups must be >= 1, got {self.mlp_groups}")
+        if self.memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sites"] = list(self.sites)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CodebookConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown CodebookConfig keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)

@@ -1,0 +1,249 @@
+"""`HookedCodebookTransformer`: a TransformerLens 4 bridge with codebooks at its hook points."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from codelens import _bridge
+from codelens.codebook import CodebookLayer
+from codelens.config import CodebookConfig
+
+AUTO = "auto"
+
+
+def attn_site(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def mlp_site(layer: int) -> str:
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+class HookedCodebookTransformer(_bridge.SiteAwareBridge):
+    """A TransformerLens 4 `TransformerBridge` whose attention heads and MLPs are quantised.
+
+    Codebooks sit at ``blocks.{l}.attn.hook_z`` (one per head) and
+    ``blocks.{l}.hook_mlp_out`` (``mlp_groups`` per MLP). Those hook points still show
+    the activation before quantisation; each codebook adds ``{site}.hook_codes``
+    (int64 ``[batch, pos, groups, k]``) and ``{site}.hook_quantized``. Everything a
+    bridge does (``run_with_cache``, ``run_with_hooks``, ``hooks()``, ``generate``)
+    runs with the codebooks active. Weight processing (folded LayerNorm, centred
+    weights) is refused: codebooks are trained on raw activations.
+
+    Build with `from_pretrained` (hub name, local HF directory or a saved codelens
+    directory) or `from_config` (random weights, for training from scratch).
+    """
+
+    codebook_config: CodebookConfig | None
+    validate_tokens: bool
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path,
+        codebook: CodebookConfig | Literal["auto"] | None = AUTO,
+        *,
+        tokenizer: Any = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> HookedCodebookTransformer:
+        """Load a model, with codebooks.
+
+        ``codebook``: ``"auto"`` loads the codebooks saved in a codelens directory (and
+        none for a plain HF model); a `CodebookConfig` adds fresh codebooks to a plain
+        model; ``None`` gives the model without codebooks.
+        """
+        from codelens import checkpoint
+
+        path = Path(name_or_dir)
+        if checkpoint.is_checkpoint(path):
+            return checkpoint.load(cls, path, codebook=codebook, device=device)
+        if path.exists() and not (path / "config.json").is_file():
+            raise ValueError(
+                f"{path} is neither a codelens checkpoint nor a HuggingFace model directory"
+            )
+        model = cls._wrap(
+            _bridge.boot(str(name_or_dir), tokenizer=tokenizer, device=device, dtype=dtype)
+        )
+        if isinstance(codebook, CodebookConfig):
+            model.add_codebooks(codebook)
+        return model
+
+    @classmethod
+    def from_config(
+        cls,
+        config: PretrainedConfig | dict[str, Any],
+        tokenizer: Any,
+        codebook: CodebookConfig | None = None,
+        *,
+        seed: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> HookedCodebookTransformer:
+        """A randomly initialised model from a HuggingFace config (dict needs ``model_type``)."""
+        if isinstance(config, dict):
+            config = dict(config)
+            if "model_type" not in config:
+                raise ValueError("a model config dict needs a 'model_type' key, e.g. 'gpt_neox'")
+            config = AutoConfig.for_model(config.pop("model_type"), **config)
+        if seed is not None:
+            torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        return cls.from_hf_model(hf, tokenizer, codebook, device=device)
+
+    @classmethod
+    def from_hf_model(
+        cls,
+        hf_model: nn.Module,
+        tokenizer: Any,
+        codebook: CodebookConfig | None = None,
+        *,
+        name: str | None = None,
+        device: str | torch.device | None = None,
+    ) -> HookedCodebookTransformer:
+        """Wrap an in-memory HuggingFace causal LM (modified in place by the bridge)."""
+        if tokenizer is None:
+            raise ValueError("from_hf_model needs the model's tokenizer")
+        label = name or f"codelens-local-{hf_model.config.model_type}"
+        model = cls._wrap(
+            _bridge.boot(label, hf_model=hf_model, tokenizer=tokenizer, device=device)
+        )
+        if codebook is not None:
+            model.add_codebooks(codebook)
+        return model
+
+    @classmethod
+    def _wrap(cls, bridge: Any) -> HookedCodebookTransformer:
+        model = _bridge.specialise(bridge, cls)
+        model.codebook_config = None
+        model.validate_tokens = True
+        return model
+
+    # ---------------------------------------------------------------- codebooks
+
+    def add_codebooks(self, config: CodebookConfig) -> None:
+        """Attach codebooks at the sites and layers ``config`` names."""
+        if self.codebook_config is not None:
+            raise ValueError("this model already has codebooks; call remove_codebooks() first")
+        n_layers = self.cfg.n_layers
+        layers = range(n_layers) if config.layers is None else config.layers
+        bad = [layer for layer in layers if not 0 <= layer < n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {n_layers} layers")
+        if "mlp" in config.sites and self.cfg.d_model % config.mlp_groups:
+            raise ValueError(
+                f"mlp_groups={config.mlp_groups} does not divide d_model={self.cfg.d_model}"
+            )
+        device = next(self.parameters()).device
+        for layer in layers:
+            if "attn" in config.sites:
+                self._install(attn_site(layer), self.cfg.n_heads, self.cfg.d_head, config, device)
+            if "mlp" in config.sites:
+                groups = config.mlp_groups
+                self._install(mlp_site(layer), groups, self.cfg.d_model // groups, config, device)
+        self.codebook_config = config
+        self.refresh_hooks()
+
+    def _install(self, site: str, groups: int, d: int, config: CodebookConfig, device) -> None:
+        layer = CodebookLayer(
+            groups,
+            d,
+            config.n_codes,
+            config.k,
+            similarity=config.similarity,
+            combine=config.combine,
+            layer_norm=config.layer_norm,
+            memory_budget_mb=config.memory_budget_mb,
+        ).to(device)
+        self._codebook_sites[site] = _bridge.install_site(self, site, layer)
+
+    def remove_codebooks(self) -> None:
+        """Detach every codebook, giving back the plain model."""
+        for site in self._codebook_sites.values():
+            _bridge.uninstall_site(self, site)
+        self._codebook_sites = {}
+        self.codebook_config = None
+        self.refresh_hooks()
+
+    @property
+    def codebooks(self) -> dict[str, CodebookLayer]:
+        """Site hook name -> its `CodebookLayer`, in layer order."""
+        return {name: site.codebook for name, site in self._codebook_sites.items()}
+
+    def codebook(self, site: str) -> CodebookLayer:
+        """The codebook at ``site`` (e.g. ``"blocks.0.hook_mlp_out"``)."""
+        if site not in self._codebook_sites:
+            raise KeyError(f"no codebook at {site!r}; sites: {list(self._codebook_sites)}")
+        return self._codebook_sites[site].codebook
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        return [cb.codes for cb in self.codebooks.values()]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter of the underlying model, codebooks excluded."""
+        skip = {id(p) for p in self.codebook_parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    def reconstruction_loss(self) -> Tensor:
+        """Mean over sites of each codebook's reconstruction MSE from the last forward."""
+        losses = [cb.reconstruction_loss for cb in self.codebooks.values() if not cb.bypass]
+        losses = [loss for loss in losses if loss is not None]
+        if not losses:
+            return torch.zeros((), device=next(self.parameters()).device)
+        return torch.stack(losses).mean()
+
+    @contextlib.contextmanager
+    def codebooks_bypassed(self) -> Iterator[None]:
+        """Run the same model with every codebook as the identity (the baseline)."""
+        layers = list(self.codebooks.values())
+        previous = [cb.bypass for cb in layers]
+        try:
+            for cb in layers:
+                cb.bypass = True
+            yield
+        finally:
+            for cb, was in zip(layers, previous, strict=True):
+                cb.bypass = was
+
+    # ---------------------------------------------------------------- checks
+
+    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.validate_tokens and isinstance(input, Tensor):
+            check_token_ids(input, self.cfg.d_vocab)
+        return super().forward(input, *args, **kwargs)
+
+    def enable_compatibility_mode(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "codelens models never process weights (folded LayerNorm, centred weights): "
+            "codebooks are trained on raw activations and are wrong on processed ones"
+        )
+
+    def process_weights(self, *args: Any, **kwargs: Any) -> None:
+        self.enable_compatibility_mode()
+
+    # ---------------------------------------------------------------- saving
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Save base weights, codebooks, configs and tokenizer atomically to ``out_dir``."""
+        from codelens import checkpoint
+
+        return checkpoint.save(self, Path(out_dir))
+
+
+def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
+    """Raise a clear error for token ids outside ``[0, vocab_size)``."""
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    if tokens.numel() == 0:
+        raise ValueError("tokens is empty")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {low}, max {high}")
