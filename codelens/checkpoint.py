@@ -175,11 +175,12 @@ def load(
     codebook: CodebookConfig | str | None = "auto",
     device: str | torch.device | None = None,
 ) -> HookedCodebookTransformer:
-    """Rebuild a saved model (bit-identical logits); see `HookedCodebookTransformer.from_pretrained`."""
+    """Rebuild a saved model with bit-identical logits (see ``from_pretrained``)."""
     manifest = read_manifest(path)
     if isinstance(codebook, CodebookConfig) and manifest["codebook"] is not None:
         raise ValueError(
-            f"{path} already has codebooks; pass codebook='auto' to load them or None for the base model"
+            f"{path} already has codebooks; pass codebook='auto' to load them "
+            "or None for the base model"
         )
     config = AutoConfig.from_pretrained(path / "hf_config")
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")

@@ -38,7 +38,8 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
     weights) is refused: codebooks are trained on raw activations.
 
     Build with `from_pretrained` (hub name, local HF directory or a saved codelens
-    directory) or `from_config` (random weights, for training from scratch).
+    directory) or `from_config` (random weights, for training from scratch). Every
+    constructor returns the model in eval mode (no dropout); trainers call ``train()``.
     """
 
     codebook_config: CodebookConfig | None
@@ -125,7 +126,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         model = _bridge.specialise(bridge, cls)
         model.codebook_config = None
         model.validate_tokens = True
-        return model
+        return model.eval()
 
     # ---------------------------------------------------------------- codebooks
 

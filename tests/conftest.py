@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-weight models of three architectures, built offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from codelens import CodebookConfig, HookedCodebookTransformer  # noqa: E402
+
+VOCAB = 13
+
+ARCHS = {
+    "gpt_neox": dict(
+        model_type="gpt_neox",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ),
+}
+
+
+def digit_tokenizer() -> PreTrainedTokenizerFast:
+    """Digits 0-9 plus <bos>=10, <eos>=11, <unk>=12; one token per character."""
+    vocab = {str(i): i for i in range(10)} | {"<bos>": 10, "<eos>": 11, "<unk>": 12}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<eos>",
+    )
+
+
+def tiny_model(arch: str = "gpt_neox", codebook: CodebookConfig | None = None, seed: int = 0):
+    config = dict(ARCHS[arch], vocab_size=VOCAB)
+    return HookedCodebookTransformer.from_config(config, digit_tokenizer(), codebook, seed=seed)
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 10, (2, 12), generator=torch.Generator().manual_seed(0))

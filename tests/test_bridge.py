@@ -1,0 +1,50 @@
+"""The TransformerLens 4 bridge facts codelens relies on (see codelens/_bridge.py).
+
+If a TransformerLens upgrade changes one of them, these fail first and say which.
+"""
+
+from importlib.metadata import version
+
+import transformer_lens
+from conftest import tiny_model
+from transformer_lens.hook_points import HookPoint
+
+from codelens import CodebookConfig, _bridge
+
+
+def test_transformer_lens_version_is_the_pinned_one():
+    assert version("transformer-lens").startswith("4.3."), (
+        "codelens is pinned to transformer-lens 4.3"
+    )
+    assert hasattr(transformer_lens, "HookedRootModule")
+
+
+def test_site_aliases_resolve_through_the_registry(arch):
+    model = tiny_model(arch)
+    for name in ("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"):
+        hp = model.hook_dict[name]
+        assert isinstance(hp, HookPoint), f"{name} is no longer a HookPoint"
+        assert any(hp is child for m in model.modules() for child in m._modules.values()), (
+            f"{name} is not held by a module any more: install_site cannot replace it"
+        )
+    assert model.hook_dict["blocks.0.attn.hook_z"].hook_conversion is not None
+
+
+def test_installed_sites_are_what_the_aliases_point_to(arch, tokens):
+    model = tiny_model(arch, CodebookConfig(n_codes=8, k=1))
+    for site in model.codebooks:
+        assert isinstance(model.hook_dict[site], _bridge.CodebookSite)
+    seen = {}
+    model.run_with_hooks(
+        tokens,
+        fwd_hooks=[("blocks.0.attn.hook_z.hook_codes", lambda x, hook: seen.setdefault("z", x))],
+    )
+    assert seen["z"].shape == (*tokens.shape, model.cfg.n_heads, 1)
+
+
+def test_live_parameters_are_the_bridge_parameters(tokens):
+    model = tiny_model("gpt_neox")
+    model(tokens, return_type="loss").backward()
+    stale = [n for n, p in model.original_model.named_parameters() if p.grad is None]
+    # The fused QKV weight is replaced by split copies: checkpoints must store bridge parameters.
+    assert stale and all(".qkv." in n for n in stale)
