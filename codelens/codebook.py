@@ -104,7 +104,7 @@ class CodebookLayer(HookedRootModule):
             flat = F.layer_norm(flat, (self.d,))
         weight, bias, alpha = self._score_terms()
         n_tokens = flat.shape[1]
-        chunk = self._chunk_size(flat.element_size())
+        chunk = self._chunk_size(flat.element_size(), flat.nbytes)
         ids = torch.empty(self.n_groups, n_tokens, self.k, dtype=torch.long, device=x.device)
         for start in range(0, n_tokens, chunk):
             stop = min(start + chunk, n_tokens)
@@ -114,11 +114,14 @@ class CodebookLayer(HookedRootModule):
 
     def lookup(self, ids: Int[Tensor, "... G k"]) -> Float[Tensor, "... G d"]:
         """Combine the codes named by ``ids`` (``EMPTY_SLOT`` contributes zero)."""
-        groups = torch.arange(self.n_groups, device=ids.device)[:, None]
-        vectors = self.codes[groups, ids.clamp(min=0)]
-        vectors = vectors * (ids >= 0).unsqueeze(-1).to(vectors.dtype)
-        combined = vectors.sum(dim=-2)
-        return combined / self.k if self.combine == "mean" else combined
+        offsets = torch.arange(self.n_groups, device=ids.device)[:, None] * self.n_codes
+        bags = rearrange(ids.clamp(min=0) + offsets, "... g k -> (... g) k")
+        weights = rearrange((ids >= 0).to(self.codes.dtype), "... g k -> (... g) k")
+        if self.combine == "mean":
+            weights = weights / self.k
+        table = rearrange(self.codes, "g c d -> (g c) d")
+        combined = F.embedding_bag(bags, table, per_sample_weights=weights, mode="sum")
+        return combined.view(*ids.shape[:-1], self.d)
 
     def disable_codes(self, ids: Int[Tensor, " n"] | list[int], group: int | None = None) -> None:
         """Never choose these codes (in one group, or in all groups)."""
@@ -156,19 +159,32 @@ class CodebookLayer(HookedRootModule):
             weight, bias, alpha = codes, mask - codes.pow(2).sum(-1), 2.0
         return rearrange(weight, "g c d -> g d c"), bias[:, None, :], alpha
 
-    def _chunk_size(self, element_size: int) -> int:
-        """Tokens per top-k chunk so that scores (and top-k's copy) fit the budget."""
+    def _chunk_size(self, element_size: int, activation_bytes: int = 0) -> int:
+        """Tokens per top-k chunk so that the whole forward fits the memory budget.
+
+        A chunk costs its score matrix plus top-k's working copy of it; the budget
+        also carries about four activation-sized tensors (grouped input, its
+        normalised copy, ids and output).
+        """
         per_token = 2 * self.n_groups * self.n_codes * element_size
-        return max(1, int(self.memory_budget_mb * 2**20) // per_token)
+        available = int(self.memory_budget_mb * 2**20) - 4 * activation_bytes
+        return max(1, available // per_token)
 
     def _check_ids(self, ids: Tensor, expected: torch.Size) -> None:
-        """Validate ids written by a user hook (not on the unhooked hot path)."""
+        """Validate ids written by a user hook (not on the unhooked hot path).
+
+        The range check reads the ids, so it runs on CPU only: on an accelerator it
+        would sync every hooked forward (the `interventions` API checks its ids once,
+        when it is built).
+        """
         if ids.dtype != torch.long or ids.shape != (*expected, self.k):
             raise ValueError(
                 f"hook_codes must return int64 ids of shape {(*expected, self.k)}, "
                 f"got {ids.dtype} {tuple(ids.shape)}"
             )
-        if ids.numel() and (int(ids.min()) < EMPTY_SLOT or int(ids.max()) >= self.n_codes):
+        if ids.device.type != "cpu" or not ids.numel():
+            return
+        if int(ids.min()) < EMPTY_SLOT or int(ids.max()) >= self.n_codes:
             raise ValueError(
                 f"hook_codes returned ids outside [{EMPTY_SLOT}, {self.n_codes}): "
                 f"min {int(ids.min())}, max {int(ids.max())}"

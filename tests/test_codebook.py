@@ -53,7 +53,7 @@ def test_output_is_combination_of_chosen_codes():
         expected = torch.stack([layer.codes[g, ids[:, g]].sum(1) for g in range(2)], dim=1)
         if combine == "mean":
             expected = expected / 3
-        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(layer(x), expected)
 
 
 def test_hook_returning_ids_gives_exactly_those_codes():

@@ -385,6 +385,13 @@ _FILLERS = (
     "A [fluffy|curious|sleepy] cat watched from the fence.",
     "{Name} stopped to tie {his} shoe and then hurried on.",
     "{Name} [wondered|asked {Adult}] what would happen next.",
+    "A little dog ran by, wagging happily and barking at the {things}.",
+    "{Name} sat on a bench for a moment to rest {his} [tired|wobbly] legs.",
+    "The [air smelled fresh|grass was soft and green|clouds looked like sheep] that {time}.",
+    "{Adult} packed a lunch with sandwiches, {treats}, and lemonade.",
+    "{Name} wore {his} favorite {color} sweater, the one with [big buttons|a pocket|stripes].",
+    "Far away, church bells were ringing.",
+    "{Name} felt a little nervous, but {he} did not give up.",
 )
 _FILLERS_DIGITS = (
     "On the way, {Name} counted {digits} {things}.",
@@ -763,14 +770,15 @@ _WORD_RE = re.compile(r"\S+")
 _ARTICLE_RE = re.compile(r"\b([Aa]) (?=[aeio]|u(?!ni|se))")
 _MIN_WORDS, _MAX_WORDS = 60, 150
 _MAX_SENTS = 8
-_TAIL_RATE = 0.25
+_MIN_LEXICON = 3  # distinct topic-lexicon words every story must contain
+_TAIL_RATE = 0.3
 _TAILS = (
     ", and {Name} felt {feel}",
     ", and {Name} smiled a big smile",
     " while {Adult} watched {adv}",
     ", and it was [so much fun|wonderful|amazing]",
-    ", just like {Name} had hoped",
-    ', and {Name} said, "Wow!"',
+    ", and {Name} [laughed|giggled|grinned]",
+    " on that {weather} {time}",
 )
 
 
@@ -904,7 +912,10 @@ def _one_story(rng: random.Random, topic: str) -> Story:
                 extra = _render(rng.choice(fillers), ctx, rng)
                 body.insert(rng.randint(0, len(body)), extra)
         text = " ".join(head + body + tail)
-        if _MIN_WORDS <= len(_WORD_RE.findall(text)) <= _MAX_WORDS:
+        if (
+            _MIN_WORDS <= len(_WORD_RE.findall(text)) <= _MAX_WORDS
+            and lexicon_hits(text, topic) >= _MIN_LEXICON
+        ):
             return Story(text=text, topic=topic)
     raise RuntimeError(f"could not build a story for topic {topic!r}")  # pragma: no cover
 

@@ -13,6 +13,7 @@ import functools
 import html
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,7 +41,7 @@ def _script_json(obj: Any) -> str:
     `<`, `>` and `&` (and the JS line separators) become \\uXXXX escapes, which JSON
     and JS decode back to the same characters, so no data can close the script tag.
     """
-    text = json.dumps(_plain(obj), ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=_plain_leaf)
     return (
         text.replace("<", "\\u003c")
         .replace(">", "\\u003e")
@@ -48,6 +49,13 @@ def _script_json(obj: Any) -> str:
         .replace("\u2028", "\\u2028")
         .replace("\u2029", "\\u2029")
     )
+
+
+def _plain_leaf(obj: Any) -> Any:
+    """json.dumps fallback for tensors, arrays and numpy scalars."""
+    if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
+        return _plain(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
 
 
 def _plain(obj: Any) -> Any:
@@ -67,7 +75,7 @@ def _plain(obj: Any) -> Any:
 
 def _safe_inline_js(source: str) -> str:
     """Make a JS bundle safe to inline: `</script` becomes `<\\/script` (same JS meaning)."""
-    out = source.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+    out = re.sub(r"</(script)", r"<\\/\1", source, flags=re.IGNORECASE)
     return out.replace("<!--", "<\\!--")
 
 
@@ -251,6 +259,12 @@ class Page:
         )
 
 
-def render_page(title: str, sections: Iterable[Any]) -> str:
-    """HTML for a page of sections: items or (heading, item) pairs (see `Page`)."""
-    return Page(title, sections).html()
+def render_page(title: str, sections: Iterable[Any], path: str | os.PathLike | None = None) -> str:
+    """HTML for a page of sections: items or (heading, item) pairs (see `Page`).
+
+    With path, the page is also written there atomically.
+    """
+    text = Page(title, sections).html()
+    if path is not None:
+        _atomic_write(path, text)
+    return text

@@ -16,7 +16,10 @@ in which tokens are indices into that string table. In the page, the code list i
 
 URL hash parameters pre-set the view, e.g. `browser.html#site=blocks.1.hook_mlp_out&
 group=0&search=regex:^May$` or `#search=id:42`; `search` takes the prefixes `id:`,
-`regex:` and `token:`.
+`regex:` and `token:`; `page=N` and `code=SITE|GROUP|ID` are also read. A regex is
+matched against raw token strings (" May" has a leading space) over each code's top
+tokens and example firing tokens; the "match" column is the share of the code's firings
+on matching top tokens, and results are sorted by it.
 """
 
 from __future__ import annotations
@@ -203,9 +206,7 @@ def _encode(
     A code row is [id, count, [tok, count, ...], [[firing index, tok, tok, ...], ...]].
     """
     table: dict[str, int] = {}
-
-    def sid(s: str) -> int:
-        return table.setdefault(str(s), len(table))
+    sid = table.setdefault  # sid(token, len(table)): index of token in the string table
 
     sites = []
     for name, groups in data.sites.items():
@@ -216,9 +217,13 @@ def _encode(
             dropped.append(len(ranked) - len(kept))
             rows = []
             for code, summary in kept:
-                toks = [v for t, c in summary.top_tokens[:max_top_tokens] for v in (sid(t), int(c))]
+                toks = [
+                    v
+                    for t, c in summary.top_tokens[:max_top_tokens]
+                    for v in (sid(t, len(table)), int(c))
+                ]
                 exs = [
-                    [int(idx), *(sid(t) for t in ctx)]
+                    [int(idx), *[sid(t, len(table)) for t in ctx]]
                     for ctx, idx in summary.examples[:max_examples]
                     if 0 <= idx < len(ctx)
                 ]
@@ -564,8 +569,10 @@ _JS = r"""
     try {
       results = search();
       sortResults();
-      setStatus(state.q.trim() ? results.length + " codes match " + state.mode + ":" + state.q
-        : "showing all " + results.length + " codes in scope", false);
+      var n = results.length, one = n === 1;
+      setStatus(state.q.trim()
+        ? n + (one ? " code matches " : " codes match ") + state.mode + ":" + state.q
+        : "all " + n + (one ? " code" : " codes") + " in scope", false);
     } catch (err) {
       results = [];
       setStatus(String(err.message || err), true);
