@@ -1,0 +1,168 @@
+"""Codebook initialisation from real activations, and dead-code replacement."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from codelens.model import HookedCodebookTransformer
+
+
+@torch.no_grad()
+def kmeans(
+    x: Float[Tensor, "G N d"],
+    n_clusters: int,
+    *,
+    iters: int = 15,
+    plus_plus: bool = False,
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, "G C d"]:
+    """Batched Lloyd k-means, all groups at once (Euclidean).
+
+    Starts from random samples (or k-means++ seeding). Fewer samples than clusters
+    are allowed: the extra centroids are noisy copies of samples. Empty clusters
+    are re-seeded from random samples.
+    """
+    groups, n, d = x.shape
+    if n == 0:
+        raise ValueError("k-means needs at least one sample")
+    gen = generator
+    pick = torch.randint(n, (groups, n_clusters), generator=gen, device="cpu").to(x.device)
+    if plus_plus:
+        centroids = _plus_plus(x, n_clusters, gen)
+    else:
+        centroids = torch.gather(x, 1, pick[..., None].expand(-1, -1, d)).clone()
+    if n < n_clusters:
+        scale = x.std() * 0.01
+        noise = torch.randn(centroids.shape, generator=gen, device="cpu").to(x.device)
+        centroids += scale * noise
+        return centroids
+    for _ in range(iters):
+        dist = torch.cdist(x, centroids)  # [G, N, C]
+        assign = dist.argmin(-1)
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, d), x)
+        sizes = torch.zeros(groups, n_clusters, device=x.device).scatter_add_(
+            1, assign, torch.ones_like(assign, dtype=x.dtype)
+        )
+        empty = sizes == 0
+        centroids = torch.where(empty[..., None], centroids, sums / sizes.clamp(min=1)[..., None])
+        if empty.any():
+            refill = torch.gather(x, 1, pick[..., None].expand(-1, -1, d))
+            centroids = torch.where(empty[..., None], refill, centroids)
+    return centroids
+
+
+def _plus_plus(x: Tensor, n_clusters: int, gen: torch.Generator | None) -> Tensor:
+    """k-means++ seeding for every group at once (sequential over clusters)."""
+    groups, n, d = x.shape
+    first = torch.randint(n, (groups,), generator=gen, device="cpu").to(x.device)
+    centroids = [x[torch.arange(groups), first]]
+    nearest = (x - centroids[0][:, None]).pow(2).sum(-1)
+    for _ in range(1, n_clusters):
+        probs = nearest / nearest.sum(-1, keepdim=True).clamp(min=1e-12)
+        probs = torch.where(probs.sum(-1, keepdim=True) > 0, probs, torch.ones_like(probs))
+        idx = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(x.device)
+        chosen = x[torch.arange(groups), idx]
+        centroids.append(chosen)
+        nearest = torch.minimum(nearest, (x - chosen[:, None]).pow(2).sum(-1))
+    return torch.stack(centroids, dim=1)
+
+
+@torch.no_grad()
+def init_codebooks(
+    model: HookedCodebookTransformer,
+    batches: Iterable[Tensor],
+    *,
+    method: str = "kmeans",
+    samples: int = 8192,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Initialise every codebook from the activations it will quantise.
+
+    Layer by layer: sites of layer l are fitted on activations computed with the
+    already-initialised codebooks of earlier layers active, so each codebook sees
+    the inputs it will get. With ``combine="sum"`` and k > 1 the centroids are
+    divided by k, so the k chosen codes start out summing to about the input.
+    """
+    if method == "random":
+        return
+    if method not in ("kmeans", "kmeans++"):
+        raise ValueError(f"init must be random, kmeans or kmeans++, got {method!r}")
+    batches = list(batches)
+    by_layer: dict[str, list[str]] = {}
+    for site in model.codebooks:
+        by_layer.setdefault(site.split(".")[1], []).append(site)
+    codebooks = model.codebooks
+    for cb in codebooks.values():
+        cb.bypass = True
+    try:
+        for sites in by_layer.values():
+            acts = _collect(model, sites, batches, samples)
+            for site in sites:
+                cb = codebooks[site]
+                x = acts[site].transpose(0, 1).contiguous()  # [G, N, d]
+                centroids = kmeans(
+                    x, cb.n_codes, plus_plus=method == "kmeans++", generator=generator
+                )
+                if cb.combine == "sum":
+                    centroids = centroids / cb.k
+                cb.codes.copy_(centroids.to(cb.codes.dtype))
+                cb.bypass = False
+    finally:
+        for cb in codebooks.values():
+            cb.bypass = False
+
+
+def _collect(model, sites: list[str], batches: list[Tensor], samples: int) -> dict[str, Tensor]:
+    stored: dict[str, list[Tensor]] = {s: [] for s in sites}
+
+    def make(site):
+        def fn(x, hook):
+            cb = model.codebook(site)
+            stored[site].append(x.reshape(-1, cb.n_groups, cb.d).detach())
+
+        return fn
+
+    with model.hooks(fwd_hooks=[(s, make(s)) for s in sites]):
+        have = 0
+        for tokens in batches:
+            model(tokens, return_type=None)
+            have += tokens.numel()
+            if have >= samples:
+                break
+    return {s: torch.cat(v)[:samples] for s, v in stored.items()}
+
+
+@torch.no_grad()
+def replace_dead_codes(
+    model: HookedCodebookTransformer,
+    dead: dict[str, Bool[Tensor, "G C"]],
+    inputs: dict[str, Float[Tensor, "N G d"]],
+    *,
+    generator: torch.Generator | None = None,
+    noise: float = 0.01,
+) -> dict[str, int]:
+    """Re-initialise dead codes from recent inputs (plus a little noise).
+
+    Returns the number of codes replaced per site.
+    """
+    replaced = {}
+    for site, mask in dead.items():
+        cb = model.codebook(site)
+        pool = inputs.get(site)
+        n_dead = int(mask.sum())
+        replaced[site] = n_dead
+        if n_dead == 0 or pool is None or len(pool) == 0:
+            continue
+        rows = torch.randint(len(pool), (cb.n_groups, cb.n_codes), generator=generator)
+        rows = rows.to(pool.device)
+        fresh = pool[rows, torch.arange(cb.n_groups, device=pool.device)[:, None]]
+        jitter = torch.randn(fresh.shape, generator=generator).to(fresh.device)
+        fresh = fresh + noise * fresh.std() * jitter
+        if cb.combine == "sum":
+            fresh = fresh / cb.k
+        cb.codes.copy_(torch.where(mask[..., None], fresh.to(cb.codes.dtype), cb.codes))
+    return replaced

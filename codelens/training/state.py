@@ -1,0 +1,140 @@
+"""Resumable training state: model, codebooks, optimiser, RNG and usage counters.
+
+Each checkpoint is a directory ``run_dir/checkpoints/step-00001234/`` holding the
+model (`codelens.checkpoint` format) plus ``trainer.safetensors`` and
+``trainer.json``. It is assembled in a temporary directory and renamed into place,
+so a run killed at any moment leaves only complete checkpoints; the newest
+``keep`` are kept. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from codelens import checkpoint
+from codelens.model import HookedCodebookTransformer
+
+PREFIX = "step-"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def save_state(
+    run_dir: Path,
+    step: int,
+    model: HookedCodebookTransformer,
+    optimizer: torch.optim.Optimizer,
+    extra_tensors: dict[str, Tensor],
+    keep: int,
+) -> Path:
+    """Write the checkpoint for ``step`` atomically and prune to the newest ``keep``."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        checkpoint.save(model, tmp / "model")
+        tensors, meta = _optimizer_state(optimizer)
+        tensors |= {f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()}
+        tensors |= _rng_tensors()
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        meta |= {"step": step, "python_random": _python_random_state()}
+        (tmp / "trainer.json").write_text(json.dumps(meta))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(
+    path: Path, model: HookedCodebookTransformer, optimizer: torch.optim.Optimizer
+) -> tuple[int, dict[str, Tensor]]:
+    """Restore a checkpoint into ``model`` and ``optimizer``; returns (step, extra tensors)."""
+    path = Path(path)
+    checkpoint.read_manifest(path / "model")
+    checkpoint.load_base_state(
+        model, checkpoint.read_tensors(path / "model" / checkpoint.BASE_FILE), source=path
+    )
+    checkpoint.load_codebook_state(
+        model, checkpoint.read_tensors(path / "model" / checkpoint.CODEBOOK_FILE), source=path
+    )
+    tensors = checkpoint.read_tensors(path / "trainer.safetensors")
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise checkpoint.CheckpointError(f"{path / 'trainer.json'} is unreadable: {err}") from err
+    _load_optimizer_state(optimizer, tensors, meta)
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available() and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    random.setstate(_tuples(meta["python_random"]))
+    extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return int(meta["step"]), extra
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, slots in state["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"optimizer_groups": state["param_groups"], "optimizer_scalars": scalars}
+
+
+def _load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]
+) -> None:
+    slots: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            slots.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["optimizer_scalars"].items():
+        slots.setdefault(int(idx), {}).update(values)
+    groups = meta["optimizer_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise checkpoint.CheckpointError("checkpoint optimiser has a different parameter layout")
+    optimizer.load_state_dict({"state": slots, "param_groups": groups})
+
+
+def _rng_tensors() -> dict[str, Tensor]:
+    rng = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["rng.cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _python_random_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _tuples(state: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,139 @@
+"""Token-level code usage and codebook quality metrics, gathered by hooks during training.
+
+Counts are kept on the model's device and never read back per forward; they are
+reduced across ranks and read only when metrics are logged or dead codes checked.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from einops import rearrange
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from codelens.model import HookedCodebookTransformer
+
+
+class CodebookMonitor:
+    """Counts how often every code is chosen and keeps each site's latest inputs.
+
+    ``window_counts`` accumulate until `reset_window` (the dead-code window);
+    ``metric_counts`` until `reset_metrics` (the logging interval). ``inputs[site]``
+    holds up to ``keep_inputs`` grouped activations from the last forward, the
+    pool dead codes are re-initialised from.
+    """
+
+    def __init__(self, model: HookedCodebookTransformer, keep_inputs: int = 4096) -> None:
+        self.model = model
+        self.keep_inputs = keep_inputs
+        self.window_counts: dict[str, Tensor] = {}
+        self.metric_counts: dict[str, Tensor] = {}
+        self.window_tokens = 0
+        self.inputs: dict[str, Tensor] = {}
+        for site, cb in model.codebooks.items():
+            zeros = torch.zeros(cb.n_groups, cb.n_codes, dtype=torch.long, device=cb.codes.device)
+            self.window_counts[site] = zeros.clone()
+            self.metric_counts[site] = zeros
+        self._handles: list[Any] = []
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        """Forward hooks for ``model.hooks(...)`` (removed by the caller's context)."""
+        hooks = []
+        for site in self.model.codebooks:
+            hooks.append((f"{site}.hook_codes", self._count_hook(site)))
+            hooks.append((site, self._input_hook(site)))
+        return hooks
+
+    def _count_hook(self, site: str):
+        def count(ids: Int[Tensor, "... G k"], hook: Any) -> None:
+            cb = self.model.codebook(site)
+            flat = rearrange(ids, "... g k -> g (... k)")
+            flat = flat + torch.arange(cb.n_groups, device=ids.device)[:, None] * cb.n_codes
+            counts = torch.bincount(flat[flat >= 0].flatten(), minlength=cb.n_groups * cb.n_codes)
+            counts = counts.view(cb.n_groups, cb.n_codes)
+            self.window_counts[site] += counts
+            self.metric_counts[site] += counts
+
+        return count
+
+    def _input_hook(self, site: str):
+        def keep(x: Tensor, hook: Any) -> None:
+            cb = self.model.codebook(site)
+            grouped = x.reshape(-1, cb.n_groups, cb.d).detach()
+            self.inputs[site] = grouped[-self.keep_inputs :]
+
+        return keep
+
+    def add_tokens(self, n: int) -> None:
+        self.window_tokens += n
+
+    def reset_window(self) -> None:
+        for counts in self.window_counts.values():
+            counts.zero_()
+        self.window_tokens = 0
+
+    def reset_metrics(self) -> None:
+        for counts in self.metric_counts.values():
+            counts.zero_()
+
+    def all_reduce_window(self) -> None:
+        """Sum the dead-code window counts over ranks (no-op outside torch.distributed)."""
+        _all_reduce(self.window_counts.values())
+
+    def all_reduce_metrics(self) -> None:
+        """Sum the logging-interval counts over ranks."""
+        _all_reduce(self.metric_counts.values())
+
+    def state(self) -> dict[str, Tensor]:
+        state = {f"window.{s}": c for s, c in self.window_counts.items()}
+        state |= {f"metric.{s}": c for s, c in self.metric_counts.items()}
+        state["window_tokens"] = torch.tensor(self.window_tokens)
+        return state
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        for site in self.window_counts:
+            self.window_counts[site].copy_(state[f"window.{site}"])
+            self.metric_counts[site].copy_(state[f"metric.{site}"])
+        self.window_tokens = int(state["window_tokens"])
+
+
+def _all_reduce(tensors) -> None:
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def usage_metrics(counts: Int[Tensor, "G C"]) -> dict[str, float]:
+    """Dead-code fraction and usage entropy / perplexity, averaged over groups."""
+    counts = counts.double()
+    total = counts.sum(-1, keepdim=True).clamp(min=1)
+    p = counts / total
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
+    return {
+        "dead_fraction": float((counts == 0).double().mean()),
+        "entropy": float(entropy.mean()),
+        "perplexity": float(entropy.exp().mean()),
+        "perplexity_fraction": float(entropy.exp().mean() / counts.shape[-1]),
+        "tokens": float(total.mean()),
+    }
+
+
+def reconstruction_metrics(
+    quantized: Float[Tensor, "N G d"], inputs: Float[Tensor, "N G d"]
+) -> dict[str, float]:
+    """MSE of the quantised activations and the share of input variance they explain."""
+    error = (quantized - inputs).pow(2).sum(-1).mean()
+    variance = (inputs - inputs.mean(0)).pow(2).sum(-1).mean()
+    mse = float((quantized - inputs).pow(2).mean())
+    return {"mse": mse, "explained_variance": float(1 - error / variance.clamp(min=1e-12))}
+
+
+def summarise(metrics: dict[str, float]) -> str:
+    """A compact progress-bar text of the key figures."""
+    keys = ("loss", "lm_loss", "recon", "dead", "lr")
+    parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics and math.isfinite(metrics[k])]
+    return " ".join(parts)

@@ -1,0 +1,220 @@
+"""The training loop: learning, exact resume after SIGKILL, DDP equivalence, codebook upkeep."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from codelens import CodebookConfig
+from codelens.checkpoint import read_tensors
+from codelens.data.fsm import FSMConfig, TokFSM
+from codelens.training import state as train_state
+from codelens.training.config import TrainConfig
+from codelens.training.init import init_codebooks, kmeans
+from codelens.training.trainer import NonFiniteLossError, lr_factor, train
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_run.py"
+FSM = {"n_states": 12, "n_successors": 3, "seq_len": 24, "seed": 3}
+NEOX = {
+    "model_type": "gpt_neox",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+}
+
+
+def config(run_dir, **overrides) -> TrainConfig:
+    base = dict(
+        run_dir=str(run_dir),
+        data={"fsm": FSM},
+        model_config=NEOX,
+        codebook={"n_codes": 32, "k": 1},
+        steps=30,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=3,
+        eval_every=0,
+        eval_batches=2,
+        log_every=5,
+        checkpoint_every=0,
+        init_samples=512,
+        seed=1,
+    )
+    return TrainConfig(**(base | overrides))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    final = Path(run_dir) / "final"
+    return read_tensors(final / "model.safetensors") | read_tensors(final / "codebooks.safetensors")
+
+
+def test_loss_falls_and_metrics_are_logged(tmp_path):
+    result = train(config(tmp_path / "run", steps=60, eval_every=30), progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["split"] == "train"]
+    assert train_lines[-1]["lm_loss"] < train_lines[0]["lm_loss"] - 0.3
+    usage = train_lines[-1]
+    for key in ("dead_fraction", "entropy", "perplexity", "tokens"):
+        assert f"blocks.0.hook_mlp_out/{key}" in usage
+    assert usage["blocks.0.hook_mlp_out/tokens"] == 5 * 16 * 24  # token-level counts
+    ev = result.final_eval
+    assert {"lm_loss", "accuracy", "lm_loss_bypassed", "bottleneck_cost"} <= set(ev)
+    assert 0 < ev["blocks.1.hook_mlp_out/explained_variance"] <= 1
+    assert (tmp_path / "run" / "final" / "codelens.json").is_file()
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    kwargs = dict(steps=40, checkpoint_every=4, keep_checkpoints=2, dead_code_window=1000)
+    cfg_file = tmp_path / "cfg.json"
+    reference = config(tmp_path / "reference", **kwargs)
+    train(reference, progress=False)
+
+    interrupted = config(tmp_path / "interrupted", **kwargs)
+    cfg_file.write_text(json.dumps(interrupted.to_dict()))
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(cfg_file), "0.15"])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = train_state.checkpoint_dirs(tmp_path / "interrupted")
+        if done and int(done[-1].name.split("-")[1]) >= 8:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)  # land somewhere between checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = train_state.checkpoint_dirs(tmp_path / "interrupted")
+    assert kept and int(kept[-1].name.split("-")[1]) < 40, "the run finished before it was killed"
+    assert len(kept) <= 2
+    subprocess.run([sys.executable, str(SCRIPT), str(cfg_file)], check=True, timeout=300)
+    a, b = final_weights(tmp_path / "reference"), final_weights(tmp_path / "interrupted")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(x)["step"] for x in (tmp_path / "interrupted" / "metrics.jsonl").open()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicate log lines
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    single = config(tmp_path / "single", steps=12, grad_clip=None)
+    train(single, progress=False)
+    double = config(tmp_path / "ddp", steps=12, grad_clip=None)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(double.to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+    ]
+    subprocess.run([*cmd, str(SCRIPT), str(cfg_file)], check=True, timeout=300, env=env)
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_dead_code_replacement_revives_dead_codes(tmp_path):
+    def dead_after(window):
+        model = tiny_model("gpt_neox", CodebookConfig(n_codes=64, k=1))
+        with torch.no_grad():  # start with most codes far away from every activation
+            for cb in model.codebooks.values():
+                cb.codes[:, 8:] += 50.0
+        cfg = config(
+            tmp_path / f"w{window}",
+            steps=20,
+            init="random",
+            dead_code_window=window,
+            log_every=20,
+            codebook=None,
+            data={"fsm": dict(FSM, n_states=10)},
+        )
+        train(cfg, model=model, progress=False)
+        last = [json.loads(x) for x in (tmp_path / f"w{window}" / "metrics.jsonl").open()][-1]
+        return last["dead"]
+
+    without, with_replacement = dead_after(None), dead_after(400)
+    assert without > 0.6
+    assert with_replacement < 0.25 * without
+
+
+def test_kmeans_init_beats_random_init():
+    fsm = TokFSM(FSMConfig(**FSM))
+    batches = [fsm.sample(16, torch.Generator().manual_seed(i))[0] for i in range(2)]
+
+    def recon(method):
+        model = tiny_model("gpt_neox", CodebookConfig(n_codes=16, k=1))
+        init_codebooks(model, batches, method=method, generator=torch.Generator().manual_seed(0))
+        model(batches[0])
+        return float(model.reconstruction_loss().detach())
+
+    random_error = recon("random")
+    assert recon("kmeans") < 0.5 * random_error
+    assert recon("kmeans++") < 0.5 * random_error
+
+
+def test_kmeans_plus_plus_recovers_separated_clusters():
+    centers = torch.tensor([[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0]])
+    x = (centers[torch.arange(300) % 3] + 0.1 * torch.randn(300, 2))[None]
+    found = kmeans(x, 3, plus_plus=True, generator=torch.Generator().manual_seed(0))[0]
+    assert torch.cdist(found, centers).min(0).values.max() < 0.5
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    model = tiny_model("gpt_neox", CodebookConfig(n_codes=32, k=1))
+
+    def poison(step, metrics):
+        if step == 6:
+            with torch.no_grad():
+                model.original_model.get_input_embeddings().weight.fill_(float("nan"))
+
+    cfg = config(tmp_path / "run", steps=20, checkpoint_every=5, codebook=None)
+    with pytest.raises(NonFiniteLossError, match="step 6"):
+        train(cfg, model=model, on_step=poison, progress=False)
+    kept = train_state.checkpoint_dirs(tmp_path / "run")
+    assert [p.name for p in kept] == ["step-00000005"]
+    weights = read_tensors(kept[0] / "model" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_codebooks_only_training_leaves_base_weights(tmp_path):
+    model = tiny_model("gpt_neox", CodebookConfig(n_codes=32, k=1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "codebook" not in n}
+    train(config(tmp_path / "run", steps=5, train="codebooks"), model=model, progress=False)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_schedules():
+    cfg = config("x", steps=100, warmup_steps=10, schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, cfg) == pytest.approx(0.5) and lr_factor(100, cfg) == pytest.approx(0.0)
+    assert lr_factor(55, config("x", steps=100, warmup_steps=10, schedule="linear")) == 0.5
+    assert lr_factor(90, config("x", steps=100, schedule="constant")) == 1.0
+
+
+def test_bad_data_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    cfg = config(
+        tmp_path / "run",
+        data={"source": str(empty), "block_len": 8},
+        codebook=None,
+        model_config=dict(NEOX, model_type="gpt_neox"),
+    )
+    with pytest.raises(ValueError, match="no non-empty documents"):
+        train(cfg, progress=False)
+
+
+def test_model_and_config_codebooks_must_agree(tmp_path):
+    model = tiny_model("gpt_neox", CodebookConfig(n_codes=16, k=1))
+    with pytest.raises(ValueError, match="differs from the model's codebooks"):
+        train(config(tmp_path / "run", steps=5), model=model, progress=False)
