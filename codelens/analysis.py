@@ -45,7 +45,7 @@ an int64 co-occurrence matrix and two float64 matrices of ``n_codes_total x n_cl
 thresholds sort ``[N, chunk]`` column blocks sized by ``memory_budget_mb`` (about 24 bytes
 per token and neuron in a block).
 
-TokFSM use, with ``states`` the FSM state per token (-1 at BOS)::
+TokFSM use, with ``states`` the FSM state per token (-1 at BOS):
 
     firing = code_firing({site: cache[f"{site}.hook_codes"] for site in sites}, n_codes)
     per_class = codes_for_classes(firing, states, n_states)

@@ -34,7 +34,9 @@ class CodebookLayer(HookedRootModule):
     Gradients: a straight-through estimator passes the downstream gradient to the
     input unchanged, and the codes get the downstream gradient of the slots they
     fill. ``reconstruction_loss`` (MSE of the output against the detached input,
-    from the last forward) is what pulls codes toward the activations.
+    from the last forward) is what pulls codes toward the activations;
+    ``commitment_loss`` (the same with the output detached) pulls activations toward
+    their codes, so they cannot drift away while the straight-through gradient moves them.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class CodebookLayer(HookedRootModule):
         self.register_buffer("disabled", torch.zeros(n_groups, n_codes, dtype=torch.bool))
         self.bypass = False
         self.reconstruction_loss: Tensor | None = None
+        self.commitment_loss: Tensor | None = None
         self.hook_codes = HookPoint()
         self.hook_quantized = HookPoint()
         self.setup()
@@ -92,6 +95,7 @@ class CodebookLayer(HookedRootModule):
             self._check_ids(ids, x.shape[:-1])
         quantized = self.hook_quantized(self.lookup(ids))
         self.reconstruction_loss = F.mse_loss(quantized.float(), x.detach().float())
+        self.commitment_loss = F.mse_loss(x.float(), quantized.detach().float())
         # Forward value is exactly `quantized`; the gradient also reaches `x` unchanged.
         return quantized + (x - x.detach())
 
@@ -135,6 +139,7 @@ class CodebookLayer(HookedRootModule):
         self._set_disabled(mask)
 
     def enable_all_codes(self) -> None:
+        """Undo every `disable_codes`."""
         self.disabled.zero_()
 
     def _set_disabled(self, mask: Bool[Tensor, "G C"]) -> None:

@@ -66,6 +66,7 @@ class CodebookConfig:
             raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what checkpoints store)."""
         d = dataclasses.asdict(self)
         d["sites"] = list(self.sites)
         d["layers"] = None if self.layers is None else list(self.layers)
@@ -73,6 +74,7 @@ class CodebookConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CodebookConfig:
+        """Build from a dict, rejecting unknown keys by name."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

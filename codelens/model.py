@@ -186,6 +186,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         return self._codebook_sites[site].codebook
 
     def codebook_parameters(self) -> list[nn.Parameter]:
+        """The code vectors of every codebook (trained without weight decay)."""
         return [cb.codes for cb in self.codebooks.values()]
 
     def base_parameters(self) -> list[nn.Parameter]:
@@ -195,7 +196,14 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
 
     def reconstruction_loss(self) -> Tensor:
         """Mean over sites of each codebook's reconstruction MSE from the last forward."""
-        losses = [cb.reconstruction_loss for cb in self.codebooks.values() if not cb.bypass]
+        return self._mean_loss("reconstruction_loss")
+
+    def commitment_loss(self) -> Tensor:
+        """Mean over sites of each input's MSE to its (detached) codes, from the last forward."""
+        return self._mean_loss("commitment_loss")
+
+    def _mean_loss(self, attr: str) -> Tensor:
+        losses = [getattr(cb, attr) for cb in self.codebooks.values() if not cb.bypass]
         losses = [loss for loss in losses if loss is not None]
         if not losses:
             return torch.zeros((), device=next(self.parameters()).device)

@@ -218,3 +218,22 @@ def test_model_and_config_codebooks_must_agree(tmp_path):
     model = tiny_model("gpt_neox", CodebookConfig(n_codes=16, k=1))
     with pytest.raises(ValueError, match="differs from the model's codebooks"):
         train(config(tmp_path / "run", steps=5), model=model, progress=False)
+
+
+def test_continuing_from_a_saved_codebook_model_keeps_its_codebooks(tmp_path):
+    first = train(config(tmp_path / "first", steps=5), progress=False)
+    saved = {s: cb.codes.detach().clone() for s, cb in first.model.codebooks.items()}
+    again = config(
+        tmp_path / "again",
+        steps=1,
+        lr=1e-12,
+        warmup_steps=0,
+        codebook=None,
+        model=str(tmp_path / "first" / "final"),
+        model_config=None,
+    )
+    result = train(again, progress=False)
+    for site, codes in saved.items():
+        torch.testing.assert_close(
+            result.model.codebook(site).codes.detach(), codes, atol=1e-6, rtol=0
+        )

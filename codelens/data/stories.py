@@ -1,11 +1,11 @@
 """Synthetic children's-story corpus with ground-truth topics and regex features.
 
-A stand-in for TinyStories: :func:`generate_stories` builds short, simple stories about
+A stand-in for TinyStories: `generate_stories` builds short, simple stories about
 one topic each from a template grammar (shared sentences plus topic-specific sentences
 and a per-topic lexicon). Regex-detectable features (months, four-digit years, names
 starting with "B", digit numbers, number words) are sprinkled in at the rates in
-:data:`FEATURE_RATES`, and :data:`PATTERNS` holds the regexes that find them.
-:class:`TopicClassifier` judges which topic a (generated) text is about.
+`FEATURE_RATES`, and `PATTERNS` holds the regexes that find them.
+`TopicClassifier` judges which topic a (generated) text is about.
 """
 
 from __future__ import annotations
@@ -946,7 +946,7 @@ def generate_stories(n: int, seed: int = 0, topics: Sequence[str] = TOPICS) -> l
 
 
 def feature_rates(texts: Iterable[str]) -> dict[str, float]:
-    """Share of texts in which each :data:`PATTERNS` regex matches at least once."""
+    """Share of texts in which each `PATTERNS` regex matches at least once."""
     compiled = {k: re.compile(p) for k, p in PATTERNS.items()}
     hits = Counter()
     total = 0
@@ -959,7 +959,7 @@ def feature_rates(texts: Iterable[str]) -> dict[str, float]:
 
 
 def lexicon_hits(text: str, topic: str) -> int:
-    """Number of distinct :data:`LEXICONS` words of ``topic`` present in ``text``."""
+    """Number of distinct `LEXICONS` words of ``topic`` present in ``text``."""
     if topic not in LEXICONS:
         raise ValueError(f"unknown topic {topic!r}")
     return len(LEXICONS[topic].intersection(tokenize(text)))
@@ -973,8 +973,8 @@ class TopicClassifier:
     the text. Words unseen in training are ignored.
 
     Steering evaluation: a steered generation counts as on-topic when the classifier's
-    top topic is the target topic (:meth:`is_on_topic` with the default threshold 0.5
-    additionally asks for a posterior of at least 0.5). :func:`lexicon_hits` is a
+    top topic is the target topic (`is_on_topic` with the default threshold 0.5
+    additionally asks for a posterior of at least 0.5). `lexicon_hits` is a
     second, interpretable check.
     """
 
@@ -1055,7 +1055,7 @@ class TopicClassifier:
 
     @staticmethod
     def lexicon_hits(text: str, topic: str) -> int:
-        """Same as the module-level :func:`lexicon_hits`."""
+        """Same as the module-level `lexicon_hits`."""
         return lexicon_hits(text, topic)
 
 
@@ -1082,7 +1082,7 @@ def write_corpus(
 
 
 def read_corpus(path: str | os.PathLike) -> list[Story]:
-    """Read a JSON-lines corpus written by :func:`write_corpus`; blank lines are skipped."""
+    """Read a JSON-lines corpus written by `write_corpus`; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file not found: {path}")

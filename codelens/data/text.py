@@ -1,6 +1,6 @@
 """Text data for language-model training: loading, BPE tokenizers and packed token blocks.
 
-The pieces compose into a small pipeline::
+The pieces compose into a small pipeline:
 
     docs = load_text_dataset("corpus.txt")
     tok = train_bpe_tokenizer(docs, vocab_size=4096, save_dir="runs/tok")
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 ENDOFTEXT = "<|endoftext|>"
-"""Special token used as bos, eos and pad by tokenizers from :func:`train_bpe_tokenizer`."""
+"""Special token used as bos, eos and pad by tokenizers from `train_bpe_tokenizer`."""
 
 DEFAULT_TOKENIZER_NAME = "codelens-bpe"
 
@@ -77,7 +77,7 @@ class TextDocuments:
     """Re-iterable collection of the non-empty documents of a text dataset.
 
     Each ``iter()`` starts a fresh pass over the source, so the object can be handed to both
-    :func:`train_bpe_tokenizer` and :class:`PackedBlocks`. Empty and whitespace-only documents
+    `train_bpe_tokenizer` and `PackedBlocks`. Empty and whitespace-only documents
     are skipped.
     """
 
@@ -202,7 +202,7 @@ def _load_hub(
 
 
 def _documents_from_hf(ds: Any, name: str, text_column: str) -> TextDocuments:
-    """Wrap a ``datasets`` (Iterable)Dataset as :class:`TextDocuments` over ``text_column``."""
+    """Wrap a ``datasets`` (Iterable)Dataset as `TextDocuments` over ``text_column``."""
     columns = ds.column_names
     if columns is not None and text_column not in columns:
         raise ValueError(
@@ -264,7 +264,7 @@ def train_bpe_tokenizer(
     ``transformers.PreTrainedTokenizerFast`` carries ``init_kwargs["name_or_path"]`` and
     ``init_kwargs["add_bos_token"] = True`` so TransformerLens 4 uses it as is instead of
     reloading a tokenizer from the hub. With ``save_dir`` it is also saved (atomically) with
-    ``save_pretrained``; reload it with :func:`load_tokenizer`.
+    ``save_pretrained``; reload it with `load_tokenizer`.
     """
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
         raise ValueError(
@@ -331,9 +331,9 @@ def _mark_for_transformer_lens(hf_tok: Any, name: str) -> Any:
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """Load a tokenizer saved by :func:`train_bpe_tokenizer` (or any local tokenizer dir).
+    """Load a tokenizer saved by `train_bpe_tokenizer` (or any local tokenizer dir).
 
-    Sets the same init kwargs as :func:`train_bpe_tokenizer`, so TransformerLens 4 uses it as is.
+    Sets the same init kwargs as `train_bpe_tokenizer`, so TransformerLens 4 uses it as is.
     """
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
@@ -567,7 +567,7 @@ def pack_to_tensor(
     n_ctx: int | None = None,
     vocab_size: int | None = None,
 ) -> Int[Tensor, "n block_len"]:
-    """Pack a small corpus into one ``(n_blocks, block_len)`` tensor (see :class:`PackedBlocks`)."""
+    """Pack a small corpus into one ``(n_blocks, block_len)`` tensor (see `PackedBlocks`)."""
     if isinstance(texts, Iterator):
         texts = list(texts)
     blocks = PackedBlocks(

@@ -68,6 +68,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float | None = 1.0  # None: no clipping
     recon_weight: float = 1.0  # weight of the codebook reconstruction loss
+    commitment_weight: float = 0.0  # weight of the loss pulling activations to their codes
     train: Literal["all", "codebooks"] = "all"
     init: Literal["random", "kmeans", "kmeans++"] = "kmeans"
     init_samples: int = 8192  # activations used to initialise codebooks
@@ -135,6 +136,7 @@ class TrainConfig:
         if self.grad_clip is not None:
             _positive("grad_clip", self.grad_clip)
         _non_negative("recon_weight", self.recon_weight)
+        _non_negative("commitment_weight", self.commitment_weight)
         if self.train == "codebooks" and self.codebook is None:
             raise ValueError("train='codebooks' needs a codebook config, but codebook is None")
         _positive("init_samples", self.init_samples)

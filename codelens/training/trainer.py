@@ -124,12 +124,16 @@ def build_data(config: TrainConfig, tokenizer: Any = None, n_ctx: int | None = N
 def build_model(
     config: TrainConfig, tokenizer: Any, fsm: TokFSM | None
 ) -> HookedCodebookTransformer:
+    """The model a config names: pretrained (``model``) or new (``model_config``)."""
     codebook = CodebookConfig.from_dict(config.codebook) if config.codebook else None
     if config.model:
-        model = HookedCodebookTransformer.from_pretrained(
+        if tokenizer is None and config.tokenizer:
+            from codelens.data.text import load_tokenizer
+
+            tokenizer = load_tokenizer(config.tokenizer)
+        return HookedCodebookTransformer.from_pretrained(
             config.model, codebook if codebook else "auto", tokenizer=tokenizer
         )
-        return model
     model_config = dict(config.model_config or {})
     model_config.setdefault("vocab_size", fsm.vocab_size if fsm else len(tokenizer))
     return HookedCodebookTransformer.from_config(
@@ -307,8 +311,9 @@ def train(
     run_dir = Path(config.run_dir)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    tokenizer = model.tokenizer if model is not None else None
-    source, tokenizer, fsm = build_data(config, tokenizer)
+    if model is None and config.model:
+        model = build_model(config, None, None)  # a pretrained model brings its tokenizer
+    source, tokenizer, fsm = build_data(config, model.tokenizer if model is not None else None)
     if model is None:
         model = build_model(config, tokenizer, fsm)
     elif config.codebook:
@@ -333,7 +338,8 @@ def train(
     if found:
         start, extra = train_state.load_state(found[-1], model, optimizer)
         monitor.load_state({k: v.to(device) for k, v in extra.items()})
-    elif model.codebooks:
+    elif model.codebooks and not (config.model and not config.codebook):
+        # initialise new codebooks; never overwrite those a saved model brought
         init_batches = [source.eval_batch(1000 + i).to(device) for i in range(_n_init(config))]
         init_codebooks(
             model,
@@ -369,6 +375,8 @@ def train(
                         lm_loss = trainable(micro, return_type="loss")
                         recon = model.reconstruction_loss()
                         loss = lm_loss + config.recon_weight * recon
+                        if config.commitment_weight:
+                            loss = loss + config.commitment_weight * model.commitment_loss()
                         (loss * len(micro) / len(rows)).backward()
                     for key, value in (("loss", loss), ("lm_loss", lm_loss), ("recon", recon)):
                         running[key] = running.get(key, 0) + value.detach() * len(micro) / len(rows)

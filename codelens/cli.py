@@ -1,0 +1,95 @@
+"""The ``codelens`` command line: train, run the TokFSM experiment, browse codes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> None:
+    from codelens.training.config import TrainConfig
+    from codelens.training.trainer import train
+
+    config = TrainConfig.from_file(args.config, args.overrides)
+    result = train(config)
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s; run directory: {result.run_dir}")
+    for key in ("lm_loss", "accuracy", "lm_loss_bypassed", "bottleneck_cost"):
+        if key in result.final_eval:
+            print(f"  {key}: {result.final_eval[key]:.4f}")
+
+
+def _fsm(args: argparse.Namespace) -> None:
+    from codelens.experiments.tokfsm import FULL, QUICK, run_experiment, summary_line
+
+    exp = QUICK if args.quick else FULL
+    if args.run_dir:
+        exp = exp.with_run_dir(args.run_dir)
+    if args.seed is not None:
+        exp = dataclasses.replace(exp, seed=args.seed)
+    report = run_experiment(exp)
+    print(summary_line(report))
+    print(f"report: {Path(exp.run_dir) / 'report.md'} (also report.json, report.html)")
+
+
+def _browse(args: argparse.Namespace) -> None:
+    from codelens.browse import browse, sample_tokens_for
+    from codelens.checkpoint import is_checkpoint
+    from codelens.data.text import load_text_dataset, load_tokenizer, pack_to_tensor
+    from codelens.model import HookedCodebookTransformer
+
+    path = Path(args.path)
+    if (path / "config.json").is_file() and (path / "final").is_dir():
+        model_dir, tokens = sample_tokens_for(path, args.sequences)
+    elif is_checkpoint(path):
+        if args.text is None:
+            raise SystemExit("browsing a model directory needs --text FILE (a corpus to run it on)")
+        model_dir = path
+        tokenizer = load_tokenizer(path / "tokenizer")
+        texts = load_text_dataset(args.text)
+        tokens = pack_to_tensor(texts, tokenizer, args.block_len, args.sequences)
+    else:
+        raise SystemExit(f"{path} is neither a codelens run directory nor a saved codelens model")
+    model = HookedCodebookTransformer.from_pretrained(model_dir)
+    if not model.codebooks:
+        raise SystemExit(f"{model_dir} has no codebooks to browse")
+    out = browse(model, tokens, args.output, title=f"codelens: {path}")
+    print(f"code browser for {tokens.shape[0]} x {tokens.shape[1]} tokens written to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="codelens", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train or fine-tune a model with codebooks")
+    train.add_argument("config", help="YAML or JSON training config")
+    train.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. steps=100 codebook.k=4"
+    )
+    train.set_defaults(run=_train)
+
+    fsm = commands.add_parser("fsm", help="run the TokFSM experiment and write its report")
+    fsm.add_argument("--quick", action="store_true", help="small FSM, a few minutes on a CPU")
+    fsm.add_argument("--run-dir", help="where to write models and the report")
+    fsm.add_argument("--seed", type=int, help="training and sampling seed")
+    fsm.set_defaults(run=_fsm)
+
+    browse = commands.add_parser("browse", help="write a static HTML code browser")
+    browse.add_argument("path", help="a run directory or a saved codelens model directory")
+    browse.add_argument("-o", "--output", default="codes.html", help="the HTML file to write")
+    browse.add_argument("--sequences", type=int, default=64, help="sequences to run the model on")
+    browse.add_argument("--text", help="corpus file for a model directory (txt, jsonl, parquet)")
+    browse.add_argument("--block-len", type=int, default=128, help="tokens per sequence (--text)")
+    browse.set_defaults(run=_browse)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"codelens {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()

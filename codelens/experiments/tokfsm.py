@@ -1,0 +1,396 @@
+"""The TokFSM experiment: are codes the FSM's states, and are they causal?
+
+Pipeline (every model goes through `HookedCodebookTransformer`, `run_with_cache`
+and `run_with_hooks`):
+
+1. train a baseline GPT-NeoX from scratch on TokFSM rollouts;
+2. fine-tune it with attention + MLP codebooks (k=1, and larger k), k-means
+   initialised, dead codes replaced;
+3. Table 1 for every model: loss, next-token accuracy, valid-transition accuracy
+   of sampled generations (temperature 1), first-transition accuracy;
+4. state codes: every code as a classifier of "the FSM is in state s" at the
+   token that completes a state, against the best single neuron at the same recall;
+5. interventions: at the token completing state s, replace the codes by those of
+   another sequence in state t at the same position, and measure whether the
+   next-token distribution moves to t's successors.
+
+The report (markdown, JSON, plotly HTML) goes to the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from codelens.analysis import best_neurons_for_labels, code_firing, codes_for_classes
+from codelens.data.fsm import (
+    FSMConfig,
+    TokFSM,
+    first_transition_accuracy,
+    next_token_metrics,
+    transition_accuracy,
+)
+from codelens.experiments.report import write_report
+from codelens.model import HookedCodebookTransformer
+from codelens.training.config import TrainConfig
+from codelens.training.trainer import train
+
+NEURON_HOOKS = {"MLP hidden units": "mlp.hook_post", "residual stream dims": "hook_resid_post"}
+
+
+@dataclass
+class FSMExperiment:
+    """Everything the TokFSM experiment needs; see `QUICK` and `FULL`."""
+
+    run_dir: str
+    fsm: dict[str, Any]
+    model: dict[str, Any]
+    baseline: dict[str, Any]
+    codebook_models: dict[str, dict[str, Any]]
+    eval_sequences: int = 512
+    generations: int = 512
+    generated_states: int = 16
+    transitions: int = 500
+    seed: int = 0
+    threads: int | None = 1  # small models: one thread avoids OpenMP oversubscription stalls
+
+    def with_run_dir(self, run_dir: str) -> FSMExperiment:
+        return dataclasses.replace(self, run_dir=run_dir)
+
+
+def _gpt2(d_model: int, layers: int, heads: int, d_mlp: int, n_ctx: int) -> dict[str, Any]:
+    """The paper's shape in the GPT-2 family, whose learned absolute positions tell a
+    state's first digit from its second at once (GPT-NeoX's rotary-only positions make
+    that parity hard to learn: see the closing notes for the comparison)."""
+    return {
+        "model_type": "gpt2",
+        "n_embd": d_model,
+        "n_layer": layers,
+        "n_head": heads,
+        "n_inner": d_mlp,
+        "n_positions": n_ctx,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
+
+
+FULL = FSMExperiment(
+    run_dir="runs/tokfsm",
+    fsm={"n_states": 100, "n_successors": 10, "seq_len": 33, "seed": 42},
+    model=_gpt2(128, 4, 4, 512, 128),
+    baseline={"steps": 3000, "batch_size": 64, "lr": 5e-3, "warmup_steps": 50, "weight_decay": 0.1},
+    codebook_models={
+        "attn+mlp k=1 C=1000": {
+            "codebook": {"n_codes": 1000, "k": 1},
+            "steps": 1000,
+            "batch_size": 64,
+            "lr": 1e-3,
+            "warmup_steps": 20,
+            "dead_code_window": 200_000,
+        },
+        "attn+mlp k=4 C=1000": {
+            "codebook": {"n_codes": 1000, "k": 4},
+            "steps": 600,
+            "batch_size": 64,
+            "lr": 1e-3,
+            "warmup_steps": 20,
+            "dead_code_window": 200_000,
+        },
+    },
+)
+
+QUICK = FSMExperiment(
+    run_dir="runs/tokfsm-quick",
+    fsm={"n_states": 20, "n_successors": 4, "seq_len": 25, "seed": 42},
+    model=_gpt2(64, 2, 4, 256, 64),
+    baseline={"steps": 500, "batch_size": 64, "lr": 5e-3, "warmup_steps": 30, "weight_decay": 0.1},
+    codebook_models={
+        "attn+mlp k=1 C=200": {
+            "codebook": {"n_codes": 200, "k": 1},
+            "steps": 250,
+            "batch_size": 64,
+            "lr": 1e-3,
+            "warmup_steps": 10,
+            "dead_code_window": 50_000,
+        },
+    },
+    eval_sequences=256,
+    generations=256,
+    transitions=500,
+)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _train_stage(exp: FSMExperiment, name: str, settings: dict[str, Any], base: str | None):
+    settings = dict(settings)
+    codebook = settings.pop("codebook", None)
+    config = TrainConfig(
+        run_dir=str(Path(exp.run_dir) / _slug(name)),
+        data={"fsm": exp.fsm},
+        model=base or "",
+        model_config=None if base else exp.model,
+        codebook=codebook,
+        seed=exp.seed,
+        schedule="cosine",
+        eval_every=0,
+        eval_batches=4,
+        log_every=50,
+        checkpoint_every=500,
+        keep_checkpoints=1,
+        init_samples=16384,
+        **settings,
+    )
+    return train(config, progress=os.environ.get("CODELENS_PROGRESS", "1") == "1")
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+# ---------------------------------------------------------------------------- Table 1
+
+
+@torch.no_grad()
+def evaluate_fsm_model(
+    model: HookedCodebookTransformer, fsm: TokFSM, exp: FSMExperiment
+) -> dict[str, float]:
+    """Next-token loss/accuracy on fresh rollouts and transition accuracy of sampled text."""
+    model.eval()
+    gen = torch.Generator().manual_seed(exp.seed + 7)
+    tokens, _ = fsm.sample(exp.eval_sequences, generator=gen)
+    metrics = next_token_metrics(_batched_logits(model, tokens), tokens)
+    prompts = fsm.prompts(exp.generations, 1, generator=gen)
+    # Stay within the trained length: positions past it were never trained.
+    n_states = min(exp.generated_states, fsm.states_per_seq - 1)
+    torch.manual_seed(exp.seed + 11)
+    out = model.generate(
+        prompts,
+        max_new_tokens=n_states * fsm.n_digits,
+        do_sample=True,
+        temperature=1.0,
+        stop_at_eos=False,
+        verbose=False,
+    )
+    metrics["transition_accuracy"] = transition_accuracy(fsm, out, n_prompt_states=1)
+    metrics["first_transition_accuracy"] = first_transition_accuracy(fsm, prompts, out)
+    return metrics
+
+
+def _batched_logits(model, tokens: Tensor, batch_size: int = 128) -> Tensor:
+    return torch.cat([model(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)])
+
+
+# ---------------------------------------------------------------------------- state codes
+
+
+@torch.no_grad()
+def state_code_analysis(
+    model: HookedCodebookTransformer, fsm: TokFSM, exp: FSMExperiment
+) -> dict[str, Any]:
+    """Codes vs neurons as classifiers of the FSM state, at tokens that complete a state."""
+    gen = torch.Generator().manual_seed(exp.seed + 13)
+    tokens, states = fsm.sample(exp.eval_sequences, generator=gen)
+    state, digit = fsm.token_states(tokens, states)
+    at_state_end = (digit == fsm.n_digits - 1).reshape(-1)
+    classes = state.reshape(-1)[at_state_end]
+    sites = list(model.codebooks)
+    names = [f"{s}.hook_codes" for s in sites]
+    neuron_names = {
+        label: [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)]
+        for label, hook in NEURON_HOOKS.items()
+    }
+    wanted = set(names) | {n for group in neuron_names.values() for n in group}
+    codes: dict[str, list[Tensor]] = {s: [] for s in sites}
+    acts: dict[str, list[Tensor]] = {label: [] for label in neuron_names}
+    for start in range(0, len(tokens), 128):
+        _, cache = model.run_with_cache(
+            tokens[start : start + 128], names_filter=lambda n: n in wanted
+        )
+        for site in sites:
+            codes[site].append(cache[f"{site}.hook_codes"])
+        for label, group in neuron_names.items():
+            flat = [cache[n].reshape(cache[n].shape[0] * cache[n].shape[1], -1) for n in group]
+            acts[label].append(torch.cat(flat, dim=1))
+    firing = code_firing({s: torch.cat(c) for s, c in codes.items()}, model.codebook_config.n_codes)
+    firing = firing.select(at_state_end)
+    found = codes_for_classes(firing, classes, fsm.n_states, min_count=5)
+    has_code = found.best_code >= 0
+    best_precision = torch.where(
+        has_code, found.best_precision, torch.zeros_like(found.best_precision)
+    )
+    result: dict[str, Any] = {
+        "state_tokens": int(at_state_end.sum()),
+        "states_with_code": int(has_code.sum()),
+        "mean_best_code_precision": float(best_precision.mean()),
+        "mean_best_code_recall": float(found.best_recall[has_code].mean())
+        if has_code.any()
+        else 0.0,
+        "share_states_code_precision_ge_95": float((best_precision >= 0.95).float().mean()),
+        "per_state": [],
+        "neurons": {},
+    }
+    labels = torch.stack([classes == c for c in range(fsm.n_states)], dim=1)[:, has_code]
+    recalls = found.best_recall[has_code]
+    for label, parts in acts.items():
+        neurons = torch.cat(parts)[at_state_end].float()
+        matches = best_neurons_for_labels(neurons, labels, recalls)
+        result["neurons"][label] = {
+            "n_neurons": neurons.shape[1],
+            "mean_best_neuron_precision": float(matches.precision.mean()),
+        }
+        if label == "MLP hidden units":
+            neuron_precision = matches.precision
+    for i, s in enumerate(torch.nonzero(has_code).flatten().tolist()):
+        site, group, code = firing.describe(int(found.best_code[s]))
+        result["per_state"].append(
+            {
+                "state": s,
+                "site": site,
+                "group": group,
+                "code": code,
+                "precision": float(found.best_precision[s]),
+                "recall": float(found.best_recall[s]),
+                "neuron_precision": float(neuron_precision[i]),
+            }
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------- interventions
+
+
+def _successor_digit_dist(fsm: TokFSM) -> Float[Tensor, "n_states 10"]:
+    """Distribution of the first digit of the next state, for every state."""
+    first = fsm.encode(fsm.transitions)[..., 0 :: fsm.n_digits]  # [S, n_succ] first digits
+    dist = torch.zeros(fsm.n_states, 10)
+    dist.scatter_add_(1, first, torch.ones_like(first, dtype=torch.float))
+    return dist / dist.sum(-1, keepdim=True)
+
+
+def _jsd(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence in bits (so within [0, 1]), row-wise."""
+    m = 0.5 * (p + q)
+
+    def kl(a: Tensor, b: Tensor) -> Tensor:
+        return (a * (a.clamp(min=1e-12) / b.clamp(min=1e-12)).log2()).sum(-1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def _intervention_variants(model: HookedCodebookTransformer) -> dict[str, list[str]]:
+    sites = list(model.codebooks)
+    mlp = [s for s in sites if s.endswith("hook_mlp_out")]
+    attn = [s for s in sites if s.endswith("attn.hook_z")]
+    variants = {"MLP, all layers": mlp, "attention, all layers": attn, "all sites": sites}
+    for site in mlp:
+        variants[f"MLP, layer {site.split('.')[1]} only"] = [site]
+    return {k: v for k, v in variants.items() if v}
+
+
+@torch.no_grad()
+def swap_state_codes(
+    model: HookedCodebookTransformer, fsm: TokFSM, exp: FSMExperiment
+) -> list[dict[str, Any]]:
+    """Replace state s's codes by state t's at the token completing s; did the model follow t?"""
+    gen = torch.Generator().manual_seed(exp.seed + 17)
+    tokens, states = fsm.sample(max(4 * fsm.n_states, exp.eval_sequences), generator=gen)
+    state, digit = fsm.token_states(tokens, states)
+    succ = _successor_digit_dist(fsm)
+    ends = [p for p in range(fsm.n_digits, tokens.shape[1] - 1) if digit[0, p] == fsm.n_digits - 1]
+    trials: dict[int, list[tuple[int, int]]] = {}
+    for _ in range(exp.transitions):
+        p = ends[int(torch.randint(len(ends), (1,), generator=gen))]
+        row, ref = torch.randint(len(tokens), (2,), generator=gen).tolist()
+        s, t = int(state[row, p]), int(state[ref, p])
+        if s == t or torch.equal(succ[s], succ[t]):
+            continue
+        trials.setdefault(p, []).append((row, ref))
+    variants = _intervention_variants(model)
+    totals = {name: {"success": 0.0, "jsd_target": 0.0} for name in ["clean", *variants]}
+    n = 0
+    for p, pairs in trials.items():
+        rows = torch.tensor([r for r, _ in pairs])
+        refs = torch.tensor([r for _, r in pairs])
+        prompt, reference = tokens[rows, : p + 1], tokens[refs, : p + 1]
+        q_s, q_t = succ[state[rows, p]], succ[state[refs, p]]
+        names = [f"{s}.hook_codes" for s in model.codebooks]
+        _, ref_cache = model.run_with_cache(reference, names_filter=names)
+        outcomes = {"clean": model(prompt)}
+        for name, sites in variants.items():
+            hooks = [(f"{s}.hook_codes", _paste_last(ref_cache[f"{s}.hook_codes"])) for s in sites]
+            outcomes[name] = model.run_with_hooks(prompt, fwd_hooks=hooks)
+        for name, logits in outcomes.items():
+            probs = logits[:, -1, :10].float().softmax(-1)
+            to_t, to_s = _jsd(probs, q_t), _jsd(probs, q_s)
+            totals[name]["success"] += float((to_t < to_s).float().sum())
+            totals[name]["jsd_target"] += float(to_t.sum())
+        n += len(pairs)
+    return [
+        {
+            "intervention": name,
+            "trials": n,
+            "success_rate": v["success"] / n,
+            "jsd_to_target": v["jsd_target"] / n,
+        }
+        for name, v in totals.items()
+    ]
+
+
+def _paste_last(reference_ids: Int[Tensor, "batch pos G k"]):
+    def paste(ids: Tensor, hook: Any) -> Tensor:
+        ids = ids.clone()
+        ids[:, -1] = reference_ids[:, -1]
+        return ids
+
+    return paste
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+
+def run_experiment(exp: FSMExperiment) -> dict[str, Any]:
+    """Train, evaluate and analyse every model; write the report; return it."""
+    if exp.threads:
+        torch.set_num_threads(exp.threads)
+    started = time.perf_counter()
+    run_dir = Path(exp.run_dir)
+    fsm = TokFSM(FSMConfig(**exp.fsm))
+    report: dict[str, Any] = {"experiment": dataclasses.asdict(exp), "models": {}, "timings": {}}
+    stage_start = time.perf_counter()
+    baseline = _train_stage(exp, "baseline", exp.baseline, None)
+    report["timings"]["baseline training s"] = time.perf_counter() - stage_start
+    models = {"no codebook": baseline.model}
+    for name, settings in exp.codebook_models.items():
+        stage_start = time.perf_counter()
+        result = _train_stage(exp, name, settings, str(baseline.run_dir / "final"))
+        report["timings"][f"{name} training s"] = time.perf_counter() - stage_start
+        models[name] = result.model
+    for name, model in models.items():
+        stage_start = time.perf_counter()
+        entry: dict[str, Any] = {"table1": evaluate_fsm_model(model, fsm, exp)}
+        if model.codebooks:
+            entry["state_codes"] = state_code_analysis(model, fsm, exp)
+            entry["interventions"] = swap_state_codes(model, fsm, exp)
+        report["models"][name] = entry
+        report["timings"][f"{name} analysis s"] = time.perf_counter() - stage_start
+    report["timings"]["total s"] = time.perf_counter() - started
+    write_report(report, run_dir)
+    return report
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    parts = []
+    for name, entry in report["models"].items():
+        parts.append(f"{name}: transition acc {100 * entry['table1']['transition_accuracy']:.1f}%")
+    return "; ".join(parts)
