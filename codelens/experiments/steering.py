@@ -1,0 +1,565 @@
+"""Topic steering and regex code search on synthetic children's stories.
+
+Pipeline (every model is a `HookedCodebookTransformer`):
+
+1. a corpus of `generate_stories` and a BPE tokenizer trained on it;
+2. a small GPT-NeoX trained from scratch, then fine-tuned with attention + MLP
+   codebooks (layer-wise k-means initialisation, base frozen, codebooks trained);
+3. regex code search: for each of `PATTERNS`, the best code as a classifier of the
+   regex's tokens against the best MLP neuron at the same recall;
+4. topic codes, found automatically: for every topic, the codes with the highest
+   precision for "this token is in a story about the topic";
+5. steering: generate with a topic code forced on at every position and count the
+   generations a `TopicClassifier` (fit on separate stories) puts on that topic,
+   against unsteered generations; fluency is the perplexity of the generated text
+   under the base model.
+
+The report (markdown, JSON, plotly HTML) goes to the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from codelens.analysis import code_firing, codes_for_classes, regex_labels, search_codes
+from codelens.data.stories import (
+    PATTERNS,
+    TOPICS,
+    Story,
+    TopicClassifier,
+    generate_stories,
+    write_corpus,
+)
+from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokenizer
+from codelens.experiments.report import _atomic_write
+from codelens.interventions import force_codes, intervene
+from codelens.model import HookedCodebookTransformer
+from codelens.training.config import TrainConfig
+from codelens.training.trainer import train
+from codelens.viz import Page, precision_recall, steering_results, training_curves
+
+# Topic-neutral story openings: the steered code alone has to pick the topic.
+EVAL_PROMPTS = ("Once upon a time,", "One day,", "There was a little girl.", "It was a sunny day.")
+SWEEP_PROMPTS = ("Long ago,", "One morning,")
+
+
+@dataclass
+class SteeringExperiment:
+    """Everything the steering experiment needs; see `QUICK` and `FULL`."""
+
+    run_dir: str
+    n_stories: int  # training corpus
+    n_search: int  # held-out stories for code search (regex and topic codes)
+    n_classifier: int  # stories the TopicClassifier is fit on
+    vocab_size: int
+    model: dict[str, Any]
+    baseline: dict[str, Any]
+    codebook_stage: dict[str, Any]
+    search_len: int = 64  # tokens of each held-out story used for code search
+    topics: tuple[str, ...] = TOPICS
+    samples: int = 10  # per prompt
+    new_tokens: int = 60
+    candidates: int = 3  # topic codes per topic tried in the validation sweep
+    sweep_samples: int = 4  # per sweep prompt
+    min_topic_recall: float = 0.05  # a topic code must fire on this share of its topic's tokens
+    seed: int = 0
+    threads: int | None = 1
+
+    def with_run_dir(self, run_dir: str) -> SteeringExperiment:
+        return dataclasses.replace(self, run_dir=run_dir)
+
+
+def _neox(d_model: int, layers: int, heads: int, n_ctx: int) -> dict[str, Any]:
+    return {
+        "model_type": "gpt_neox",
+        "hidden_size": d_model,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * d_model,
+        "max_position_embeddings": n_ctx,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+    }
+
+
+# As in TokFSM: k-means initialisation from the trained model's activations, then only
+# the codebooks train, so the base model (and what its neurons mean) stays as it was.
+_CODEBOOK_TRAINING = {"train": "codebooks", "lr": 1e-3, "warmup_steps": 10, "batch_size": 32}
+
+FULL = SteeringExperiment(
+    run_dir="runs/steering",
+    n_stories=12000,
+    n_search=600,
+    n_classifier=2000,
+    vocab_size=2048,
+    model=_neox(192, 3, 6, 128),
+    baseline={"steps": 2000, "batch_size": 32, "lr": 2e-3, "warmup_steps": 50},
+    codebook_stage={
+        "codebook": {"n_codes": 1024, "k": 4},
+        "steps": 300,
+        "dead_code_window": 100_000,
+        **_CODEBOOK_TRAINING,
+    },
+)
+
+QUICK = SteeringExperiment(
+    run_dir="runs/steering-quick",
+    n_stories=3000,
+    n_search=300,
+    n_classifier=1000,
+    vocab_size=1024,
+    model=_neox(128, 2, 4, 128),
+    baseline={"steps": 400, "batch_size": 32, "lr": 3e-3, "warmup_steps": 30},
+    codebook_stage={
+        "codebook": {"n_codes": 256, "k": 4},
+        "steps": 100,
+        "dead_code_window": 50_000,
+        **_CODEBOOK_TRAINING,
+    },
+    topics=TOPICS[:5],
+    samples=5,
+    new_tokens=40,
+    candidates=2,
+    sweep_samples=3,
+)
+
+
+# ---------------------------------------------------------------------------- data and training
+
+
+def _train_stage(
+    exp: SteeringExperiment, name: str, settings: dict[str, Any], base: str | None
+) -> Any:
+    settings = dict(settings)
+    run_dir = Path(exp.run_dir)
+    config = TrainConfig(
+        run_dir=str(run_dir / name),
+        data={"source": str(run_dir / "corpus.jsonl"), "block_len": 128, "text_column": "text"},
+        tokenizer=str(run_dir / "tokenizer"),
+        model=base or "",
+        model_config=None if base else exp.model,
+        codebook=settings.pop("codebook", None),
+        seed=exp.seed,
+        schedule="cosine",
+        eval_every=0,
+        eval_batches=4,
+        log_every=50,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        init_samples=16384,
+        **settings,
+    )
+    return train(config, progress=os.environ.get("CODELENS_PROGRESS", "1") == "1")
+
+
+def story_tokens(tokenizer: Any, stories: list[Story], length: int) -> Tensor:
+    """``[n, 1 + length]``: BOS then each story's first ``length`` tokens (shorter ones dropped)."""
+    rows = []
+    for story in stories:
+        ids = tokenizer.encode(story.text)
+        if len(ids) >= length:
+            rows.append([tokenizer.bos_token_id, *ids[:length]])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def token_strings(tokenizer: Any, tokens: Tensor) -> list[list[str]]:
+    """Each token decoded on its own (BOS as ""), so a row joins into the text it spells."""
+    bos = tokenizer.bos_token_id
+    return [[tokenizer.decode([t]) if t != bos else "" for t in row] for row in tokens.tolist()]
+
+
+@torch.no_grad()
+def heldout_loss(model: HookedCodebookTransformer, blocks: Tensor, batch_size: int = 32) -> float:
+    """Mean next-token loss over packed held-out blocks."""
+    model.eval()
+    losses = [
+        float(model(blocks[i : i + batch_size], return_type="loss"))
+        * len(blocks[i : i + batch_size])
+        for i in range(0, len(blocks), batch_size)
+    ]
+    return sum(losses) / len(blocks)
+
+
+# ---------------------------------------------------------------------------- regex codes
+
+
+def regex_search(
+    model: HookedCodebookTransformer, tokens: Tensor, strings: list[list[str]]
+) -> list[dict[str, Any]]:
+    """Per regex pattern: the best code and the best MLP neuron at the code's recall."""
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    rows = []
+    for name, pattern in PATTERNS.items():
+        labels = regex_labels(strings, pattern) & mask
+        if not labels.any():
+            continue
+        found = search_codes(model, tokens, labels, token_mask=mask, batch_size=32, top=1)
+        row = {"pattern": name, "positives": int(labels.sum())}
+        if found.matches:
+            row |= found.table()[0]
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- topic codes
+
+
+@torch.no_grad()
+def topic_codes(
+    model: HookedCodebookTransformer,
+    tokens: Tensor,
+    topic_of_row: Tensor,
+    n_topics: int,
+    *,
+    top: int,
+    min_recall: float,
+    min_count: int = 20,
+) -> list[list[dict[str, Any]]]:
+    """For each topic, its ``top`` codes by precision for "token in a story of this topic".
+
+    A code qualifies when it fires on at least ``min_count`` tokens and on at least
+    ``min_recall`` of the topic's tokens (so a code of one rare word does not win).
+    """
+    sites = list(model.codebooks)
+    names = [f"{s}.hook_codes" for s in sites]
+    codes: dict[str, list[Tensor]] = {s: [] for s in sites}
+    for start in range(0, len(tokens), 32):
+        _, cache = model.run_with_cache(tokens[start : start + 32], names_filter=names)
+        for site in sites:
+            codes[site].append(cache[f"{site}.hook_codes"][:, 1:])  # BOS carries no topic
+    firing = code_firing(
+        {s: torch.cat(c) for s, c in codes.items()}, {s: model.codebooks[s].n_codes for s in sites}
+    )
+    classes = topic_of_row[:, None].expand(-1, tokens.shape[1] - 1).reshape(-1)
+    found = codes_for_classes(firing, classes, n_topics, min_count=min_count)
+    eligible = (found.count >= min_count)[:, None] & (found.recall >= min_recall)
+    score = torch.where(eligible, found.precision, -1.0)
+    result = []
+    for t in range(n_topics):
+        order = torch.sort(score[:, t], descending=True, stable=True).indices[:top]
+        picks = []
+        for index in order.tolist():
+            if score[index, t] < 0:
+                break
+            site, group, code = firing.describe(index)
+            picks.append(
+                {
+                    "site": site,
+                    "group": group,
+                    "code": code,
+                    "precision": float(found.precision[index, t]),
+                    "recall": float(found.recall[index, t]),
+                    "count": int(found.count[index]),
+                }
+            )
+        result.append(picks)
+    return result
+
+
+# ---------------------------------------------------------------------------- steering
+
+
+def _prompt_batch(tokenizer: Any, prompt: str, n: int) -> Tensor:
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
+    return torch.tensor([ids] * n, dtype=torch.long)
+
+
+@torch.no_grad()
+def generate_texts(
+    model: HookedCodebookTransformer,
+    prompts: tuple[str, ...],
+    samples: int,
+    new_tokens: int,
+    seed: int,
+    hooks: list | None = None,
+) -> list[tuple[Tensor, int]]:
+    """Sampled continuations (temperature 1, KV cache) of each prompt, under ``hooks``.
+
+    Returns ``(tokens, prompt_length)`` per prompt; ``tokens`` is ``[samples, P + new]``.
+    """
+    model.eval()
+    out = []
+    for i, prompt in enumerate(prompts):
+        batch = _prompt_batch(model.tokenizer, prompt, samples)
+        torch.manual_seed(seed + i)
+        with intervene(model, *(hooks or [])):
+            tokens = model.generate(
+                batch,
+                max_new_tokens=new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                stop_at_eos=False,
+                verbose=False,
+            )
+        out.append((tokens.cpu(), batch.shape[1]))
+    return out
+
+
+def continuation_texts(tokenizer: Any, generated: list[tuple[Tensor, int]]) -> list[str]:
+    """The new text of every sample, cut at the first end-of-text (a new story)."""
+    eos = tokenizer.eos_token_id
+    texts = []
+    for tokens, p in generated:
+        for row in tokens[:, p:].tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            texts.append(tokenizer.decode(row))
+    return texts
+
+
+@torch.no_grad()
+def perplexity(model: HookedCodebookTransformer, generated: list[tuple[Tensor, int]]) -> float:
+    """Perplexity of the generated tokens (not the prompts) under ``model``."""
+    model.eval()
+    nll, n = 0.0, 0
+    for tokens, p in generated:
+        logprobs = model(tokens).log_softmax(-1)[:, p - 1 : -1]
+        picked = logprobs.gather(-1, tokens[:, p:, None])
+        nll -= float(picked.sum())
+        n += picked.numel()
+    return math.exp(nll / n)
+
+
+def on_topic_share(classifier: TopicClassifier, texts: list[str], topic: str) -> float:
+    """Share of texts whose top topic is ``topic``."""
+    return sum(p == topic for p in classifier.predict(texts)) / len(texts)
+
+
+def _force_hooks(model: HookedCodebookTransformer, code: dict[str, Any], slots: str) -> list:
+    return force_codes(model, code["site"], code["code"], group=code["group"], slots=slots)
+
+
+def steer_topics(
+    model: HookedCodebookTransformer,
+    base: HookedCodebookTransformer,
+    classifier: TopicClassifier,
+    candidates: list[list[dict[str, Any]]],
+    exp: SteeringExperiment,
+) -> dict[str, Any]:
+    """Pick each topic's code and slot mode on sweep prompts, then evaluate before/after."""
+    tok = model.tokenizer
+    slot_modes = ("lowest", "all") if model.codebook_config.k > 1 else ("lowest",)
+    plain = generate_texts(model, EVAL_PROMPTS, exp.samples, exp.new_tokens, exp.seed + 100)
+    plain_texts = continuation_texts(tok, plain)
+    plain_ppl = perplexity(base, plain)
+    rows = []
+    for t, topic in enumerate(exp.topics):
+        sweep = []
+        for code in candidates[t]:
+            for slots in slot_modes:
+                gen = generate_texts(
+                    model,
+                    SWEEP_PROMPTS,
+                    exp.sweep_samples,
+                    exp.new_tokens,
+                    exp.seed + 200,
+                    _force_hooks(model, code, slots),
+                )
+                share = on_topic_share(classifier, continuation_texts(tok, gen), topic)
+                sweep.append({**code, "slots": slots, "on_topic": share})
+        row: dict[str, Any] = {
+            "topic": topic,
+            "before": on_topic_share(classifier, plain_texts, topic),
+            "sweep": sweep,
+        }
+        if sweep:
+            best = max(sweep, key=lambda s: s["on_topic"])  # ties: the higher-precision code
+            gen = generate_texts(
+                model,
+                EVAL_PROMPTS,
+                exp.samples,
+                exp.new_tokens,
+                exp.seed + 100,
+                _force_hooks(model, best, best["slots"]),
+            )
+            texts = continuation_texts(tok, gen)
+            ppl = perplexity(base, gen)
+            row |= {
+                "code": {k: best[k] for k in ("site", "group", "code", "slots")},
+                "after": on_topic_share(classifier, texts, topic),
+                "perplexity": ppl,
+                "perplexity_ratio": ppl / plain_ppl,
+                "example": texts[0],
+            }
+        rows.append(row)
+    return {"unsteered_perplexity": plain_ppl, "unsteered_example": plain_texts[0], "topics": rows}
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+
+def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
+    """Build the corpus, train both models, search codes, steer; write the report."""
+    if exp.threads:
+        torch.set_num_threads(exp.threads)
+    started = time.perf_counter()
+    run_dir = Path(exp.run_dir)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = now - since
+        return now
+
+    write_corpus(run_dir / "corpus.jsonl", exp.n_stories, seed=exp.seed)
+    train_texts = [s.text for s in generate_stories(exp.n_stories, seed=exp.seed)]
+    train_bpe_tokenizer(train_texts, exp.vocab_size, save_dir=run_dir / "tokenizer")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    search_stories = generate_stories(exp.n_search, seed=exp.seed + 1, topics=exp.topics)
+    classifier = TopicClassifier.fit(generate_stories(exp.n_classifier, seed=exp.seed + 2))
+    heldout = pack_to_tensor([s.text for s in search_stories], tokenizer, 128)
+    t = lap("corpus and tokenizer s", started)
+
+    base = _train_stage(exp, "baseline", exp.baseline, None).model
+    t = lap("baseline training s", t)
+    model = _train_stage(
+        exp, "codebooks", exp.codebook_stage, str(run_dir / "baseline/final")
+    ).model
+    t = lap("codebook training s", t)
+    losses = {"baseline": heldout_loss(base, heldout), "codebooks": heldout_loss(model, heldout)}
+    losses["ratio"] = losses["codebooks"] / losses["baseline"]
+
+    tokens = story_tokens(tokenizer, search_stories, exp.search_len)
+    kept = [s for s in search_stories if len(tokenizer.encode(s.text)) >= exp.search_len]
+    regex = regex_search(model, tokens, token_strings(tokenizer, tokens))
+    t = lap("regex search s", t)
+    topic_of_row = torch.tensor([exp.topics.index(s.topic) for s in kept])
+    candidates = topic_codes(
+        model,
+        tokens,
+        topic_of_row,
+        len(exp.topics),
+        top=exp.candidates,
+        min_recall=exp.min_topic_recall,
+    )
+    t = lap("topic code search s", t)
+    steering = steer_topics(model, base, classifier, candidates, exp)
+    for row, found in zip(steering["topics"], candidates, strict=True):
+        row["candidates"] = found
+    lap("steering s", t)
+    timings["total s"] = time.perf_counter() - started
+    report = {
+        "experiment": dataclasses.asdict(exp),
+        "heldout_loss": losses,
+        "regex": regex,
+        "steering": steering,
+        "timings": timings,
+    }
+    write_report(report, run_dir)
+    return report
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The steering report as markdown tables."""
+    exp, losses, steering = report["experiment"], report["heldout_loss"], report["steering"]
+    lines = [
+        "# Topic steering report",
+        "",
+        f"Model: {exp['model']}; codebooks: {exp['codebook_stage']['codebook']}; "
+        f"{exp['n_stories']} training stories; seed {exp['seed']}.",
+        "",
+        "## Held-out loss",
+        "",
+        f"Baseline {losses['baseline']:.4f}, with codebooks {losses['codebooks']:.4f} "
+        f"(ratio {losses['ratio']:.3f}).",
+        "",
+        "## Regex code search (best code vs best MLP neuron at the code's recall)",
+        "",
+        "| pattern | tokens | code (site, group, id) | precision % | recall % | "
+        "neuron precision % | gain (points) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["regex"]:
+        if "code" not in r:
+            lines.append(f"| {r['pattern']} | {r['positives']} | none | | | | |")
+            continue
+        lines.append(
+            f"| {r['pattern']} | {r['positives']} | {r['site']}, {r['group']}, {r['code']} | "
+            f"{_pct(r['precision'])} | {_pct(r['recall'])} | {_pct(r['neuron_precision'])} | "
+            f"{_pct(r['precision_gain'])} |"
+        )
+    lines += [
+        "",
+        "## Topic steering",
+        "",
+        f"{len(EVAL_PROMPTS)} prompts x {exp['samples']} samples x {exp['new_tokens']} new "
+        "tokens, temperature 1; on-topic: the TopicClassifier's top topic is the target. "
+        "Topic code precision/recall: for 'token is in a story of this topic' on held-out "
+        f"stories. Unsteered perplexity {steering['unsteered_perplexity']:.2f}.",
+        "",
+        "| topic | code (site, group, id, slots) | code precision % | topic tokens hit % | "
+        "before % | after % | perplexity | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in steering["topics"]:
+        if "code" not in r:
+            lines.append(f"| {r['topic']} | none | | | {_pct(r['before'])} | | | |")
+            continue
+        c = r["code"]
+        chosen = next(
+            x
+            for x in r["candidates"]
+            if x["site"] == c["site"] and x["code"] == c["code"] and x["group"] == c["group"]
+        )
+        lines.append(
+            f"| {r['topic']} | {c['site']}, {c['group']}, {c['code']}, {c['slots']} | "
+            f"{_pct(chosen['precision'])} | {_pct(chosen['recall'])} | {_pct(r['before'])} | "
+            f"{_pct(r['after'])} | {r['perplexity']:.2f} | {r['perplexity_ratio']:.2f} |"
+        )
+    lines += ["", "## Examples", "", f"- unsteered: {steering['unsteered_example']!r}"]
+    lines += [f"- {r['topic']}: {r['example']!r}" for r in steering["topics"] if "example" in r]
+    lines += ["", "## Timings (s)", ""]
+    lines += [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], run_dir: Path) -> None:
+    """``report.json``, ``report.md`` and ``report.html`` in ``run_dir``."""
+    run_dir = Path(run_dir)
+    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2))
+    _atomic_write(run_dir / "report.md", markdown(report))
+    page = Page("codelens steering report")
+    rows = [r for r in report["steering"]["topics"] if "after" in r]
+    page.add(steering_results(rows), heading="topic steering")
+    found = [r for r in report["regex"] if "code" in r]
+    codes = [
+        {"label": r["pattern"], "precision": r["precision"], "recall": r["recall"]} for r in found
+    ]
+    neurons = [
+        {"label": r["pattern"], "precision": r["neuron_precision"], "recall": r["neuron_recall"]}
+        for r in found
+    ]
+    page.add(precision_recall(codes, neurons), heading="regex features: codes vs neurons")
+    for path in sorted(run_dir.glob("*/metrics.jsonl")):
+        page.add(training_curves(path), heading=f"training: {path.parent.name}")
+    page.save(run_dir / "report.html")
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line: steering successes, regex wins, loss ratio."""
+    rows = report["steering"]["topics"]
+    steered = sum(r.get("after", 0) >= 0.8 and r["before"] <= 0.15 for r in rows)
+    wins = sum(r.get("precision_gain", -1) >= 0.3 for r in report["regex"])
+    return (
+        f"steered >=80% (from <=15%): {steered}/{len(rows)} topics; regex codes >=30 points "
+        f"over neurons: {wins}/{len(report['regex'])}; loss ratio "
+        f"{report['heldout_loss']['ratio']:.3f}; {report['timings']['total s']:.0f}s"
+    )

@@ -1,0 +1,59 @@
+"""The command line, and the example configs it ships."""
+
+from pathlib import Path
+
+import pytest
+
+from codelens.cli import main
+from codelens.training.config import TrainConfig
+
+CONFIGS = sorted((Path(__file__).parent.parent / "examples" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    TrainConfig.from_file(path)
+
+
+def test_train_an_example_config_end_to_end(tmp_path, capsys):
+    config = Path(__file__).parent.parent / "examples" / "configs" / "tokfsm.yaml"
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        "steps=6",
+        "batch_size=8",
+        "eval_every=3",
+        "checkpoint_every=3",
+        "model_config.n_layer=1",
+        "warmup_steps=2",
+    ]
+    main(["train", str(config), *overrides])
+    assert "trained 6 steps" in capsys.readouterr().out
+    assert (tmp_path / "run" / "final" / "codelens.json").is_file()
+    codebooks = Path(__file__).parent.parent / "examples" / "configs" / "tokfsm_codebooks.yaml"
+    main(
+        [
+            "train",
+            str(codebooks),
+            f"run_dir={tmp_path / 'cb'}",
+            f"model={tmp_path / 'run' / 'final'}",
+            "steps=3",
+            "warmup_steps=1",
+            "batch_size=8",
+            "codebook.n_codes=32",
+            "eval_every=3",
+            "init_samples=256",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "bottleneck_cost" in out
+    main(["browse", str(tmp_path / "cb"), "-o", str(tmp_path / "codes.html"), "--sequences", "4"])
+    assert (tmp_path / "codes.html").stat().st_size > 10_000
+
+
+def test_bad_config_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: x\nstpes: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(bad)])
+    assert exit_info.value.code == 2
+    assert "did you mean 'steps'" in capsys.readouterr().err
