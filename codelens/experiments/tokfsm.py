@@ -87,26 +87,26 @@ def _gpt2(d_model: int, layers: int, heads: int, d_mlp: int, n_ctx: int) -> dict
 # only the codebooks train (the base model stays as it was): fine-tuning every weight at
 # the baseline's learning rate let activations drift away from their codes and cost most
 # of the transition accuracy (see the closing notes for the comparison).
-_CODEBOOK_STAGE = {"train": "codebooks", "lr": 1e-3, "warmup_steps": 10, "batch_size": 64}
+def _codebook_stage(n_codes: int, k: int, steps: int, dead_code_window: int) -> dict[str, Any]:
+    return {
+        "codebook": {"n_codes": n_codes, "k": k},
+        "train": "codebooks",
+        "steps": steps,
+        "lr": 1e-3,
+        "warmup_steps": 10,
+        "batch_size": 64,
+        "dead_code_window": dead_code_window,
+    }
+
 
 FULL = FSMExperiment(
     run_dir="runs/tokfsm",
     fsm={"n_states": 100, "n_successors": 10, "seq_len": 33, "seed": 42},
     model=_gpt2(128, 4, 4, 512, 128),
-    baseline={"steps": 3000, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.1},
+    baseline={"steps": 1500, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.1},
     codebook_models={
-        "attn+mlp k=1 C=1000": {
-            "codebook": {"n_codes": 1000, "k": 1},
-            "steps": 400,
-            "dead_code_window": 100_000,
-            **_CODEBOOK_STAGE,
-        },
-        "attn+mlp k=4 C=1000": {
-            "codebook": {"n_codes": 1000, "k": 4},
-            "steps": 400,
-            "dead_code_window": 100_000,
-            **_CODEBOOK_STAGE,
-        },
+        "attn+mlp k=1 C=1000": _codebook_stage(1000, 1, 400, 100_000),
+        "attn+mlp k=4 C=1000": _codebook_stage(1000, 4, 400, 100_000),
     },
 )
 
@@ -116,12 +116,7 @@ QUICK = FSMExperiment(
     model=_gpt2(64, 2, 4, 256, 64),
     baseline={"steps": 500, "batch_size": 64, "lr": 5e-3, "warmup_steps": 30, "weight_decay": 0.1},
     codebook_models={
-        "attn+mlp k=1 C=200": {
-            "codebook": {"n_codes": 200, "k": 1},
-            "steps": 200,
-            "dead_code_window": 50_000,
-            **_CODEBOOK_STAGE,
-        },
+        "attn+mlp k=1 C=200": _codebook_stage(200, 1, 200, 50_000),
     },
     eval_sequences=256,
     generations=256,
