@@ -33,6 +33,19 @@ def _fsm(args: argparse.Namespace) -> None:
     print(f"report: {Path(exp.run_dir) / 'report.md'} (also report.json, report.html)")
 
 
+def _steer(args: argparse.Namespace) -> None:
+    from codelens.experiments.steering import FULL, QUICK, run_experiment, summary_line
+
+    exp = QUICK if args.quick else FULL
+    if args.run_dir:
+        exp = exp.with_run_dir(args.run_dir)
+    if args.seed is not None:
+        exp = dataclasses.replace(exp, seed=args.seed)
+    report = run_experiment(exp)
+    print(summary_line(report))
+    print(f"report: {Path(exp.run_dir) / 'report.md'} (also report.json, report.html)")
+
+
 def _browse(args: argparse.Namespace) -> None:
     from codelens.browse import browse, sample_tokens_for
     from codelens.checkpoint import is_checkpoint
@@ -74,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     fsm.add_argument("--run-dir", help="where to write models and the report")
     fsm.add_argument("--seed", type=int, help="training and sampling seed")
     fsm.set_defaults(run=_fsm)
+
+    steer = commands.add_parser("steer", help="run the topic steering experiment on stories")
+    steer.add_argument("--quick", action="store_true", help="small corpus and model, for CI")
+    steer.add_argument("--run-dir", help="where to write models and the report")
+    steer.add_argument("--seed", type=int, help="corpus, training and sampling seed")
+    steer.set_defaults(run=_steer)
 
     browse = commands.add_parser("browse", help="write a static HTML code browser")
     browse.add_argument("path", help="a run directory or a saved codelens model directory")

@@ -1,0 +1,173 @@
+"""The topic steering experiment: helpers, and the quick pipeline against loose targets."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from codelens import CodebookConfig
+from codelens.data.stories import TOPICS, TopicClassifier, generate_stories
+from codelens.data.text import train_bpe_tokenizer
+from codelens.experiments.steering import (
+    QUICK,
+    continuation_texts,
+    force_hooks,
+    on_topic_share,
+    perplexity,
+    run_experiment,
+    story_tokens,
+    token_strings,
+    topic_codes,
+    write_report,
+)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return generate_stories(40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stories):
+    return train_bpe_tokenizer([s.text for s in stories], 400)
+
+
+def test_story_tokens_start_with_bos_and_drop_short_stories(tokenizer, stories):
+    tokens = story_tokens(tokenizer, stories, 20)
+    assert tokens.shape == (len(stories), 21)
+    assert (tokens[:, 0] == tokenizer.bos_token_id).all()
+    assert tokens[0, 1:].tolist() == tokenizer.encode(stories[0].text)[:20]
+    assert len(story_tokens(tokenizer, stories, 10_000)) == 0
+
+
+def test_token_strings_spell_the_text(tokenizer, stories):
+    tokens = story_tokens(tokenizer, stories[:3], 30)
+    strings = token_strings(tokenizer, tokens)
+    assert strings[0][0] == ""
+    for row, story in zip(strings, stories[:3], strict=True):
+        assert story.text.startswith("".join(row))
+
+
+def test_continuation_texts_cut_at_end_of_text(tokenizer):
+    eos = tokenizer.eos_token_id
+    hello, world = tokenizer.encode(" hello"), tokenizer.encode(" world")
+    row = [eos, 7, *hello, eos, *world]
+    generated = [(torch.tensor([row]), 2), (torch.tensor([[eos, 7, *world, *hello]]), 2)]
+    assert continuation_texts(tokenizer, generated) == [" hello", " world hello"]
+
+
+def test_on_topic_share_uses_the_top_topic(stories):
+    classifier = TopicClassifier.fit(generate_stories(200, seed=4))
+    texts = [s.text for s in stories if s.topic == "dragon"]
+    assert on_topic_share(classifier, texts, "dragon") == 1.0
+    assert on_topic_share(classifier, texts, "cake") == 0.0
+
+
+@torch.no_grad()
+def test_perplexity_counts_only_the_new_tokens():
+    model = tiny_model()
+    tokens = torch.randint(0, 10, (3, 9))
+    expected = math.exp(float(model(tokens, return_type="loss")))
+    assert perplexity(model, [(tokens, 1)]) == pytest.approx(expected, rel=1e-4)
+    half = perplexity(model, [(tokens, 5)])
+    logprobs = model(tokens).log_softmax(-1)[:, 4:-1].gather(-1, tokens[:, 5:, None])
+    assert half == pytest.approx(math.exp(-float(logprobs.mean())), rel=1e-4)
+
+
+def test_topic_codes_rank_by_precision_above_the_recall_floor():
+    torch.manual_seed(0)
+    model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
+    tokens = torch.randint(0, 10, (24, 12))
+    topic_of_row = torch.arange(24) % 3
+    found = topic_codes(model, tokens, topic_of_row, 3, top=4, min_recall=0.1, min_count=2)
+    assert len(found) == 3
+    for picks in found:
+        assert picks, "random codes spread over every topic"
+        precision = [p["precision"] for p in picks]
+        assert precision == sorted(precision, reverse=True)
+        assert all(p["recall"] >= 0.1 and p["count"] >= 2 for p in picks)
+        assert {p["site"] for p in picks} <= set(model.codebooks)
+
+
+def test_force_hooks_put_codes_of_one_head_together():
+    model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
+    site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
+    codes = [{"site": site, "group": 1, "code": 3}, {"site": site, "group": 1, "code": 5}]
+    assert len(force_hooks(model, codes, "all")) == 1
+    assert len(force_hooks(model, [*codes, {"site": site, "group": 0, "code": 2}], "all")) == 2
+    tokens = torch.randint(0, 10, (2, 6))
+    _, cache = model.run_with_cache(tokens, names_filter=f"{site}.hook_codes")
+    with model.hooks(fwd_hooks=force_hooks(model, codes, "all")):
+        _, forced = model.run_with_cache(tokens, names_filter=f"{site}.hook_codes")
+    ids = forced[f"{site}.hook_codes"]
+    assert sorted(ids[0, 0, 1].tolist()) == [3, 5]
+    assert torch.equal(ids[:, :, 0], cache[f"{site}.hook_codes"][:, :, 0])
+
+
+def _fake_report():
+    code = {"site": "blocks.0.attn.hook_z", "group": 1, "code": 5}
+    return {
+        "experiment": {
+            "model": {"model_type": "gpt_neox"},
+            "codebook_stage": {"codebook": {"n_codes": 8, "k": 2}},
+            "n_stories": 10,
+            "seed": 0,
+            "samples": 2,
+            "new_tokens": 5,
+        },
+        "heldout_loss": {"baseline": 1.0, "codebooks": 1.1, "ratio": 1.1},
+        "regex": [
+            {"pattern": "year", "positives": 3},
+            {
+                "pattern": "month",
+                "positives": 4,
+                **code,
+                "precision": 0.9,
+                "recall": 0.5,
+                "neuron_precision": 0.4,
+                "neuron_recall": 0.5,
+                "precision_gain": 0.5,
+            },
+        ],
+        "steering": {
+            "unsteered_perplexity": 5.0,
+            "unsteered_example": "once",
+            "topics": [
+                {"topic": "cake", "before": 0.1},
+                {
+                    "topic": "boat",
+                    "before": 0.1,
+                    "after": 0.9,
+                    "steer": {"codes": [{**code, "precision": 0.8, "recall": 0.2}], "slots": "all"},
+                    "perplexity": 6.0,
+                    "perplexity_ratio": 1.2,
+                    "example": "a boat",
+                },
+            ],
+        },
+        "timings": {"total s": 1.0},
+    }
+
+
+def test_write_report_writes_markdown_json_and_html(tmp_path):
+    write_report(_fake_report(), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| boat | blocks.0.attn.hook_z, 1, 5 (all) | 80.0 | 20.0 | 10.0 | 90.0 |" in md
+    assert "| month | 4 | blocks.0.attn.hook_z, 1, 5 | 90.0 | 50.0 | 40.0 | 50.0 |" in md
+    assert json.loads((tmp_path / "report.json").read_text())["heldout_loss"]["ratio"] == 1.1
+    assert "plotly" in (tmp_path / "report.html").read_text().lower()
+
+
+@pytest.mark.slow
+def test_quick_pipeline_meets_loose_targets(tmp_path):
+    report = run_experiment(QUICK.with_run_dir(str(tmp_path)))
+    assert report["heldout_loss"]["ratio"] <= 1.2
+    rows = report["steering"]["topics"]
+    assert [r["topic"] for r in rows] == list(TOPICS[: len(rows)])
+    steered = [r for r in rows if r["before"] <= 0.3 and r.get("after", 0) >= 0.5]
+    assert len(steered) >= 3, rows
+    assert sum(r.get("precision_gain", -1) > 0 for r in report["regex"]) >= 3, report["regex"]
+    for name in ("report.md", "report.json", "report.html"):
+        assert (tmp_path / name).is_file()
