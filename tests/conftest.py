@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from more threads, and OpenMP threads competing for busy
+# cores stall badly (measured ~50x slower on a loaded 2-core machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -11,6 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from codelens import CodebookConfig, HookedCodebookTransformer  # noqa: E402
+
+torch.set_num_threads(1)
 
 VOCAB = 13
 
