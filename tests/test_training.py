@@ -237,3 +237,18 @@ def test_continuing_from_a_saved_codebook_model_keeps_its_codebooks(tmp_path):
         torch.testing.assert_close(
             result.model.codebook(site).codes.detach(), codes, atol=1e-6, rtol=0
         )
+
+
+def test_codebooks_only_training_needs_codebooks(tmp_path):
+    plain = train(config(tmp_path / "plain", steps=5, codebook=None), progress=False)
+    assert plain.model.codebooks == {}
+    again = config(
+        tmp_path / "again",
+        steps=5,
+        train="codebooks",
+        codebook=None,
+        model=str(tmp_path / "plain" / "final"),
+        model_config=None,
+    )
+    with pytest.raises(ValueError, match="the model has no codebooks"):
+        train(again, progress=False)

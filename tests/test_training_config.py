@@ -162,7 +162,10 @@ def test_lenient_numbers():
         ({"model": ""}, "give exactly one of model"),
         ({"model_config": {"model_type": "gpt2"}}, "give exactly one of model"),
         ({"model": "", "model_config": {"n_layer": 2}}, "model_config must contain a 'model_type'"),
-        ({"train": "codebooks"}, "train='codebooks' needs a codebook config"),
+        (
+            {"train": "codebooks", "model": "", "model_config": {"model_type": "gpt2"}},
+            "train='codebooks' needs a codebook config",
+        ),
         ({"data": {}}, "data must contain exactly one of 'source'"),
         ({"data": {"source": "a.txt", "fsm": {}}}, "data must contain exactly one of 'source'"),
         ({"data": {"source": ""}}, "data.source must be a non-empty string"),

@@ -137,8 +137,10 @@ class TrainConfig:
             _positive("grad_clip", self.grad_clip)
         _non_negative("recon_weight", self.recon_weight)
         _non_negative("commitment_weight", self.commitment_weight)
-        if self.train == "codebooks" and self.codebook is None:
-            raise ValueError("train='codebooks' needs a codebook config, but codebook is None")
+        if self.train == "codebooks" and self.codebook is None and not self.model:
+            raise ValueError(
+                "train='codebooks' needs a codebook config (or a saved model that has codebooks)"
+            )
         _positive("init_samples", self.init_samples)
         if self.dead_code_window is not None:
             _positive("dead_code_window", self.dead_code_window)

@@ -160,6 +160,8 @@ def _optimizer(model: HookedCodebookTransformer, config: TrainConfig) -> torch.o
     codebooks = model.codebook_parameters()
     base = [p for p in model.base_parameters() if p.requires_grad]
     if config.train == "codebooks":
+        if not codebooks:
+            raise ValueError("train='codebooks' but the model has no codebooks")
         for p in base:
             p.requires_grad_(False)
         base = []
