@@ -37,6 +37,7 @@ class CodebookLayer(HookedRootModule):
     from the last forward) is what pulls codes toward the activations;
     ``commitment_loss`` (the same with the output detached) pulls activations toward
     their codes, so they cannot drift away while the straight-through gradient moves them.
+    Both are computed only when autograd is recording (not under ``torch.no_grad``).
     """
 
     def __init__(
@@ -94,6 +95,9 @@ class CodebookLayer(HookedRootModule):
         if self.hook_codes.has_hooks(dir="fwd"):
             self._check_ids(ids, x.shape[:-1])
         quantized = self.hook_quantized(self.lookup(ids))
+        if not torch.is_grad_enabled():  # inference: no losses, no straight-through term
+            self.reconstruction_loss = self.commitment_loss = None
+            return quantized
         self.reconstruction_loss = F.mse_loss(quantized.float(), x.detach().float())
         self.commitment_loss = F.mse_loss(x.float(), quantized.detach().float())
         # Forward value is exactly `quantized`; the gradient also reaches `x` unchanged.
