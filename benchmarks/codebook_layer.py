@@ -34,16 +34,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _median_times(fns: list, device: str, repeats: int) -> list[float]:
+    """Median time of each function, measured interleaved so they share the machine's state."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times, strict=True):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def bench_shape(groups, d, n_codes, k, tokens, device, repeats) -> dict[str, float]:
@@ -66,9 +69,7 @@ def bench_shape(groups, d, n_codes, k, tokens, device, repeats) -> dict[str, flo
         out = layer(x_grad)
         (out.square().mean() + layer.reconstruction_loss).backward()
 
-    t_bare = _median_time(bare, device, repeats)
-    t_fwd = _median_time(forward, device, repeats)
-    t_fb = _median_time(forward_backward, device, repeats)
+    t_bare, t_fwd, t_fb = _median_times([bare, forward, forward_backward], device, repeats)
     return {
         "bare_ms": 1e3 * t_bare,
         "forward_ms": 1e3 * t_fwd,

@@ -34,7 +34,7 @@ def run(codebook: dict | None, steps: int, run_dir: Path) -> tuple[float, dict]:
         lr=1e-3,
         warmup_steps=10,
         eval_every=0,
-        eval_batches=0,
+        eval_batches=1,
         log_every=steps,
         checkpoint_every=0,
         dead_code_window=50_000 if codebook else None,

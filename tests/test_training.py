@@ -252,3 +252,28 @@ def test_codebooks_only_training_needs_codebooks(tmp_path):
     )
     with pytest.raises(ValueError, match="the model has no codebooks"):
         train(again, progress=False)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_trains_on_a_local_text_corpus(tmp_path, streaming):
+    corpus = tmp_path / "corpus.txt"
+    words = "the cat sat on the mat and the dog ran to the park with a red ball".split()
+    docs = [" ".join(words[i % 7 :] + words[: i % 7]) for i in range(200)]
+    corpus.write_text("\n\n".join(docs))
+    cfg = config(
+        tmp_path / "run",
+        steps=6,
+        codebook={"n_codes": 16, "k": 1},
+        init_samples=256,
+        data={
+            "source": str(corpus),
+            "block_len": 16,
+            "vocab_size": 300,
+            "eval_blocks": 4,
+            "streaming": streaming,
+        },
+        model_config=dict(NEOX, max_position_embeddings=16),
+    )
+    result = train(cfg, progress=False)
+    assert (tmp_path / "run" / "tokenizer").is_dir()
+    assert result.final_eval["lm_loss"] > 0
