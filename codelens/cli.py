@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib
 import sys
 from pathlib import Path
 
@@ -20,29 +22,16 @@ def _train(args: argparse.Namespace) -> None:
             print(f"  {key}: {result.final_eval[key]:.4f}")
 
 
-def _fsm(args: argparse.Namespace) -> None:
-    from codelens.experiments.tokfsm import FULL, QUICK, run_experiment, summary_line
-
-    exp = QUICK if args.quick else FULL
+def _experiment(module_name: str, args: argparse.Namespace) -> None:
+    """Run an experiment module's QUICK or FULL preset and say where its report is."""
+    module = importlib.import_module(f"codelens.experiments.{module_name}")
+    exp = module.QUICK if args.quick else module.FULL
     if args.run_dir:
         exp = exp.with_run_dir(args.run_dir)
     if args.seed is not None:
         exp = dataclasses.replace(exp, seed=args.seed)
-    report = run_experiment(exp)
-    print(summary_line(report))
-    print(f"report: {Path(exp.run_dir) / 'report.md'} (also report.json, report.html)")
-
-
-def _steer(args: argparse.Namespace) -> None:
-    from codelens.experiments.steering import FULL, QUICK, run_experiment, summary_line
-
-    exp = QUICK if args.quick else FULL
-    if args.run_dir:
-        exp = exp.with_run_dir(args.run_dir)
-    if args.seed is not None:
-        exp = dataclasses.replace(exp, seed=args.seed)
-    report = run_experiment(exp)
-    print(summary_line(report))
+    report = module.run_experiment(exp)
+    print(module.summary_line(report))
     print(f"report: {Path(exp.run_dir) / 'report.md'} (also report.json, report.html)")
 
 
@@ -86,13 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     fsm.add_argument("--quick", action="store_true", help="small FSM, a few minutes on a CPU")
     fsm.add_argument("--run-dir", help="where to write models and the report")
     fsm.add_argument("--seed", type=int, help="training and sampling seed")
-    fsm.set_defaults(run=_fsm)
+    fsm.set_defaults(run=functools.partial(_experiment, "tokfsm"))
 
     steer = commands.add_parser("steer", help="run the topic steering experiment on stories")
     steer.add_argument("--quick", action="store_true", help="small corpus and model, for CI")
     steer.add_argument("--run-dir", help="where to write models and the report")
     steer.add_argument("--seed", type=int, help="corpus, training and sampling seed")
-    steer.set_defaults(run=_steer)
+    steer.set_defaults(run=functools.partial(_experiment, "steering"))
 
     browse = commands.add_parser("browse", help="write a static HTML code browser")
     browse.add_argument("path", help="a run directory or a saved codelens model directory")

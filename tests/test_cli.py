@@ -57,3 +57,21 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
         main(["train", str(bad)])
     assert exit_info.value.code == 2
     assert "did you mean 'steps'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, module", [("fsm", "tokfsm"), ("steer", "steering")])
+def test_experiment_commands_pass_their_options(tmp_path, capsys, monkeypatch, command, module):
+    import importlib
+
+    experiment = importlib.import_module(f"codelens.experiments.{module}")
+    seen = {}
+
+    def fake_run(exp):
+        seen["exp"] = exp
+        return {"models": {}}
+
+    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(experiment, "summary_line", lambda report: "summary")
+    main([command, "--quick", "--run-dir", str(tmp_path), "--seed", "5"])
+    assert seen["exp"].run_dir == str(tmp_path) and seen["exp"].seed == 5
+    assert f"report: {tmp_path / 'report.md'}" in capsys.readouterr().out

@@ -52,6 +52,27 @@ def test_sample_layout_and_validity(fsm):
     assert torch.equal(tokens, again)
 
 
+def test_next_token_probs(fsm):
+    tokens, states = fsm.sample(16, generator=torch.Generator().manual_seed(6))
+    probs = fsm.next_token_probs(states)
+    assert probs.shape == (16, 127, 12)
+    assert torch.allclose(probs.sum(-1), torch.ones(16, 127))
+    assert (probs.gather(2, tokens[:, 1:, None]) > 0).all()
+    assert probs[..., 10:].sum() == 0
+    # First state: any of the 100 states, so both digits are uniform.
+    assert torch.allclose(
+        probs[:, :2], torch.full((16, 2, 12), 0.1).where(torch.arange(12) < 10, 0)
+    )
+    # Later first digits: share of successors of the previous state with that first digit.
+    s = states[0, 0]
+    expected = torch.bincount(fsm.transitions[s] // 10, minlength=12).float() / 10
+    assert torch.allclose(probs[0, 2], expected)
+    # Second digit: uniform over successors with the sampled first digit.
+    first = tokens[0, 3]
+    n_match = (fsm.transitions[s] // 10 == first).sum()
+    assert torch.isclose(probs[0, 3, tokens[0, 4]], 1 / n_match.float())
+
+
 def test_encode_decode_round_trip():
     fsm3 = TokFSM(FSMConfig(n_states=150, n_successors=15))
     states = torch.tensor([[0, 7, 42, 149], [100, 99, 5, 10]])

@@ -113,6 +113,29 @@ class TokFSM:
         tokens = torch.cat([bos, self.encode(states)], dim=1)[:, : self.seq_len]
         return tokens, states
 
+    def next_token_probs(
+        self, states: Int[torch.Tensor, "batch n_seq_states"]
+    ) -> Float[torch.Tensor, "batch seq_len-1 vocab"]:
+        """Exact distribution of each target ``tokens[:, 1:]`` given its prefix.
+
+        ``states`` come from ``sample``. Training on these soft targets has the same optimum as
+        training on sampled tokens, with much less gradient noise.
+        """
+        b, n = states.shape
+        dev = states.device
+        all_digits = self.encode(torch.arange(self.n_states, device=dev)[:, None])  # [N, d]
+        cand = torch.ones(b, n, self.n_states, dtype=torch.bool, device=dev)
+        cand[:, 1:] = self.valid.to(dev)[states[:, :-1]]
+        cur = all_digits[states]  # [b, n, d]
+        out = []
+        for j in range(self.n_digits):
+            same_prefix = (all_digits[None, None, :, :j] == cur[:, :, None, :j]).all(-1)
+            weight = (cand & same_prefix).float()
+            dist = weight @ F.one_hot(all_digits[:, j], self.vocab_size).float()
+            out.append(dist / dist.sum(-1, keepdim=True))
+        probs = torch.stack(out, 2).reshape(b, n * self.n_digits, self.vocab_size)
+        return probs[:, : self.seq_len - 1]
+
     def prompts(
         self, batch: int, n_prompt_states: int = 1, generator: torch.Generator | None = None
     ) -> Int[torch.Tensor, "batch prompt_len"]:
