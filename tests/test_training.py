@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -109,12 +110,15 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(double.to_dict()))
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    with socket.socket() as probe:  # a free port: a fixed one can collide and hang a rank
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29533",
+        f"--master_port={port}",
     ]
     subprocess.run([*cmd, str(SCRIPT), str(cfg_file)], check=True, timeout=300, env=env)
     a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
