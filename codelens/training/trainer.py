@@ -384,7 +384,7 @@ def train(
                         running[key] = running.get(key, 0) + value.detach() * len(micro) / len(rows)
                 if not torch.isfinite(loss.detach()):
                     raise NonFiniteLossError(
-                        f"loss became {float(loss)} at step {step}; stopping. The newest "
+                        f"loss became {float(loss.detach())} at step {step}; stopping. The newest "
                         f"checkpoint in {run_dir / 'checkpoints'} predates it and is untouched."
                     )
                 monitor.add_tokens(tokens.numel())
