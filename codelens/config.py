@@ -17,6 +17,8 @@ class CodebookConfig:
 
     Attributes:
         n_codes: codes per codebook (C).
+        mlp_n_codes: codes per MLP codebook; ``None`` means ``n_codes``. An MLP output
+            is as wide as all heads together, so it can need more codes than a head.
         k: codes chosen per activation (top-k).
         sites: ``"attn"`` puts one codebook per head on ``blocks.{l}.attn.hook_z``;
             ``"mlp"`` puts ``mlp_groups`` codebooks on ``blocks.{l}.hook_mlp_out``.
@@ -35,6 +37,7 @@ class CodebookConfig:
 
     n_codes: int = 1000
     k: int = 1
+    mlp_n_codes: int | None = None
     sites: tuple[str, ...] = SITES
     layers: tuple[int, ...] | None = None
     similarity: Similarity = "cosine"
@@ -51,6 +54,10 @@ class CodebookConfig:
             raise ValueError(f"n_codes must be >= 1, got {self.n_codes}")
         if not 1 <= self.k <= self.n_codes:
             raise ValueError(f"k must be between 1 and n_codes={self.n_codes}, got k={self.k}")
+        if self.mlp_n_codes is not None and not self.k <= self.mlp_n_codes:
+            raise ValueError(
+                f"mlp_n_codes must be >= k={self.k}, got mlp_n_codes={self.mlp_n_codes}"
+            )
         unknown = [s for s in self.sites if s not in SITES]
         if unknown or not self.sites:
             raise ValueError(f"sites must be a non-empty subset of {SITES}, got {self.sites}")
@@ -64,6 +71,12 @@ class CodebookConfig:
             raise ValueError(f"mlp_groups must be >= 1, got {self.mlp_groups}")
         if self.memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+
+    def site_n_codes(self, site: str) -> int:
+        """Codebook size at a site kind (``"attn"`` or ``"mlp"``)."""
+        if site == "mlp" and self.mlp_n_codes is not None:
+            return self.mlp_n_codes
+        return self.n_codes
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what checkpoints store)."""

@@ -146,18 +146,23 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         device = next(self.parameters()).device
         for layer in layers:
             if "attn" in config.sites:
-                self._install(attn_site(layer), self.cfg.n_heads, self.cfg.d_head, config, device)
+                self._install(
+                    attn_site(layer), self.cfg.n_heads, self.cfg.d_head, "attn", config, device
+                )
             if "mlp" in config.sites:
                 groups = config.mlp_groups
-                self._install(mlp_site(layer), groups, self.cfg.d_model // groups, config, device)
+                d = self.cfg.d_model // groups
+                self._install(mlp_site(layer), groups, d, "mlp", config, device)
         self.codebook_config = config
         self.refresh_hooks()
 
-    def _install(self, site: str, groups: int, d: int, config: CodebookConfig, device) -> None:
+    def _install(
+        self, site: str, groups: int, d: int, kind: str, config: CodebookConfig, device
+    ) -> None:
         layer = CodebookLayer(
             groups,
             d,
-            config.n_codes,
+            config.site_n_codes(kind),
             config.k,
             similarity=config.similarity,
             combine=config.combine,

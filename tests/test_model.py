@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from codelens import CodebookConfig
+from codelens import CodebookConfig, HookedCodebookTransformer
 
 SITES = (
     "blocks.0.attn.hook_z",
@@ -163,3 +163,16 @@ def test_layers_and_sites_selection(tokens):
     assert list(model.codebooks) == ["blocks.1.hook_mlp_out"]
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_codes"))
     assert list(cache.keys()) == ["blocks.1.hook_mlp_out.hook_codes"]
+
+
+def test_mlp_codebooks_can_be_larger_than_head_codebooks(tokens, tmp_path):
+    model = tiny_model("gpt2", CodebookConfig(n_codes=8, k=2, mlp_n_codes=24))
+    sizes = {site: cb.n_codes for site, cb in model.codebooks.items()}
+    assert sizes == {s: 24 if "mlp" in s else 8 for s in model.codebooks}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_codes"))
+    assert int(cache["blocks.0.hook_mlp_out.hook_codes"].max()) < 24
+    model.save_pretrained(tmp_path / "m")
+    loaded = HookedCodebookTransformer.from_pretrained(tmp_path / "m")
+    assert {s: cb.n_codes for s, cb in loaded.codebooks.items()} == sizes
+    with pytest.raises(ValueError, match="mlp_n_codes must be >= k"):
+        CodebookConfig(n_codes=8, k=4, mlp_n_codes=2)

@@ -33,7 +33,7 @@ def test_quick_pipeline_meets_its_thresholds(tmp_path, monkeypatch):
         json.loads((tmp_path / "report.json").read_text())["models"].keys()
         == report["models"].keys()
     )
-    base, coded = (report["models"][n] for n in ("no codebook", "attn+mlp k=1 C=200"))
+    base, coded = (report["models"][n] for n in ("no codebook", "attn+mlp k=1 C=200/800"))
     assert base["table1"]["transition_accuracy"] >= 0.9
     assert coded["table1"]["transition_accuracy"] >= 0.85
     assert coded["table1"]["loss"] - base["table1"]["loss"] <= 0.1
@@ -51,7 +51,7 @@ def test_pipeline_holds_on_another_fsm(tmp_path, monkeypatch, n_states, n_succes
     monkeypatch.setenv("CODELENS_PROGRESS", "0")
     exp = QUICK.with_run_dir(str(tmp_path))
     exp.fsm = dict(exp.fsm, n_states=n_states, n_successors=n_successors, seed=seed)
-    exp.codebook_models = {"k1": dict(QUICK.codebook_models["attn+mlp k=1 C=200"])}
+    exp.codebook_models = {"k1": dict(QUICK.codebook_models["attn+mlp k=1 C=200/800"])}
     report = run_experiment(exp)
     assert report["models"]["no codebook"]["table1"]["transition_accuracy"] >= 0.9
     assert report["models"]["k1"]["table1"]["transition_accuracy"] >= 0.85

@@ -177,7 +177,7 @@ def test_lenient_numbers():
         ({"codebook": {"n_codes": 10, "k": 11}}, "k must be between 1 and n_codes=10"),
         ({"codebook": {"sites": []}}, "codebook.sites must be a non-empty list"),
         ({"codebook": {"sites": ["attn", "resid"]}}, "invalid codebook config.*sites"),
-        ({"codebook": {"n_code": 10}}, r"'codebook.n_code' \(did you mean 'codebook.n_codes'\?\)"),
+        ({"codebook": {"n_code": 10}}, r"'codebook.n_code' \(did you mean 'codebook.n_codes'"),
     ],
 )
 def test_validation(changes: dict[str, Any], message: str):

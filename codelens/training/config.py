@@ -190,8 +190,8 @@ class TrainConfig:
             unknown = [k for k in cb if k not in valid]
             if unknown:
                 raise ValueError(_unknown_keys_message(unknown, valid, prefix="codebook."))
-        for key in ("n_codes", "k", "mlp_groups"):
-            if key in cb:
+        for key in ("n_codes", "k", "mlp_groups", "mlp_n_codes"):
+            if cb.get(key) is not None:
                 _positive(f"codebook.{key}", cb[key], integer=True)
         sites = cb.get("sites")
         if sites is not None and (
