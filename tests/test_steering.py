@@ -15,8 +15,10 @@ from codelens.experiments.steering import (
     continuation_texts,
     force_hooks,
     on_topic_share,
+    option_hooks,
     perplexity,
     run_experiment,
+    steering_options,
     story_tokens,
     token_strings,
     topic_codes,
@@ -91,6 +93,49 @@ def test_topic_codes_rank_by_precision_above_the_recall_floor():
         assert {p["site"] for p in picks} <= set(model.codebooks)
 
 
+def test_topic_codes_one_per_head():
+    torch.manual_seed(0)
+    model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
+    tokens = torch.randint(0, 10, (24, 12))
+    topic_of_row = torch.arange(24) % 3
+    found = topic_codes(
+        model, tokens, topic_of_row, 3, top=50, min_recall=0.1, min_count=2, one_per_head=True
+    )
+    every = topic_codes(model, tokens, topic_of_row, 3, top=50, min_recall=0.1, min_count=2)
+    for picks, all_picks in zip(found, every, strict=True):
+        heads = [(p["site"], p["group"]) for p in picks]
+        assert len(heads) == len(set(heads)) and len(picks) < len(all_picks)
+        assert picks[0] == all_picks[0]
+
+
+def test_steering_options_go_from_one_slot_to_many_heads():
+    codes = [{"site": "s", "group": g, "code": g} for g in range(5)]
+    options = steering_options(codes, k=8)
+    assert options[0] == {"codes": codes[:1], "slots": "lowest", "positions": "every"}
+    for positions in ("prompt", "every"):
+        heads = [len(o["codes"]) for o in options if o["positions"] == positions][-4:]
+        assert heads == [1, 2, 4, 5]
+    assert all(o["slots"] == "all" for o in steering_options(codes, k=1))
+    assert steering_options([], k=8) == []
+
+
+def test_option_hooks_force_only_the_prompt_tokens():
+    model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
+    site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
+    option = {"codes": [{"site": site, "group": 1, "code": 3}], "slots": "all"}
+    tokens = torch.randint(0, 10, (2, 7))
+    name = f"{site}.hook_codes"
+    _, clean = model.run_with_cache(tokens, names_filter=name)
+    for positions, forced_at in (("prompt", [1, 2, 3]), ("every", list(range(7)))):
+        hooks = option_hooks(model, {**option, "positions": positions})(4)
+        with model.hooks(fwd_hooks=hooks):
+            _, cache = model.run_with_cache(tokens, names_filter=name)
+        changed = (cache[name] != clean[name]).any(-1).any(-1).any(0)
+        assert changed.nonzero().flatten().tolist() == forced_at
+        assert (cache[name][:, forced_at, 1, 0] == 3).all()
+        assert torch.equal(cache[name][:, :, 0], clean[name][:, :, 0])
+
+
 def test_force_hooks_put_codes_of_one_head_together():
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
@@ -154,7 +199,10 @@ def _fake_report():
 def test_write_report_writes_markdown_json_and_html(tmp_path):
     write_report(_fake_report(), tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "| boat | blocks.0.attn.hook_z, 1, 5 (all) | 80.0 | 20.0 | 10.0 | 90.0 |" in md
+    assert (
+        "| boat | blocks.0.attn.hook_z, 1, 5 (all slots, every position) | 80.0 | 20.0 | 10.0 "
+        "| 90.0 |" in md
+    )
     assert "| month | 4 | blocks.0.attn.hook_z, 1, 5 | 90.0 | 50.0 | 40.0 | 50.0 |" in md
     assert json.loads((tmp_path / "report.json").read_text())["heldout_loss"]["ratio"] == 1.1
     assert "plotly" in (tmp_path / "report.html").read_text().lower()

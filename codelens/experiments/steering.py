@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,10 @@ class SteeringExperiment:
     topics: tuple[str, ...] = TOPICS
     samples: int = 10  # per prompt
     new_tokens: int = 60
-    candidates: int = 3  # topic codes per topic tried in the validation sweep
+    candidates: int = 8  # topic codes per topic (one per head), the most heads forced at once
     sweep_samples: int = 4  # per sweep prompt
     min_topic_recall: float = 0.05  # a topic code must fire on this share of its topic's tokens
+    max_perplexity_ratio: float = 2.0  # fluency guard when picking a steering option
     seed: int = 0
     threads: int | None = 1
 
@@ -94,9 +96,9 @@ def _neox(d_model: int, layers: int, heads: int, n_ctx: int) -> dict[str, Any]:
 
 # As in TokFSM: k-means initialisation from the trained model's activations, then only
 # the codebooks train, so the base model (and what its neurons mean) stays as it was.
-# Attention codebooks only, one per head, k=8 as in the paper's TinyStories model: on the
-# quick model an MLP codebook (C=256, k=4) took the held-out loss from 0.79 to 2.21 right
-# after k-means, attention ones to 1.18; C=512 k=8 trained at lr 3e-3 reached 0.93.
+# k=8 as in the paper's TinyStories model. MLP codebooks get 4x the codes of a head (an
+# MLP output is as wide as all heads together): the regex features are token-level, and
+# MLP codes are where they show up; attention codes carry the story's topic.
 _CODEBOOK_TRAINING = {"train": "codebooks", "lr": 3e-3, "warmup_steps": 10, "batch_size": 32}
 
 FULL = SteeringExperiment(
@@ -105,14 +107,15 @@ FULL = SteeringExperiment(
     n_search=600,
     n_classifier=2000,
     vocab_size=2048,
-    model=_neox(192, 3, 6, 128),
-    baseline={"steps": 2000, "batch_size": 32, "lr": 2e-3, "warmup_steps": 50},
+    model=_neox(128, 3, 4, 128),
+    baseline={"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup_steps": 50},
     codebook_stage={
-        "codebook": {"n_codes": 1024, "k": 8, "sites": ["attn"]},
+        "codebook": {"n_codes": 1024, "mlp_n_codes": 4096, "k": 8, "sites": ["attn", "mlp"]},
         "steps": 300,
         "dead_code_window": 100_000,
         **_CODEBOOK_TRAINING,
     },
+    topics=TOPICS[:8],
 )
 
 QUICK = SteeringExperiment(
@@ -124,7 +127,7 @@ QUICK = SteeringExperiment(
     model=_neox(128, 2, 4, 128),
     baseline={"steps": 400, "batch_size": 32, "lr": 3e-3, "warmup_steps": 30},
     codebook_stage={
-        "codebook": {"n_codes": 512, "k": 8, "sites": ["attn"]},
+        "codebook": {"n_codes": 512, "mlp_n_codes": 2048, "k": 8, "sites": ["attn", "mlp"]},
         "steps": 100,
         "dead_code_window": 50_000,
         **_CODEBOOK_TRAINING,
@@ -132,7 +135,7 @@ QUICK = SteeringExperiment(
     topics=TOPICS[:5],
     samples=5,
     new_tokens=40,
-    candidates=2,
+    candidates=4,
     sweep_samples=3,
 )
 
@@ -228,11 +231,14 @@ def topic_codes(
     top: int,
     min_recall: float,
     min_count: int = 20,
+    one_per_head: bool = False,
 ) -> list[list[dict[str, Any]]]:
     """For each topic, its ``top`` codes by precision for "token in a story of this topic".
 
     A code qualifies when it fires on at least ``min_count`` tokens and on at least
     ``min_recall`` of the topic's tokens (so a code of one rare word does not win).
+    ``one_per_head`` keeps only the best code of each (site, group), so the codes can
+    be forced together.
     """
     sites = list(model.codebooks)
     names = [f"{s}.hook_codes" for s in sites]
@@ -250,12 +256,16 @@ def topic_codes(
     score = torch.where(eligible, found.precision, -1.0)
     result = []
     for t in range(n_topics):
-        order = torch.sort(score[:, t], descending=True, stable=True).indices[:top]
-        picks = []
+        order = torch.sort(score[:, t], descending=True, stable=True).indices
+        picks: list[dict[str, Any]] = []
+        heads: set[tuple[str, int]] = set()
         for index in order.tolist():
-            if score[index, t] < 0:
+            if score[index, t] < 0 or len(picks) == top:
                 break
             site, group, code = firing.describe(index)
+            if one_per_head and (site, group) in heads:
+                continue
+            heads.add((site, group))
             picks.append(
                 {
                     "site": site,
@@ -285,18 +295,21 @@ def generate_texts(
     samples: int,
     new_tokens: int,
     seed: int,
-    hooks: list | None = None,
+    hooks: list | Callable[[int], list] | None = None,
 ) -> list[tuple[Tensor, int]]:
     """Sampled continuations (temperature 1, KV cache) of each prompt, under ``hooks``.
 
-    Returns ``(tokens, prompt_length)`` per prompt; ``tokens`` is ``[samples, P + new]``.
+    ``hooks`` is a hook list, or a function of the prompt length (BOS included) that
+    returns one. Returns ``(tokens, prompt_length)`` per prompt; ``tokens`` is
+    ``[samples, P + new]``.
     """
     model.eval()
     out = []
     for i, prompt in enumerate(prompts):
         batch = _prompt_batch(model.tokenizer, prompt, samples)
         torch.manual_seed(seed + i)
-        with intervene(model, *(hooks or [])):
+        active = hooks(batch.shape[1]) if callable(hooks) else hooks or []
+        with intervene(model, *active):
             tokens = model.generate(
                 batch,
                 max_new_tokens=new_tokens,
@@ -339,14 +352,49 @@ def on_topic_share(classifier: TopicClassifier, texts: list[str], topic: str) ->
     return sum(p == topic for p in classifier.predict(texts)) / len(texts)
 
 
-def force_hooks(model: HookedCodebookTransformer, codes: list[dict[str, Any]], slots: str) -> list:
-    """Hooks forcing ``codes`` on at every position; codes of one (site, group) go together."""
+def force_hooks(
+    model: HookedCodebookTransformer,
+    codes: list[dict[str, Any]],
+    slots: str,
+    positions: Any = None,
+) -> list:
+    """Hooks forcing ``codes`` on at ``positions`` (default: all); codes of one (site,
+    group) go together."""
     by_key: dict[tuple[str, int], list[int]] = {}
     for c in codes:
         by_key.setdefault((c["site"], c["group"]), []).append(c["code"])
     hooks = []
     for (site, group), ids in by_key.items():
-        hooks += force_codes(model, site, ids, group=group, slots=slots)
+        hooks += force_codes(model, site, ids, group=group, slots=slots, positions=positions)
+    return hooks
+
+
+def steering_options(codes: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """What the sweep tries for one topic, simplest first.
+
+    ``codes`` holds one code per head, best first. Options: the best code in one slot
+    everywhere (the lightest touch); then the best 1, 2, 4, ... heads with their code in
+    all k slots, either only at the prompt's tokens (like a story that has named its
+    topic, then left the model alone) or at every position.
+    """
+    options = [{"codes": codes[:1], "slots": "lowest", "positions": "every"}] if k > 1 else []
+    n, counts = 1, []
+    while n < len(codes):
+        counts.append(n)
+        n *= 2
+    counts.append(len(codes))
+    for positions in ("prompt", "every"):
+        options += [{"codes": codes[:n], "slots": "all", "positions": positions} for n in counts]
+    return [o for o in options if o["codes"]]
+
+
+def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> Callable[[int], list]:
+    """Hooks for one `steering_options` entry, as a function of the prompt length."""
+
+    def hooks(prompt_length: int) -> list:
+        positions = tuple(range(1, prompt_length)) if option["positions"] == "prompt" else None
+        return force_hooks(model, option["codes"], option["slots"], positions)
+
     return hooks
 
 
@@ -357,49 +405,56 @@ def steer_topics(
     candidates: list[list[dict[str, Any]]],
     exp: SteeringExperiment,
 ) -> dict[str, Any]:
-    """Pick each topic's code and slot mode on sweep prompts, then evaluate before/after."""
+    """Pick each topic's steering option on sweep prompts, then evaluate before/after.
+
+    The pick is the option with the most on-topic sweep generations among those whose
+    perplexity (under the base model) is at most ``exp.max_perplexity_ratio`` times the
+    unsteered sweep's; ties go to the simpler, earlier option. Evaluation uses other
+    prompts and seeds than the sweep.
+    """
     tok = model.tokenizer
-    slot_modes = ("lowest", "all") if model.codebook_config.k > 1 else ("lowest",)
     plain = generate_texts(model, EVAL_PROMPTS, exp.samples, exp.new_tokens, exp.seed + 100)
     plain_texts = continuation_texts(tok, plain)
     plain_ppl = perplexity(base, plain)
+    sweep_plain = generate_texts(
+        model, SWEEP_PROMPTS, exp.sweep_samples, exp.new_tokens, exp.seed + 200
+    )
+    sweep_ppl = perplexity(base, sweep_plain)
     rows = []
     for t, topic in enumerate(exp.topics):
         sweep = []
-        options = [[c] for c in candidates[t]]
-        if len(candidates[t]) > 1:
-            options.append(candidates[t])  # all of the topic's candidates at once
-        for codes in options:
-            for slots in slot_modes:
-                gen = generate_texts(
-                    model,
-                    SWEEP_PROMPTS,
-                    exp.sweep_samples,
-                    exp.new_tokens,
-                    exp.seed + 200,
-                    force_hooks(model, codes, slots),
-                )
-                share = on_topic_share(classifier, continuation_texts(tok, gen), topic)
-                sweep.append({"codes": codes, "slots": slots, "on_topic": share})
+        for option in steering_options(candidates[t], model.codebook_config.k):
+            gen = generate_texts(
+                model,
+                SWEEP_PROMPTS,
+                exp.sweep_samples,
+                exp.new_tokens,
+                exp.seed + 200,
+                option_hooks(model, option),
+            )
+            share = on_topic_share(classifier, continuation_texts(tok, gen), topic)
+            ratio = perplexity(base, gen) / sweep_ppl
+            sweep.append({**option, "on_topic": share, "perplexity_ratio": ratio})
         row: dict[str, Any] = {
             "topic": topic,
             "before": on_topic_share(classifier, plain_texts, topic),
             "sweep": sweep,
         }
-        if sweep:
-            best = max(sweep, key=lambda s: s["on_topic"])  # ties: the earlier, simpler option
+        fluent = [o for o in sweep if o["perplexity_ratio"] <= exp.max_perplexity_ratio]
+        if fluent:
+            best = max(fluent, key=lambda o: o["on_topic"])  # ties: the earlier, simpler option
             gen = generate_texts(
                 model,
                 EVAL_PROMPTS,
                 exp.samples,
                 exp.new_tokens,
                 exp.seed + 100,
-                force_hooks(model, best["codes"], best["slots"]),
+                option_hooks(model, best),
             )
             texts = continuation_texts(tok, gen)
             ppl = perplexity(base, gen)
             row |= {
-                "steer": {"codes": best["codes"], "slots": best["slots"]},
+                "steer": {k: best[k] for k in ("codes", "slots", "positions")},
                 "after": on_topic_share(classifier, texts, topic),
                 "perplexity": ppl,
                 "perplexity_ratio": ppl / plain_ppl,
@@ -455,6 +510,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         len(exp.topics),
         top=exp.candidates,
         min_recall=exp.min_topic_recall,
+        one_per_head=True,
     )
     t = lap("topic code search s", t)
     steering = steer_topics(model, base, classifier, candidates, exp)
@@ -482,6 +538,11 @@ def _pct(x: float) -> str:
 
 def _code_name(code: dict[str, Any]) -> str:
     return f"{code['site']}, {code['group']}, {code['code']}"
+
+
+def _option_name(option: dict[str, Any]) -> str:
+    where = "prompt tokens" if option.get("positions") == "prompt" else "every position"
+    return f"{option['slots']} slots, {where}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -522,8 +583,8 @@ def markdown(report: dict[str, Any]) -> str:
         "Topic code precision/recall: for 'token is in a story of this topic' on held-out "
         f"stories. Unsteered perplexity {steering['unsteered_perplexity']:.2f}.",
         "",
-        "| topic | codes (site, group, id) (slots) | code precision % | topic tokens hit % | "
-        "before % | after % | perplexity | ratio |",
+        "| topic | codes (site, group, id) (slots, positions) | code precision % | "
+        "topic tokens hit % | before % | after % | perplexity | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in steering["topics"]:
@@ -533,7 +594,7 @@ def markdown(report: dict[str, Any]) -> str:
         codes = r["steer"]["codes"]
         lines.append(
             f"| {r['topic']} | {'; '.join(_code_name(c) for c in codes)} "
-            f"({r['steer']['slots']}) | {' / '.join(_pct(c['precision']) for c in codes)} | "
+            f"({_option_name(r['steer'])}) | {' / '.join(_pct(c['precision']) for c in codes)} | "
             f"{' / '.join(_pct(c['recall']) for c in codes)} | {_pct(r['before'])} | "
             f"{_pct(r['after'])} | {r['perplexity']:.2f} | {r['perplexity_ratio']:.2f} |"
         )
