@@ -132,7 +132,7 @@ def test_option_hooks_force_only_the_prompt_tokens():
             _, cache = model.run_with_cache(tokens, names_filter=name)
         changed = (cache[name] != clean[name]).any(-1).any(-1).any(0)
         assert changed.nonzero().flatten().tolist() == forced_at
-        assert (cache[name][:, forced_at, 1, 0] == 3).all()
+        assert (cache[name][:, forced_at, 1] == 3).all()
         assert torch.equal(cache[name][:, :, 0], clean[name][:, :, 0])
 
 
@@ -149,6 +149,9 @@ def test_force_hooks_put_codes_of_one_head_together():
     ids = forced[f"{site}.hook_codes"]
     assert sorted(ids[0, 0, 1].tolist()) == [3, 5]
     assert torch.equal(ids[:, :, 0], cache[f"{site}.hook_codes"][:, :, 0])
+    with model.hooks(fwd_hooks=force_hooks(model, codes[:1], "all")):
+        _, forced = model.run_with_cache(tokens, names_filter=f"{site}.hook_codes")
+    assert (forced[f"{site}.hook_codes"][:, :, 1] == 3).all(), "one code fills all k slots"
 
 
 def _fake_report():

@@ -359,12 +359,20 @@ def force_hooks(
     positions: Any = None,
 ) -> list:
     """Hooks forcing ``codes`` on at ``positions`` (default: all); codes of one (site,
-    group) go together."""
+    group) go together.
+
+    With ``slots="all"`` a head's codes are repeated to fill its k slots, so its output
+    keeps its usual size (k-means codes start as centroids divided by k): one code alone
+    in k empty slots would mostly silence the head rather than steer it.
+    """
     by_key: dict[tuple[str, int], list[int]] = {}
     for c in codes:
         by_key.setdefault((c["site"], c["group"]), []).append(c["code"])
     hooks = []
     for (site, group), ids in by_key.items():
+        if slots == "all":
+            k = model.codebooks[site].k
+            ids = (ids * -(-k // len(ids)))[:k]
         hooks += force_codes(model, site, ids, group=group, slots=slots, positions=positions)
     return hooks
 
