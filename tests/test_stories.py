@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter
 
 import pytest
@@ -248,14 +247,6 @@ def test_classifier_fit_errors():
         TopicClassifier.fit([])
     with pytest.raises(ValueError, match="alpha"):
         TopicClassifier.fit(generate_stories(5), alpha=0)
-
-
-@pytest.mark.slow
-def test_fit_on_20k_is_fast():
-    stories = generate_stories(20_000, seed=0)
-    start = time.perf_counter()
-    TopicClassifier.fit(stories)
-    assert time.perf_counter() - start < 10
 
 
 # --------------------------------------------------------------------- corpus
