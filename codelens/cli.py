@@ -30,6 +30,14 @@ def _experiment(module_name: str, args: argparse.Namespace) -> None:
         exp = exp.with_run_dir(args.run_dir)
     if args.seed is not None:
         exp = dataclasses.replace(exp, seed=args.seed)
+    fsm = {
+        key: value
+        for key, value in vars(args).items()
+        if key in ("n_states", "n_successors", "fsm_seed") and value is not None
+    }
+    if fsm:
+        fsm["seed"] = fsm.pop("fsm_seed", exp.fsm["seed"])
+        exp = dataclasses.replace(exp, fsm={**exp.fsm, **fsm})
     report = module.run_experiment(exp)
     print(module.summary_line(report))
     print(f"report: {Path(exp.run_dir) / 'report.md'} (also report.json, report.html)")
@@ -75,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     fsm.add_argument("--quick", action="store_true", help="small FSM, a few minutes on a CPU")
     fsm.add_argument("--run-dir", help="where to write models and the report")
     fsm.add_argument("--seed", type=int, help="training and sampling seed")
+    fsm.add_argument("--states", dest="n_states", type=int, help="FSM states (another FSM)")
+    fsm.add_argument("--successors", dest="n_successors", type=int, help="successors per state")
+    fsm.add_argument("--fsm-seed", type=int, help="seed of the FSM's transition table")
     fsm.set_defaults(run=functools.partial(_experiment, "tokfsm"))
 
     steer = commands.add_parser("steer", help="run the topic steering experiment on stories")

@@ -75,3 +75,20 @@ def test_experiment_commands_pass_their_options(tmp_path, capsys, monkeypatch, c
     main([command, "--quick", "--run-dir", str(tmp_path), "--seed", "5"])
     assert seen["exp"].run_dir == str(tmp_path) and seen["exp"].seed == 5
     assert f"report: {tmp_path / 'report.md'}" in capsys.readouterr().out
+
+
+def test_fsm_command_builds_another_fsm(tmp_path, monkeypatch, capsys):
+    from codelens.experiments import tokfsm
+
+    seen = {}
+
+    def fake_run(exp):
+        seen["exp"] = exp
+        return {}
+
+    monkeypatch.setattr(tokfsm, "run_experiment", fake_run)
+    monkeypatch.setattr(tokfsm, "summary_line", lambda report: "summary")
+    main(["fsm", "--run-dir", str(tmp_path), "--states", "60", "--successors", "6"])
+    assert seen["exp"].fsm == {**tokfsm.FULL.fsm, "n_states": 60, "n_successors": 6}
+    main(["fsm", "--quick", "--run-dir", str(tmp_path), "--fsm-seed", "7"])
+    assert seen["exp"].fsm == {**tokfsm.QUICK.fsm, "seed": 7}
