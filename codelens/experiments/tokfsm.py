@@ -308,13 +308,22 @@ def swap_state_codes(
     succ = _successor_digit_dist(fsm)
     ends = [p for p in range(fsm.n_digits, tokens.shape[1] - 1) if digit[0, p] == fsm.n_digits - 1]
     trials: dict[int, list[tuple[int, int]]] = {}
-    for _ in range(exp.transitions):
+    found = 0
+    for _ in range(100 * exp.transitions):  # draw until exp.transitions usable pairs
+        if found == exp.transitions:
+            break
         p = ends[int(torch.randint(len(ends), (1,), generator=gen))]
         row, ref = torch.randint(len(tokens), (2,), generator=gen).tolist()
         s, t = int(state[row, p]), int(state[ref, p])
         if s == t or torch.equal(succ[s], succ[t]):
-            continue
+            continue  # nothing to tell apart
         trials.setdefault(p, []).append((row, ref))
+        found += 1
+    if found < exp.transitions:
+        raise ValueError(
+            f"found only {found} state pairs with different successors; this FSM has too "
+            "few states to tell apart"
+        )
     variants = _intervention_variants(model)
     totals = {name: {"success": 0.0, "jsd_target": 0.0} for name in ["clean", *variants]}
     n = 0
