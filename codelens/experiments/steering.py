@@ -7,10 +7,11 @@ Pipeline (every model is a `HookedCodebookTransformer`):
    codebooks (layer-wise k-means initialisation, base frozen, codebooks trained);
 3. regex code search: for each of `PATTERNS`, the best code as a classifier of the
    regex's tokens against the best MLP neuron at the same recall;
-4. topic codes, found automatically: for every topic, the codes with the highest
-   precision for "this token is in a story about the topic";
-5. steering: generate with a topic code forced on at every position and count the
-   generations a `TopicClassifier` (fit on separate stories) puts on that topic,
+4. topic codes, found automatically: for every topic, the code of highest precision
+   for "this token is in a story about the topic" in each head, best heads first;
+5. steering: a sweep on separate prompts picks, per topic, how to force its codes
+   (`steering_options`) under a fluency guard; then generate with them forced and count
+   the generations a `TopicClassifier` (fit on separate stories) puts on that topic,
    against unsteered generations; fluency is the perplexity of the generated text
    under the base model.
 
