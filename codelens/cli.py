@@ -30,13 +30,13 @@ def _experiment(module_name: str, args: argparse.Namespace) -> None:
         exp = exp.with_run_dir(args.run_dir)
     if args.seed is not None:
         exp = dataclasses.replace(exp, seed=args.seed)
-    fsm = {
-        key: value
-        for key, value in vars(args).items()
-        if key in ("n_states", "n_successors", "fsm_seed") and value is not None
+    fsm = {  # another FSM (fsm command only)
+        "n_states": getattr(args, "n_states", None),
+        "n_successors": getattr(args, "n_successors", None),
+        "seed": getattr(args, "fsm_seed", None),
     }
-    if fsm:
-        fsm["seed"] = fsm.pop("fsm_seed", exp.fsm["seed"])
+    if any(v is not None for v in fsm.values()):
+        fsm = {key: value for key, value in fsm.items() if value is not None}
         exp = dataclasses.replace(exp, fsm={**exp.fsm, **fsm})
     report = module.run_experiment(exp)
     print(module.summary_line(report))

@@ -72,9 +72,9 @@ class CodebookConfig:
         if self.memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
 
-    def site_n_codes(self, site: str) -> int:
-        """Codebook size at a site kind (``"attn"`` or ``"mlp"``)."""
-        if site == "mlp" and self.mlp_n_codes is not None:
+    def site_n_codes(self, kind: str) -> int:
+        """Codebook size at a kind of site (``"attn"`` or ``"mlp"``)."""
+        if kind == "mlp" and self.mlp_n_codes is not None:
             return self.mlp_n_codes
         return self.n_codes
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,10 +43,9 @@ from codelens.data.stories import (
 )
 from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokenizer
 from codelens.experiments.report import _atomic_write
+from codelens.experiments.stages import train_stage
 from codelens.interventions import force_codes, intervene
 from codelens.model import HookedCodebookTransformer
-from codelens.training.config import TrainConfig
-from codelens.training.trainer import train
 from codelens.viz import Page, precision_recall, steering_results, training_curves
 
 # Topic-neutral story openings: the steered code alone has to pick the topic.
@@ -147,26 +145,16 @@ QUICK = SteeringExperiment(
 def _train_stage(
     exp: SteeringExperiment, name: str, settings: dict[str, Any], base: str | None
 ) -> Any:
-    settings = dict(settings)
     run_dir = Path(exp.run_dir)
-    config = TrainConfig(
-        run_dir=str(run_dir / name),
-        data={"source": str(run_dir / "corpus.jsonl"), "block_len": 128, "text_column": "text"},
-        tokenizer=str(run_dir / "tokenizer"),
-        model=base or "",
-        model_config=None if base else exp.model,
-        codebook=settings.pop("codebook", None),
+    return train_stage(
+        run_dir / name,
+        {"source": str(run_dir / "corpus.jsonl"), "block_len": 128, "text_column": "text"},
+        settings,
+        base=base,
+        model_config=exp.model,
         seed=exp.seed,
-        schedule="cosine",
-        eval_every=0,
-        eval_batches=4,
-        log_every=50,
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        init_samples=16384,
-        **settings,
+        tokenizer=str(run_dir / "tokenizer"),
     )
-    return train(config, progress=os.environ.get("CODELENS_PROGRESS", "1") == "1")
 
 
 def story_tokens(tokenizer: Any, stories: list[Story], length: int) -> Tensor:
@@ -386,15 +374,13 @@ def steering_options(codes: list[dict[str, Any]], k: int) -> list[dict[str, Any]
     all k slots, either only at the prompt's tokens (like a story that has named its
     topic, then left the model alone) or at every position.
     """
+    if not codes:
+        return []
     options = [{"codes": codes[:1], "slots": "lowest", "positions": "every"}] if k > 1 else []
-    n, counts = 1, []
-    while n < len(codes):
-        counts.append(n)
-        n *= 2
-    counts.append(len(codes))
+    heads = sorted({min(2**i, len(codes)) for i in range(len(codes).bit_length() + 1)})
     for positions in ("prompt", "every"):
-        options += [{"codes": codes[:n], "slots": "all", "positions": positions} for n in counts]
-    return [o for o in options if o["codes"]]
+        options += [{"codes": codes[:n], "slots": "all", "positions": positions} for n in heads]
+    return options
 
 
 def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> Callable[[int], list]:

@@ -20,7 +20,6 @@ The report (markdown, JSON, plotly HTML) goes to the run directory.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,8 @@ from codelens.data.fsm import (
     transition_accuracy,
 )
 from codelens.experiments.report import write_report
+from codelens.experiments.stages import train_stage
 from codelens.model import HookedCodebookTransformer
-from codelens.training.config import TrainConfig
-from codelens.training.trainer import train
 
 NEURON_HOOKS = {"MLP hidden units": "mlp.hook_post", "residual stream dims": "hook_resid_post"}
 
@@ -130,25 +128,14 @@ QUICK = FSMExperiment(
 
 
 def _train_stage(exp: FSMExperiment, name: str, settings: dict[str, Any], base: str | None):
-    settings = dict(settings)
-    codebook = settings.pop("codebook", None)
-    config = TrainConfig(
-        run_dir=str(Path(exp.run_dir) / _slug(name)),
-        data={"fsm": exp.fsm},
-        model=base or "",
-        model_config=None if base else exp.model,
-        codebook=codebook,
+    return train_stage(
+        Path(exp.run_dir) / _slug(name),
+        {"fsm": exp.fsm},
+        settings,
+        base=base,
+        model_config=exp.model,
         seed=exp.seed,
-        schedule="cosine",
-        eval_every=0,
-        eval_batches=4,
-        log_every=50,
-        checkpoint_every=500,
-        keep_checkpoints=1,
-        init_samples=16384,
-        **settings,
     )
-    return train(config, progress=os.environ.get("CODELENS_PROGRESS", "1") == "1")
 
 
 def _slug(name: str) -> str:
@@ -249,18 +236,9 @@ def state_code_analysis(
         }
         if label == "MLP hidden units":
             neuron_precision = matches.precision
-    for i, s in enumerate(torch.nonzero(has_code).flatten().tolist()):
-        site, group, code = firing.describe(int(found.best_code[s]))
+    for row, precision in zip(found.table(), neuron_precision.tolist(), strict=True):
         result["per_state"].append(
-            {
-                "state": s,
-                "site": site,
-                "group": group,
-                "code": code,
-                "precision": float(found.best_precision[s]),
-                "recall": float(found.best_recall[s]),
-                "neuron_precision": float(neuron_precision[i]),
-            }
+            {"state": row.pop("class"), **row, "neuron_precision": precision}
         )
     return result
 
