@@ -20,8 +20,11 @@ from codelens.experiments.steering import (
     run_experiment,
     steering_options,
     story_tokens,
+    swap_hooks,
     token_strings,
     topic_codes,
+    topic_stats,
+    topic_swaps,
     write_report,
 )
 
@@ -83,7 +86,8 @@ def test_topic_codes_rank_by_precision_above_the_recall_floor():
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     tokens = torch.randint(0, 10, (24, 12))
     topic_of_row = torch.arange(24) % 3
-    found = topic_codes(model, tokens, topic_of_row, 3, top=4, min_recall=0.1, min_count=2)
+    stats = topic_stats(model, tokens, topic_of_row, 3, min_count=2)
+    found = topic_codes(stats, top=4, min_recall=0.1, min_count=2)
     assert len(found) == 3
     for picks in found:
         assert picks, "random codes spread over every topic"
@@ -98,25 +102,85 @@ def test_topic_codes_one_per_head():
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     tokens = torch.randint(0, 10, (24, 12))
     topic_of_row = torch.arange(24) % 3
-    found = topic_codes(
-        model, tokens, topic_of_row, 3, top=50, min_recall=0.1, min_count=2, one_per_head=True
-    )
-    every = topic_codes(model, tokens, topic_of_row, 3, top=50, min_recall=0.1, min_count=2)
+    stats = topic_stats(model, tokens, topic_of_row, 3, min_count=2)
+    found = topic_codes(stats, top=50, min_recall=0.1, min_count=2, one_per_head=True)
+    every = topic_codes(stats, top=50, min_recall=0.1, min_count=2)
     for picks, all_picks in zip(found, every, strict=True):
         heads = [(p["site"], p["group"]) for p in picks]
         assert len(heads) == len(set(heads)) and len(picks) < len(all_picks)
         assert picks[0] == all_picks[0]
 
 
-def test_steering_options_go_from_one_slot_to_many_heads():
+def test_steering_options_go_from_swaps_to_many_heads():
     codes = [{"site": "s", "group": g, "code": g} for g in range(5)]
-    options = steering_options(codes, k=8)
-    assert options[0] == {"codes": codes[:1], "slots": "lowest", "positions": "every"}
+    swaps = {"first": [{"site": "s", "group": 0, "code": 1, "sources": [2]}], "none": []}
+    options = steering_options(codes, swaps, k=8)
+    assert options[:2] == [
+        {"swaps": swaps["first"], "heads": "first", "force": False},
+        {"swaps": swaps["first"], "heads": "first", "force": True},
+    ]
+    assert options[2] == {"codes": codes[:1], "slots": "lowest", "positions": "every"}
     for positions in ("prompt", "every"):
-        heads = [len(o["codes"]) for o in options if o["positions"] == positions][-4:]
+        heads = [len(o["codes"]) for o in options if o.get("positions") == positions][-4:]
         assert heads == [1, 2, 4, 5]
-    assert all(o["slots"] == "all" for o in steering_options(codes, k=1))
-    assert steering_options([], k=8) == []
+    assert all(o["slots"] == "all" for o in steering_options(codes, {}, k=1))
+    assert steering_options([], {}, k=8) == []
+
+
+def _topic_rows(n_rows, n_topics, length):
+    """Random tokens whose rows each carry their topic's marker token (10 + topic) often."""
+    topic_of_row = torch.arange(n_rows) % n_topics
+    tokens = torch.randint(0, 10, (n_rows, length))
+    marked = torch.rand(n_rows, length) < 0.5
+    tokens = torch.where(marked, 10 + topic_of_row[:, None], tokens)
+    return tokens, topic_of_row
+
+
+def test_topic_swaps_map_other_topics_codes_to_this_topics_best_code():
+    torch.manual_seed(0)
+    model = tiny_model(codebook=CodebookConfig(n_codes=16, k=2))
+    tokens, topic_of_row = _topic_rows(60, 3, 16)
+    stats = topic_stats(model, tokens, topic_of_row, 3, skip=1, min_count=3)
+    site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
+    swaps = topic_swaps(stats, 0, sites=[site], min_count=3, target_precision=0.6)
+    assert swaps, "marker tokens give every head topic codes"
+    assert len({s["group"] for s in swaps}) == len(swaps), "one target per head"
+    for s in swaps:
+        assert s["site"] == site and s["precision"] >= 0.6
+        for code in s["sources"]:
+            index = stats.firing.code_index(site, s["group"], code)
+            assert int(stats.majority[index]) != 0
+            assert float(stats.majority_precision[index]) >= 0.5
+        same_head = [
+            stats.firing.code_index(site, s["group"], c)
+            for c in range(16)
+            if float(stats.precision[stats.firing.code_index(site, s["group"], c), 0]) >= 0.6
+            and int(stats.count[stats.firing.code_index(site, s["group"], c)]) >= 3
+        ]
+        assert s["recall"] == max(float(stats.recall[i, 0]) for i in same_head)
+    with pytest.raises(ValueError, match="not above chance"):
+        topic_swaps(stats, 0, source_precision=0.3)
+
+
+def test_swap_hooks_swap_sources_and_optionally_force_the_target():
+    torch.manual_seed(0)
+    model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
+    site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
+    name = f"{site}.hook_codes"
+    tokens = torch.randint(0, 10, (3, 8))
+    _, clean = model.run_with_cache(tokens, names_filter=name)
+    ids = clean[name][:, :, 1]
+    source = int(ids[0, 0, 0])
+    target = (source + 1) % 8
+    swaps = [{"site": site, "group": 1, "code": target, "sources": [source]}]
+    with model.hooks(fwd_hooks=swap_hooks(model, swaps)):
+        _, cache = model.run_with_cache(tokens, names_filter=name)
+    expected = torch.where(ids == source, target, ids)
+    assert torch.equal(cache[name][:, :, 1], expected)
+    assert torch.equal(cache[name][:, :, 0], clean[name][:, :, 0])
+    with model.hooks(fwd_hooks=swap_hooks(model, swaps, force=True)):
+        _, cache = model.run_with_cache(tokens, names_filter=name)
+    assert (cache[name][:, :, 1, -1] == target).all()
 
 
 def test_option_hooks_force_only_the_prompt_tokens():

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from codelens.analysis import code_firing, codes_for_classes, regex_labels, search_codes
+from codelens.analysis import (
+    ClassCodes,
+    code_firing,
+    codes_for_classes,
+    regex_labels,
+    search_codes,
+)
 from codelens.data.stories import (
     PATTERNS,
     TOPICS,
@@ -44,8 +50,8 @@ from codelens.data.stories import (
 from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokenizer
 from codelens.experiments.report import _atomic_write
 from codelens.experiments.stages import train_stage
-from codelens.interventions import force_codes, intervene
-from codelens.model import HookedCodebookTransformer
+from codelens.interventions import force_codes, intervene, swap_codes
+from codelens.model import HookedCodebookTransformer, attn_site
 from codelens.viz import Page, precision_recall, steering_results, training_curves
 
 # Topic-neutral story openings: the steered code alone has to pick the topic.
@@ -70,8 +76,9 @@ class SteeringExperiment:
     samples: int = 10  # per prompt
     new_tokens: int = 60
     candidates: int = 8  # topic codes per topic (one per head), the most heads forced at once
-    sweep_samples: int = 4  # per sweep prompt
+    sweep_samples: int = 5  # per sweep prompt
     min_topic_recall: float = 0.05  # a topic code must fire on this share of its topic's tokens
+    topic_skip: int = 16  # tokens of each story left out of topic code search (before the topic)
     max_perplexity_ratio: float = 2.0  # fluency guard when picking a steering option
     seed: int = 0
     threads: int | None = 1
@@ -211,11 +218,49 @@ def regex_search(
 
 
 @torch.no_grad()
-def topic_codes(
+def topic_stats(
     model: HookedCodebookTransformer,
     tokens: Tensor,
     topic_of_row: Tensor,
     n_topics: int,
+    *,
+    skip: int = 1,
+    min_count: int = 20,
+) -> ClassCodes:
+    """Every code as a classifier of "this token is in a story of topic t".
+
+    Each row is one story; its first ``skip`` tokens are left out (BOS, and an opening
+    that has not named the topic yet). Codes firing on fewer than ``min_count`` tokens
+    never count as a topic's best code.
+    """
+    sites = list(model.codebooks)
+    names = [f"{s}.hook_codes" for s in sites]
+    codes: dict[str, list[Tensor]] = {s: [] for s in sites}
+    for start in range(0, len(tokens), 32):
+        _, cache = model.run_with_cache(tokens[start : start + 32], names_filter=names)
+        for site in sites:
+            codes[site].append(cache[f"{site}.hook_codes"][:, skip:])
+    firing = code_firing(
+        {s: torch.cat(c) for s, c in codes.items()}, {s: model.codebooks[s].n_codes for s in sites}
+    )
+    classes = topic_of_row[:, None].expand(-1, tokens.shape[1] - skip).reshape(-1)
+    return codes_for_classes(firing, classes, n_topics, min_count=min_count)
+
+
+def _code_row(stats: ClassCodes, index: int, topic: int) -> dict[str, Any]:
+    site, group, code = stats.firing.describe(index)
+    return {
+        "site": site,
+        "group": group,
+        "code": code,
+        "precision": float(stats.precision[index, topic]),
+        "recall": float(stats.recall[index, topic]),
+        "count": int(stats.count[index]),
+    }
+
+
+def topic_codes(
+    stats: ClassCodes,
     *,
     top: int,
     min_recall: float,
@@ -229,44 +274,73 @@ def topic_codes(
     ``one_per_head`` keeps only the best code of each (site, group), so the codes can
     be forced together.
     """
-    sites = list(model.codebooks)
-    names = [f"{s}.hook_codes" for s in sites]
-    codes: dict[str, list[Tensor]] = {s: [] for s in sites}
-    for start in range(0, len(tokens), 32):
-        _, cache = model.run_with_cache(tokens[start : start + 32], names_filter=names)
-        for site in sites:
-            codes[site].append(cache[f"{site}.hook_codes"][:, 1:])  # BOS carries no topic
-    firing = code_firing(
-        {s: torch.cat(c) for s, c in codes.items()}, {s: model.codebooks[s].n_codes for s in sites}
-    )
-    classes = topic_of_row[:, None].expand(-1, tokens.shape[1] - 1).reshape(-1)
-    found = codes_for_classes(firing, classes, n_topics, min_count=min_count)
-    eligible = (found.count >= min_count)[:, None] & (found.recall >= min_recall)
-    score = torch.where(eligible, found.precision, -1.0)
+    eligible = (stats.count >= min_count)[:, None] & (stats.recall >= min_recall)
+    score = torch.where(eligible, stats.precision, -1.0)
     result = []
-    for t in range(n_topics):
+    for t in range(score.shape[1]):
         order = torch.sort(score[:, t], descending=True, stable=True).indices
         picks: list[dict[str, Any]] = []
         heads: set[tuple[str, int]] = set()
         for index in order.tolist():
             if score[index, t] < 0 or len(picks) == top:
                 break
-            site, group, code = firing.describe(index)
+            site, group, _ = stats.firing.describe(index)
             if one_per_head and (site, group) in heads:
                 continue
             heads.add((site, group))
-            picks.append(
-                {
-                    "site": site,
-                    "group": group,
-                    "code": code,
-                    "precision": float(found.precision[index, t]),
-                    "recall": float(found.recall[index, t]),
-                    "count": int(found.count[index]),
-                }
-            )
+            picks.append(_code_row(stats, index, t))
         result.append(picks)
     return result
+
+
+def topic_swaps(
+    stats: ClassCodes,
+    topic: int,
+    *,
+    sites: list[str] | None = None,
+    min_count: int = 20,
+    source_precision: float = 0.5,
+    target_precision: float = 0.8,
+) -> list[dict[str, Any]]:
+    """Per head: the codes of every other topic, and this topic's code to swap them to.
+
+    A code belongs to topic u when it fires on at least ``min_count`` tokens and at
+    least ``source_precision`` (above chance) of them are in stories of u (u its majority
+    topic). The
+    target is this topic's most frequent code in the head among those of precision at
+    least ``target_precision``. Heads (of ``sites``, default all) without a target or
+    without other topics' codes are left out. Swapping leaves everything else the head
+    writes alone: where the model reads another topic from the context, it reads this one.
+    """
+    n_topics = stats.precision.shape[1]
+    if source_precision <= 1 / n_topics:
+        raise ValueError(
+            f"source_precision {source_precision} is not above chance (1/{n_topics} topics): "
+            "every code would count as another topic's"
+        )
+    firing = stats.firing
+    frequent = stats.count >= min_count
+    site_of, group_of, code_of = firing.decode(torch.arange(firing.n_codes_total))
+    wanted = torch.tensor([sites is None or s in sites for s in firing.sites])[site_of]
+    target_ok = frequent & wanted & (stats.precision[:, topic] >= target_precision)
+    source_ok = (
+        frequent
+        & wanted
+        & (stats.majority >= 0)
+        & (stats.majority != topic)
+        & (stats.majority_precision >= source_precision)
+    )
+    swaps, heads = [], set()
+    for index in sorted(
+        target_ok.nonzero().flatten().tolist(), key=lambda i: -stats.recall[i, topic]
+    ):
+        head = (int(site_of[index]), int(group_of[index]))
+        sources = source_ok & (site_of == head[0]) & (group_of == head[1])
+        if head in heads or not sources.any():
+            continue
+        heads.add(head)
+        swaps.append({**_code_row(stats, index, topic), "sources": code_of[sources].tolist()})
+    return swaps
 
 
 # ---------------------------------------------------------------------------- steering
@@ -366,27 +440,52 @@ def force_hooks(
     return hooks
 
 
-def steering_options(codes: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-    """What the sweep tries for one topic, simplest first.
+def steering_options(
+    codes: list[dict[str, Any]], swaps: dict[str, list[dict[str, Any]]], k: int
+) -> list[dict[str, Any]]:
+    """What the sweep tries for one topic, lightest touch first.
 
-    ``codes`` holds one code per head, best first. Options: the best code in one slot
-    everywhere (the lightest touch); then the best 1, 2, 4, ... heads with their code in
-    all k slots, either only at the prompt's tokens (like a story that has named its
-    topic, then left the model alone) or at every position.
+    ``codes`` holds one code per head, best first; ``swaps`` names `topic_swaps` lists
+    (e.g. first-layer heads, all heads). Forcing options: the best code in one slot
+    everywhere; then the best 1, 2, 4, ... heads with their code in all k slots, either
+    only at the prompt's tokens (like a story that has named its topic, then left the
+    model alone) or at every position. Swap options: every other topic's codes swapped
+    to this topic's, alone or with this topic's code also forced into the lowest slot.
     """
+    options = []
+    for name, heads in swaps.items():
+        if heads:
+            options += [{"swaps": heads, "heads": name, "force": f} for f in (False, True)]
     if not codes:
-        return []
-    options = [{"codes": codes[:1], "slots": "lowest", "positions": "every"}] if k > 1 else []
+        return options
+    if k > 1:
+        options.append({"codes": codes[:1], "slots": "lowest", "positions": "every"})
     heads = sorted({min(2**i, len(codes)) for i in range(len(codes).bit_length() + 1)})
     for positions in ("prompt", "every"):
         options += [{"codes": codes[:n], "slots": "all", "positions": positions} for n in heads]
     return options
 
 
+def swap_hooks(
+    model: HookedCodebookTransformer, swaps: list[dict[str, Any]], force: bool = False
+) -> list:
+    """Hooks swapping each head's ``sources`` to its ``code`` (`topic_swaps` entries);
+    with ``force``, the code is also forced into the head's lowest slot."""
+    hooks = []
+    for s in swaps:
+        mapping = dict.fromkeys(s["sources"], s["code"])
+        hooks += swap_codes(model, s["site"], mapping, group=s["group"])
+        if force:
+            hooks += force_codes(model, s["site"], [s["code"]], group=s["group"], slots="lowest")
+    return hooks
+
+
 def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> Callable[[int], list]:
     """Hooks for one `steering_options` entry, as a function of the prompt length."""
 
     def hooks(prompt_length: int) -> list:
+        if "swaps" in option:
+            return swap_hooks(model, option["swaps"], option["force"])
         positions = tuple(range(1, prompt_length)) if option["positions"] == "prompt" else None
         return force_hooks(model, option["codes"], option["slots"], positions)
 
@@ -398,10 +497,12 @@ def steer_topics(
     base: HookedCodebookTransformer,
     classifier: TopicClassifier,
     candidates: list[list[dict[str, Any]]],
+    swaps: list[dict[str, list[dict[str, Any]]]],
     exp: SteeringExperiment,
 ) -> dict[str, Any]:
     """Pick each topic's steering option on sweep prompts, then evaluate before/after.
 
+    ``candidates[t]`` and ``swaps[t]`` are topic t's codes and swaps (`steering_options`).
     The pick is the option with the most on-topic sweep generations among those whose
     perplexity (under the base model) is at most ``exp.max_perplexity_ratio`` times the
     unsteered sweep's; ties go to the simpler, earlier option. Evaluation uses other
@@ -418,7 +519,7 @@ def steer_topics(
     rows = []
     for t, topic in enumerate(exp.topics):
         sweep = []
-        for option in steering_options(candidates[t], model.codebook_config.k):
+        for option in steering_options(candidates[t], swaps[t], model.codebook_config.k):
             gen = generate_texts(
                 model,
                 SWEEP_PROMPTS,
@@ -449,7 +550,9 @@ def steer_topics(
             texts = continuation_texts(tok, gen)
             ppl = perplexity(base, gen)
             row |= {
-                "steer": {k: best[k] for k in ("codes", "slots", "positions")},
+                "steer": {
+                    k: v for k, v in best.items() if k not in ("on_topic", "perplexity_ratio")
+                },
                 "after": on_topic_share(classifier, texts, topic),
                 "perplexity": ppl,
                 "perplexity_ratio": ppl / plain_ppl,
@@ -498,17 +601,21 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     regex = regex_search(model, tokens, token_strings(tokenizer, tokens))
     t = lap("regex search s", t)
     topic_of_row = torch.tensor([exp.topics.index(s.topic) for s in kept])
+    stats = topic_stats(model, tokens, topic_of_row, len(exp.topics), skip=exp.topic_skip)
     candidates = topic_codes(
-        model,
-        tokens,
-        topic_of_row,
-        len(exp.topics),
-        top=exp.candidates,
-        min_recall=exp.min_topic_recall,
-        one_per_head=True,
+        stats, top=exp.candidates, min_recall=exp.min_topic_recall, one_per_head=True
     )
+    attention = [s for s in model.codebooks if s.endswith("attn.hook_z")]
+    first_layer = [s for s in attention if s == attn_site(0)]
+    swaps = [
+        {
+            "first-layer heads": topic_swaps(stats, t, sites=first_layer),
+            "all heads": topic_swaps(stats, t, sites=attention),
+        }
+        for t in range(len(exp.topics))
+    ]
     t = lap("topic code search s", t)
-    steering = steer_topics(model, base, classifier, candidates, exp)
+    steering = steer_topics(model, base, classifier, candidates, swaps, exp)
     for row, found in zip(steering["topics"], candidates, strict=True):
         row["candidates"] = found
     lap("steering s", t)
@@ -536,6 +643,9 @@ def _code_name(code: dict[str, Any]) -> str:
 
 
 def _option_name(option: dict[str, Any]) -> str:
+    if "swaps" in option:
+        forced = ", forced in the lowest slot" if option["force"] else ""
+        return f"other topics' codes swapped to these in {option['heads']}{forced}"
     where = "prompt tokens" if option.get("positions") == "prompt" else "every position"
     return f"{option['slots']} slots, {where}"
 
@@ -578,7 +688,7 @@ def markdown(report: dict[str, Any]) -> str:
         "Topic code precision/recall: for 'token is in a story of this topic' on held-out "
         f"stories. Unsteered perplexity {steering['unsteered_perplexity']:.2f}.",
         "",
-        "| topic | codes (site, group, id) (slots, positions) | code precision % | "
+        "| topic | codes (site, group, id) (how) | code precision % | "
         "topic tokens hit % | before % | after % | perplexity | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -586,7 +696,7 @@ def markdown(report: dict[str, Any]) -> str:
         if "steer" not in r:
             lines.append(f"| {r['topic']} | none | | | {_pct(r['before'])} | | | |")
             continue
-        codes = r["steer"]["codes"]
+        codes = r["steer"].get("codes") or r["steer"]["swaps"]
         lines.append(
             f"| {r['topic']} | {'; '.join(_code_name(c) for c in codes)} "
             f"({_option_name(r['steer'])}) | {' / '.join(_pct(c['precision']) for c in codes)} | "
