@@ -272,6 +272,15 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
     )
     assert "| month | 4 | blocks.0.attn.hook_z, 1, 5 | 90.0 | 50.0 | 40.0 | 50.0 |" in md
     assert json.loads((tmp_path / "report.json").read_text())["heldout_loss"]["ratio"] == 1.1
+    report = _fake_report()
+    boat = report["steering"]["topics"][1]
+    code = boat["steer"]["codes"][0]
+    boat["steer"] = {"swaps": [{**code, "sources": [1, 2]}], "heads": "first", "force": True}
+    write_report(report, tmp_path)
+    assert (
+        "| boat | blocks.0.attn.hook_z, 1, 5 (other topics' codes swapped to these in first, "
+        "forced in the lowest slot) | 80.0 | 20.0 | 10.0 | 90.0 |"
+    ) in (tmp_path / "report.md").read_text()
     assert "plotly" in (tmp_path / "report.html").read_text().lower()
 
 
