@@ -7,13 +7,15 @@ Pipeline (every model is a `HookedCodebookTransformer`):
    codebooks (layer-wise k-means initialisation, base frozen, codebooks trained);
 3. regex code search: for each of `PATTERNS`, the best code as a classifier of the
    regex's tokens against the best MLP neuron at the same recall;
-4. topic codes, found automatically: for every topic, the code of highest precision
-   for "this token is in a story about the topic" in each head, best heads first;
-5. steering: a sweep on separate prompts picks, per topic, how to force its codes
-   (`steering_options`) under a fluency guard; then generate with them forced and count
-   the generations a `TopicClassifier` (fit on separate stories) puts on that topic,
-   against unsteered generations; fluency is the perplexity of the generated text
-   under the base model.
+4. topic codes, found automatically: every code scored as a classifier of "this token is
+   in a story about the topic" (each story's opening left out, as it has not named the
+   topic yet); per topic, the code of highest precision in each head, and per head the
+   swaps from other topics' codes to this topic's most frequent code (`topic_swaps`);
+5. steering: a sweep on separate prompts picks, per topic, how to steer
+   (`steering_options`: swap other topics' codes, or force this topic's codes) under a
+   fluency guard; then generate with it and count the generations a `TopicClassifier`
+   (fit on separate stories) puts on that topic, against unsteered generations; fluency
+   is the perplexity of the generated text under the base model.
 
 The report (markdown, JSON, plotly HTML) goes to the run directory.
 """
