@@ -81,12 +81,18 @@ def test_perplexity_counts_only_the_new_tokens():
     assert half == pytest.approx(math.exp(-float(logprobs.mean())), rel=1e-4)
 
 
-def test_topic_codes_rank_by_precision_above_the_recall_floor():
+@pytest.fixture(scope="module")
+def random_topic_stats():
+    """A tiny codebook model and its topic stats on random tokens, 3 topics."""
     torch.manual_seed(0)
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     tokens = torch.randint(0, 10, (24, 12))
     topic_of_row = torch.arange(24) % 3
-    stats = topic_stats(model, tokens, topic_of_row, 3, min_count=2)
+    return model, topic_stats(model, tokens, topic_of_row, 3)
+
+
+def test_topic_codes_rank_by_precision_above_the_recall_floor(random_topic_stats):
+    model, stats = random_topic_stats
     found = topic_codes(stats, top=4, min_recall=0.1, min_count=2)
     assert len(found) == 3
     for picks in found:
@@ -97,12 +103,8 @@ def test_topic_codes_rank_by_precision_above_the_recall_floor():
         assert {p["site"] for p in picks} <= set(model.codebooks)
 
 
-def test_topic_codes_one_per_head():
-    torch.manual_seed(0)
-    model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
-    tokens = torch.randint(0, 10, (24, 12))
-    topic_of_row = torch.arange(24) % 3
-    stats = topic_stats(model, tokens, topic_of_row, 3, min_count=2)
+def test_topic_codes_one_per_head(random_topic_stats):
+    _, stats = random_topic_stats
     found = topic_codes(stats, top=50, min_recall=0.1, min_count=2, one_per_head=True)
     every = topic_codes(stats, top=50, min_recall=0.1, min_count=2)
     for picks, all_picks in zip(found, every, strict=True):
@@ -140,7 +142,7 @@ def test_topic_swaps_map_other_topics_codes_to_this_topics_best_code():
     torch.manual_seed(0)
     model = tiny_model(codebook=CodebookConfig(n_codes=16, k=2))
     tokens, topic_of_row = _topic_rows(60, 3, 16)
-    stats = topic_stats(model, tokens, topic_of_row, 3, skip=1, min_count=3)
+    stats = topic_stats(model, tokens, topic_of_row, 3, skip=1)
     site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
     swaps = topic_swaps(stats, 0, sites=[site], min_count=3, target_precision=0.6)
     assert swaps, "marker tokens give every head topic codes"

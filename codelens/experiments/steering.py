@@ -227,13 +227,11 @@ def topic_stats(
     n_topics: int,
     *,
     skip: int = 1,
-    min_count: int = 20,
 ) -> ClassCodes:
     """Every code as a classifier of "this token is in a story of topic t".
 
     Each row is one story; its first ``skip`` tokens are left out (BOS, and an opening
-    that has not named the topic yet). Codes firing on fewer than ``min_count`` tokens
-    never count as a topic's best code.
+    that has not named the topic yet). `topic_codes` and `topic_swaps` read the result.
     """
     sites = list(model.codebooks)
     names = [f"{s}.hook_codes" for s in sites]
@@ -246,7 +244,7 @@ def topic_stats(
         {s: torch.cat(c) for s, c in codes.items()}, {s: model.codebooks[s].n_codes for s in sites}
     )
     classes = topic_of_row[:, None].expand(-1, tokens.shape[1] - skip).reshape(-1)
-    return codes_for_classes(firing, classes, n_topics, min_count=min_count)
+    return codes_for_classes(firing, classes, n_topics)
 
 
 def _code_row(stats: ClassCodes, index: int, topic: int) -> dict[str, Any]:
@@ -308,9 +306,8 @@ def topic_swaps(
 
     A code belongs to topic u when it fires on at least ``min_count`` tokens and at
     least ``source_precision`` (above chance) of them are in stories of u (u its majority
-    topic). The
-    target is this topic's most frequent code in the head among those of precision at
-    least ``target_precision``. Heads (of ``sites``, default all) without a target or
+    topic). The target is this topic's most frequent code in the head among those of
+    precision at least ``target_precision``. Heads (of ``sites``, default all) without a target or
     without other topics' codes are left out. Swapping leaves everything else the head
     writes alone: where the model reads another topic from the context, it reads this one.
     """
@@ -332,10 +329,10 @@ def topic_swaps(
         & (stats.majority != topic)
         & (stats.majority_precision >= source_precision)
     )
+    recall = torch.where(target_ok, stats.recall[:, topic], -1.0)
+    order = torch.sort(recall, descending=True, stable=True).indices[: int(target_ok.sum())]
     swaps, heads = [], set()
-    for index in sorted(
-        target_ok.nonzero().flatten().tolist(), key=lambda i: -stats.recall[i, topic]
-    ):
+    for index in order.tolist():
         head = (int(site_of[index]), int(group_of[index]))
         sources = source_ok & (site_of == head[0]) & (group_of == head[1])
         if head in heads or not sources.any():
