@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from codelens.data.stories import (
+    _HINTS,
     B_NAMES,
     FEATURE_RATES,
     LEXICONS,
@@ -69,6 +70,25 @@ def test_story_shape(corpus):
         # ... the topic is spread over the lexicon and over several sentences.
         assert lexicon_hits(story.text, story.topic) >= 3, story.text
         assert sum(lexicon_hits(s, story.topic) > 0 for s in sents) >= 2, story.text
+
+
+def test_about_half_the_stories_name_their_topic_right_after_the_opening(corpus):
+    def template(hint: str) -> re.Pattern:
+        return re.compile(re.sub(r"\\\{\w+\\\}", r"\\w+", re.escape(hint)))
+
+    hints = {t: [template(h) for h in hs] for t, hs in _HINTS.items()}
+    hinted = 0
+    for story in corpus:
+        second = sentences(story.text)[1]
+        mine = any(rx.fullmatch(second) for rx in hints[story.topic])
+        others = [
+            t
+            for t, rxs in hints.items()
+            if t != story.topic and any(rx.fullmatch(second) for rx in rxs)
+        ]
+        assert not others, (story.topic, second)
+        hinted += mine
+    assert 0.35 <= hinted / len(corpus) <= 0.55
 
 
 def test_topics_balanced(corpus):

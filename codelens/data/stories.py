@@ -2,9 +2,11 @@
 
 A stand-in for TinyStories: `generate_stories` builds short, simple stories about
 one topic each from a template grammar (shared sentences plus topic-specific sentences
-and a per-topic lexicon). Regex-detectable features (months, four-digit years, names
-starting with "B", digit numbers, number words) are sprinkled in at the rates in
-`FEATURE_RATES`, and `PATTERNS` holds the regexes that find them.
+and a per-topic lexicon). A topic-neutral opening comes first; in about half the stories
+a short sentence then names the topic before the topic's own intro. Regex-detectable
+features (months, four-digit years, names starting with "B", digit numbers, number
+words) are sprinkled in at the rates in `FEATURE_RATES`, and `PATTERNS` holds the
+regexes that find them.
 `TopicClassifier` judges which topic a (generated) text is about.
 """
 
@@ -772,6 +774,7 @@ _MIN_WORDS, _MAX_WORDS = 60, 150
 _MAX_SENTS = 8
 _MIN_LEXICON = 3  # distinct topic-lexicon words every story must contain
 _TAIL_RATE = 0.3
+_HINT_RATE = 0.5
 _TAILS = (
     ", and {Name} felt {feel}",
     ", and {Name} smiled a big smile",
@@ -780,6 +783,23 @@ _TAILS = (
     ", and {Name} [laughed|giggled|grinned]",
     " on that {weather} {time}",
 )
+
+
+# A sentence after the opening that names the topic early, as TinyStories often does in
+# its first lines. Without it the topic would never be in context before the intro, and
+# a model could not learn to let an earlier mention of the topic choose the intro.
+_HINTS: dict[str, tuple[str, ...]] = {
+    "dragon": ("{He} loved stories about dragons.", "{Name} dreamed of dragons and caves."),
+    "flower": ("{He} loved flowers more than anything.", "{Name} liked to help in the garden."),
+    "fire": ("{He} loved to watch a fire crackle.", "{Name} liked fire trucks and firefighters."),
+    "princess": ("{He} loved stories about a princess.", "{Name} liked to wear a toy crown."),
+    "football": ("{He} loved to play football.", "{Name} liked to kick a ball in the park."),
+    "baby": ("{He} liked to help with the new baby.", "{Name} wanted a baby sister."),
+    "slide": ("{He} loved the big slide at the playground.", "{Name} liked to climb and slide."),
+    "friend": ("{He} wanted a new friend.", "{Name} liked to make new friends."),
+    "cake": ("{He} loved to bake cakes.", "{Name} liked chocolate cake more than anything."),
+    "boat": ("{He} loved boats and the sea.", "{Name} liked to watch the boats sail by."),
+}
 
 
 def tokenize(text: str) -> list[str]:
@@ -892,6 +912,8 @@ def _one_story(rng: random.Random, topic: str) -> Story:
         ctx = _context(rng, grammar, digits, words)
         opening, ending = _frame(rng, month, year)
         room = _MAX_SENTS - 3 - (ending is not None) - digits - words
+        hint = room > 2 and rng.random() < _HINT_RATE
+        room -= hint
         n_fill = 1 if room > 2 and rng.random() < 0.4 else 0
         n_mid = rng.randint(2, room - n_fill)
         picks = sorted(rng.sample(range(len(grammar.middle)), n_mid))
@@ -899,6 +921,8 @@ def _one_story(rng: random.Random, topic: str) -> Story:
         if n_fill:
             middle.insert(rng.randint(0, len(middle)), rng.choice(_FILLERS))
         head = [_render(opening, ctx, rng), _render(rng.choice(grammar.intro), ctx, rng)]
+        if hint:
+            head.insert(1, _render(rng.choice(_HINTS[topic]), ctx, rng))
         body = [_render(t, ctx, rng) for t in middle]
         tail = [_render(rng.choice(grammar.end), ctx, rng)]
         if ending is not None:

@@ -4,7 +4,7 @@ Pipeline (every model is a `HookedCodebookTransformer`):
 
 1. a corpus of `generate_stories` and a BPE tokenizer trained on it;
 2. a small GPT-NeoX trained from scratch, then fine-tuned with attention + MLP
-   codebooks (layer-wise k-means initialisation, base frozen, codebooks trained);
+   codebooks (layer-wise k-means initialisation, then the whole model fine-tunes);
 3. regex code search: for each of `PATTERNS`, the best code as a classifier of the
    regex's tokens against the best MLP neuron at the same recall;
 4. topic codes, found automatically: every code scored as a classifier of "this token is
@@ -58,7 +58,7 @@ from codelens.viz import Page, precision_recall, steering_results, training_curv
 
 # Topic-neutral story openings: the steered code alone has to pick the topic.
 EVAL_PROMPTS = ("Once upon a time,", "One day,", "There was a little girl.", "It was a sunny day.")
-SWEEP_PROMPTS = ("Long ago,", "One morning,")
+SWEEP_PROMPTS = ("Long ago,", "One morning,", "There was a little boy.", "It was a rainy day.")
 
 
 @dataclass
@@ -102,12 +102,20 @@ def _neox(d_model: int, layers: int, heads: int, n_ctx: int) -> dict[str, Any]:
     }
 
 
-# As in TokFSM: k-means initialisation from the trained model's activations, then only
-# the codebooks train, so the base model (and what its neurons mean) stays as it was.
-# k=8 as in the paper's TinyStories model. MLP codebooks get 4x the codes of a head (an
-# MLP output is as wide as all heads together): the regex features are token-level, and
-# MLP codes are where they show up; attention codes carry the story's topic.
-_CODEBOOK_TRAINING = {"train": "codebooks", "lr": 3e-3, "warmup_steps": 10, "batch_size": 32}
+# k-means initialisation from the trained model's activations, then the whole model
+# fine-tunes with its codebooks, as in the paper (the base model's learning rate lower
+# than the codebooks'): trained through the bottleneck, the model reads topics from the
+# codes, so swapping or forcing codes steers it more than a frozen model with codebooks
+# fitted afterwards. k=8 as in the paper's TinyStories model. MLP codebooks get 4x the
+# codes of a head (an MLP output is as wide as all heads together): the regex features
+# are token-level, and MLP codes are where they show up; attention codes carry the topic.
+_CODEBOOK_TRAINING = {
+    "train": "all",
+    "lr": 1e-3,
+    "codebook_lr": 3e-3,
+    "warmup_steps": 10,
+    "batch_size": 32,
+}
 
 FULL = SteeringExperiment(
     run_dir="runs/steering",
