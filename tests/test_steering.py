@@ -17,9 +17,11 @@ from codelens.experiments.steering import (
     on_topic_share,
     option_hooks,
     perplexity,
+    regex_search,
     run_experiment,
     steering_options,
     story_tokens,
+    summary_line,
     swap_hooks,
     token_strings,
     topic_codes,
@@ -79,6 +81,23 @@ def test_perplexity_counts_only_the_new_tokens():
     half = perplexity(model, [(tokens, 5)])
     logprobs = model(tokens).log_softmax(-1)[:, 4:-1].gather(-1, tokens[:, 5:, None])
     assert half == pytest.approx(math.exp(-float(logprobs.mean())), rel=1e-4)
+
+
+def test_regex_search_scores_codes_against_own_and_base_neurons():
+    torch.manual_seed(0)
+    model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2, sites=("attn", "mlp")))
+    tokens = torch.randint(0, 10, (16, 10))
+    tokens[:, 0] = 10  # BOS
+    strings = [[" May" if t == 3 else " x" for t in row] for row in tokens.tolist()]
+    rows = regex_search(model, tokens, strings, base=model)
+    assert [r["pattern"] for r in rows] == ["month"]  # no other pattern has a match
+    (month,) = rows
+    assert month["positives"] == int((tokens[:, 1:] == 3).sum())
+    # With itself as the base, the base neurons are the model's own neurons.
+    assert month["base_neuron_precision"] == pytest.approx(month["neuron_precision"])
+    other = regex_search(model, tokens, strings, base=tiny_model(seed=1))
+    assert 0 <= other[0]["base_neuron_precision"] <= 1
+    assert "base_neuron_precision" not in regex_search(model, tokens, strings)[0]
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +262,7 @@ def _fake_report():
                 "neuron_precision": 0.4,
                 "neuron_recall": 0.5,
                 "precision_gain": 0.5,
+                "base_neuron_precision": 0.7,
             },
         ],
         "steering": {
@@ -272,7 +292,7 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
         "| boat | blocks.0.attn.hook_z, 1, 5 (all slots, every position) | 80.0 | 20.0 | 10.0 "
         "| 90.0 |" in md
     )
-    assert "| month | 4 | blocks.0.attn.hook_z, 1, 5 | 90.0 | 50.0 | 40.0 | 50.0 |" in md
+    assert "| month | 4 | blocks.0.attn.hook_z, 1, 5 | 90.0 | 50.0 | 40.0 | 50.0 | 70.0 |" in md
     assert json.loads((tmp_path / "report.json").read_text())["heldout_loss"]["ratio"] == 1.1
     report = _fake_report()
     boat = report["steering"]["topics"][1]
@@ -284,6 +304,17 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
         "forced in the lowest slot) | 80.0 | 20.0 | 10.0 | 90.0 |"
     ) in (tmp_path / "report.md").read_text()
     assert "plotly" in (tmp_path / "report.html").read_text().lower()
+
+
+def test_summary_line_counts_the_issue_targets():
+    report = _fake_report()
+    line = summary_line(report)
+    # boat: 10% -> 90% at 1.2x perplexity; month: 50 points over its own neurons, 20 over
+    # the base model's.
+    assert line.startswith("steered >=80% (from <=15%, perplexity <=2x): 1/2 topics; ")
+    assert "over neurons: 1/2 (over the base model's: 0/2)" in line
+    report["steering"]["topics"][1]["perplexity_ratio"] = 2.5
+    assert "1/2 topics" not in summary_line(report)
 
 
 @pytest.mark.slow
@@ -308,5 +339,6 @@ def test_quick_pipeline_end_to_end(tmp_path):
     found = [r for r in report["regex"] if "code" in r]
     assert len(found) == len(report["regex"]) == 5
     assert sum(r["precision"] >= r["neuron_precision"] for r in found) >= 3, found
+    assert all(0 <= r["base_neuron_precision"] <= 1 for r in found), found
     for name in ("report.md", "report.json", "report.html"):
         assert (tmp_path / name).is_file()

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from codelens.analysis import (
     ClassCodes,
+    best_neurons_for_labels,
     code_firing,
     codes_for_classes,
     regex_labels,
@@ -206,9 +207,17 @@ def heldout_loss(model: HookedCodebookTransformer, blocks: Tensor, batch_size: i
 
 
 def regex_search(
-    model: HookedCodebookTransformer, tokens: Tensor, strings: list[list[str]]
+    model: HookedCodebookTransformer,
+    tokens: Tensor,
+    strings: list[list[str]],
+    base: HookedCodebookTransformer | None = None,
 ) -> list[dict[str, Any]]:
-    """Per regex pattern: the best code and the best MLP neuron at the code's recall."""
+    """Per regex pattern: the best code and the best MLP neuron at the code's recall.
+
+    The neurons are the codebook model's own. Fine-tuning through codebooks can leave them
+    less selective than those of the model it started from, so with ``base`` each row also
+    gets ``base_neuron_precision``: the best neuron of ``base`` at the code's recall.
+    """
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False
     rows = []
@@ -221,7 +230,31 @@ def regex_search(
         if found.matches:
             row |= found.table()[0]
         rows.append(row)
+    found_rows = [r for r in rows if "code" in r]
+    if base is not None and found_rows:
+        labels = [regex_labels(strings, PATTERNS[r["pattern"]])[mask] for r in found_rows]
+        matches = best_neurons_for_labels(
+            _mlp_neurons(base, tokens, mask),
+            torch.stack(labels, 1),
+            [r["recall"] for r in found_rows],
+        )
+        for r, precision in zip(found_rows, matches.precision.tolist(), strict=True):
+            r["base_neuron_precision"] = precision
     return rows
+
+
+@torch.no_grad()
+def _mlp_neurons(
+    model: HookedCodebookTransformer, tokens: Tensor, mask: Tensor, batch_size: int = 32
+) -> Tensor:
+    """``[n_masked_tokens, n_layers * d_mlp]``: every layer's MLP neurons at the kept tokens."""
+    model.eval()
+    names = [f"blocks.{layer}.mlp.hook_post" for layer in range(model.cfg.n_layers)]
+    chunks = []
+    for i in range(0, len(tokens), batch_size):
+        _, cache = model.run_with_cache(tokens[i : i + batch_size], names_filter=names)
+        chunks.append(torch.cat([cache[n] for n in names], -1)[mask[i : i + batch_size]])
+    return torch.cat(chunks)
 
 
 # ---------------------------------------------------------------------------- topic codes
@@ -605,7 +638,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
 
     tokens = story_tokens(tokenizer, search_stories, exp.search_len)
     kept = [s for s in search_stories if len(tokenizer.encode(s.text)) >= exp.search_len]
-    regex = regex_search(model, tokens, token_strings(tokenizer, tokens))
+    regex = regex_search(model, tokens, token_strings(tokenizer, tokens), base)
     t = lap("regex search s", t)
     topic_of_row = torch.tensor([exp.topics.index(s.topic) for s in kept])
     stats = topic_stats(model, tokens, topic_of_row, len(exp.topics), skip=exp.topic_skip)
@@ -673,18 +706,22 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Regex code search (best code vs best MLP neuron at the code's recall)",
         "",
+        "Neuron: the codebook model's own MLP neurons (gain: code minus neuron). Base "
+        "neuron: those of the model without codebooks, before fine-tuning.",
+        "",
         "| pattern | tokens | code (site, group, id) | precision % | recall % | "
-        "neuron precision % | gain (points) |",
-        "|---|---|---|---|---|---|---|",
+        "neuron precision % | gain (points) | base neuron precision % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["regex"]:
         if "code" not in r:
-            lines.append(f"| {r['pattern']} | {r['positives']} | none | | | | |")
+            lines.append(f"| {r['pattern']} | {r['positives']} | none | | | | | |")
             continue
+        base = r.get("base_neuron_precision")
         lines.append(
             f"| {r['pattern']} | {r['positives']} | {r['site']}, {r['group']}, {r['code']} | "
             f"{_pct(r['precision'])} | {_pct(r['recall'])} | {_pct(r['neuron_precision'])} | "
-            f"{_pct(r['precision_gain'])} |"
+            f"{_pct(r['precision_gain'])} | {'' if base is None else _pct(base)} |"
         )
     lines += [
         "",
@@ -740,12 +777,18 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
 
 
 def summary_line(report: dict[str, Any]) -> str:
-    """One line: steering successes, regex wins, loss ratio."""
+    """One line: steering successes (the issue's targets), regex wins, loss ratio."""
     rows = report["steering"]["topics"]
-    steered = sum(r.get("after", 0) >= 0.8 and r["before"] <= 0.15 for r in rows)
-    wins = sum(r.get("precision_gain", -1) >= 0.3 for r in report["regex"])
+    steered = sum(
+        r.get("after", 0) >= 0.8 and r["before"] <= 0.15 and r["perplexity_ratio"] <= 2
+        for r in rows
+    )
+    regex = report["regex"]
+    wins = sum(r.get("precision_gain", -1) >= 0.3 for r in regex)
+    base_wins = sum(r.get("precision", 0) - r.get("base_neuron_precision", 1) >= 0.3 for r in regex)
     return (
-        f"steered >=80% (from <=15%): {steered}/{len(rows)} topics; regex codes >=30 points "
-        f"over neurons: {wins}/{len(report['regex'])}; loss ratio "
-        f"{report['heldout_loss']['ratio']:.3f}; {report['timings']['total s']:.0f}s"
+        f"steered >=80% (from <=15%, perplexity <=2x): {steered}/{len(rows)} topics; regex "
+        f"codes >=30 points over neurons: {wins}/{len(regex)} (over the base model's: "
+        f"{base_wins}/{len(regex)}); loss ratio {report['heldout_loss']['ratio']:.3f}; "
+        f"{report['timings']['total s']:.0f}s"
     )
