@@ -6,7 +6,8 @@ Pipeline (every model is a `HookedCodebookTransformer`):
 2. a small GPT-NeoX trained from scratch, then fine-tuned with attention + MLP
    codebooks (layer-wise k-means initialisation, then the whole model fine-tunes);
 3. regex code search: for each of `PATTERNS`, the best code as a classifier of the
-   regex's tokens against the best MLP neuron at the same recall;
+   regex's tokens against the best MLP neuron at the same recall, of the codebook model
+   and of the base model;
 4. topic codes, found automatically: every code scored as a classifier of "this token is
    in a story about the topic" (each story's opening left out, as it has not named the
    topic yet); per topic, the code of highest precision in each head, and per head the
