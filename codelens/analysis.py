@@ -775,6 +775,28 @@ class SearchResult:
             start += width
         raise ValueError(f"neuron index {index} out of range [0, {start})")
 
+    def for_labels(
+        self,
+        labels: Bool[Tensor, " N"],
+        *,
+        min_count: int = 5,
+        top: int = 10,
+        memory_budget_mb: float = 512.0,
+    ) -> SearchResult:
+        """The same search for other labels of the same (masked) tokens, without running
+        the model again: ``labels`` is flat, one per token of ``firing``."""
+        labels = _check_labels(labels, self.firing)
+        matches = best_codes_for_labels(self.firing, labels, min_count=min_count, top=top)
+        neurons = None
+        if self.neuron_acts is not None and matches:
+            recalls = torch.tensor([m.recall for m in matches], dtype=torch.float64)
+            neurons = best_neurons_for_labels(
+                self.neuron_acts, labels, recalls, memory_budget_mb=memory_budget_mb
+            )
+        return SearchResult(
+            matches, neurons, self.neuron_hooks, self.firing, labels, self.neuron_acts
+        )
+
     def table(self) -> list[dict[str, Any]]:
         """One dict per code match, with its best neuron's numbers, for reports."""
         rows = []
@@ -895,16 +917,5 @@ def search_codes(
             raise ValueError(f"token_mask must be a bool tensor, got {mask.dtype}")
         firing, labels = firing.select(mask), labels[mask]
         acts = None if acts is None else acts[mask]
-    matches = best_codes_for_labels(firing, labels, min_count=min_count, top=top)
-    neurons = None
-    if acts is not None and matches:
-        recalls = torch.tensor([m.recall for m in matches], dtype=torch.float64)
-        neurons = best_neurons_for_labels(acts, labels, recalls, memory_budget_mb=memory_budget_mb)
-    return SearchResult(
-        matches,
-        neurons,
-        tuple((n, widths[n]) for n in neuron_names),
-        firing,
-        labels,
-        acts,
-    )
+    data = SearchResult([], None, tuple((n, widths[n]) for n in neuron_names), firing, labels, acts)
+    return data.for_labels(labels, min_count=min_count, top=top, memory_budget_mb=memory_budget_mb)

@@ -386,6 +386,19 @@ def test_search_codes_options(model):
     assert "neuron" not in bare.table()[0]
 
 
+def test_search_result_for_labels_equals_a_fresh_search(model):
+    tokens = torch.randint(0, 10, (4, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    first = search_codes(model, tokens, tokens < 3, token_mask=mask, min_count=1, top=4)
+    again = first.for_labels((tokens > 6)[mask], min_count=1, top=4)
+    fresh = search_codes(model, tokens, tokens > 6, token_mask=mask, min_count=1, top=4)
+    assert again.table() == fresh.table() and again.table() != first.table()
+    assert torch.equal(again.labels, fresh.labels)
+    with pytest.raises(ValueError, match="no positive"):
+        first.for_labels(torch.zeros(first.firing.n_tokens, dtype=torch.bool))
+
+
 def test_search_codes_bad_inputs(model):
     tokens = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(2))
     labels = tokens == 1

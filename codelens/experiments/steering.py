@@ -221,19 +221,23 @@ def regex_search(
     """
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False
+    labelled = {name: regex_labels(strings, pattern) & mask for name, pattern in PATTERNS.items()}
+    labelled = {name: labels for name, labels in labelled.items() if labels.any()}
+    if not labelled:
+        return []
+    # One forward pass; every pattern is then searched on the same codes and neurons.
+    first = next(iter(labelled.values()))
+    data = search_codes(model, tokens, first, token_mask=mask, batch_size=32, top=1)
     rows = []
-    for name, pattern in PATTERNS.items():
-        labels = regex_labels(strings, pattern) & mask
-        if not labels.any():
-            continue
-        found = search_codes(model, tokens, labels, token_mask=mask, batch_size=32, top=1)
+    for name, labels in labelled.items():
+        found = data.for_labels(labels[mask], top=1)
         row = {"pattern": name, "positives": int(labels.sum())}
         if found.matches:
             row |= found.table()[0]
         rows.append(row)
     found_rows = [r for r in rows if "code" in r]
     if base is not None and found_rows:
-        labels = [regex_labels(strings, PATTERNS[r["pattern"]])[mask] for r in found_rows]
+        labels = [labelled[r["pattern"]][mask] for r in found_rows]
         matches = best_neurons_for_labels(
             _mlp_neurons(base, tokens, mask),
             torch.stack(labels, 1),
