@@ -63,6 +63,12 @@ TOPICS: tuple[str, ...] = (
     "friend",
     "cake",
     "boat",
+    "snow",
+    "rocket",
+    "bike",
+    "zoo",
+    "piano",
+    "doctor",
 )
 
 MONTHS: tuple[str, ...] = (
@@ -187,6 +193,35 @@ LEXICONS: dict[str, frozenset[str]] = {
     "boat": frozenset(
         "boat boats sail sails sailed waves wave sea lake oars rowed captain anchor fish "
         "fishing dock island floated ship shore deck seagulls".split()
+    ),
+    "snow": frozenset(
+        "snow snowman snowball snowballs snowflakes snowy sled sledding mittens scarf "
+        "icicles shovel igloo winter frozen ice skates skating shivered cocoa "
+        "footprints".split()
+    ),
+    "rocket": frozenset(
+        "rocket rockets space astronaut astronauts planet planets countdown launch launched "
+        "blast spacesuit orbit earth comet alien crater telescope mars gravity "
+        "capsule".split()
+    ),
+    "bike": frozenset(
+        "bike bikes bicycle pedal pedals pedaled wheels wheel training brakes handlebars "
+        "ride riding tire tires pump spokes seat streamers basket tricycle balance".split()
+    ),
+    "zoo": frozenset(
+        "zoo zookeeper animals lion lions mane giraffe giraffes elephant elephants trunk "
+        "zebra zebras tiger hippo kangaroo flamingos peacock parrot gorilla crocodile "
+        "panda".split()
+    ),
+    "piano": frozenset(
+        "piano keys notes melody recital practice practicing lesson teacher drum drums "
+        "guitar strummed violin trumpet band concert stage audience instrument "
+        "musical".split()
+    ),
+    "doctor": frozenset(
+        "doctor nurse clinic checkup sick fever cough coughed sneeze sneezed tissue "
+        "throat thermometer temperature stethoscope heartbeat bandage shot lollipop "
+        "medicine germs healthy".split()
     ),
 }
 
@@ -763,6 +798,207 @@ _GRAMMARS: dict[str, _Grammar] = {
         ),
         slots={},
     ),
+    "snow": _Grammar(
+        intro=(
+            "{Name} woke up and saw that everything outside was white with snow.",
+            "It snowed all night, and in the morning the whole {town} was covered in snow.",
+            "{Name} got a new {scolor} sled and could not wait for the first snow of winter.",
+            "{Name} pulled on {his} {scolor} mittens and ran out into the snow.",
+            "On a snowy winter morning, {Adult} took {Name} to the big hill behind the {town}.",
+        ),
+        middle=(
+            "Big white snowflakes drifted down from the gray sky.",
+            "{Name} wrapped a warm {scolor} scarf around {his} neck.",
+            "{Name} left a long line of footprints in the fresh snow.",
+            "{Name} rolled a big snowball across the yard to make a snowman.",
+            "{Name} gave the snowman a carrot nose and {n} pebbles for buttons.",
+            "{Name} and {Pal} had a snowball fight, and {Name} threw {n} snowballs.",
+            "{Name} pulled the sled all the way up the snowy hill.",
+            "The sled zoomed down the hill, and {Name} shouted with joy.",
+            "They went sledding {n} times before lunch.",
+            "{Name} lay down in the snow and made a snow angel.",
+            "Long icicles hung from the roof and sparkled in the light.",
+            "The pond was frozen, so {Name} put on {his} skates and went skating on the ice.",
+            "{Name} and {Pal} built a little igloo out of blocks of snow.",
+            "{Name} helped {Adult} shovel the snow off the path.",
+            "{Name} shivered, so they went inside for a mug of warm cocoa.",
+        ),
+        end=(
+            "When the snow melted, {Name} waved goodbye to the snowman.",
+            "{Name} sipped warm cocoa and watched the snowflakes fall outside.",
+            "{Name} could not wait for the next snowy day of winter.",
+            "{Name} learned that winter can be the most fun time of the year.",
+        ),
+        slots={"scolor": ("red", "blue", "green", "yellow", "purple", "pink")},
+    ),
+    "rocket": _Grammar(
+        intro=(
+            "{Name} wanted to be an astronaut and travel far into space.",
+            "{Name} and {Adult} built a rocket out of a big cardboard box.",
+            "One night, {Name} looked through a telescope and saw a {pcolor} planet.",
+            "{Name} read a book about astronauts who went all the way to Mars.",
+            "A shiny {rcolor} rocket stood on the launch pad at the edge of the {town}.",
+        ),
+        middle=(
+            "{Name} had {n} toy rockets on a shelf by {his} bed.",
+            "{Name} put on a puffy white spacesuit and a round helmet.",
+            "{Name} sat down in the little capsule at the top of the rocket.",
+            "The rocket stood on the launch pad, ready to go.",
+            "The countdown began, and {Name} held {his} breath.",
+            "With a big blast, the rocket launched up into the sky.",
+            "Out of the window, {Name} could see the round blue Earth far below.",
+            "In space there was no gravity, so {Name} bobbed around the capsule like a balloon.",
+            "The rocket went around the Earth {n} times in its orbit.",
+            "A bright comet zipped past the window and sparkled.",
+            "{Name} counted {n} planets through the little window.",
+            "The rocket landed next to a deep crater on a {pcolor} planet.",
+            "A friendly little alien with {n} eyes waved hello.",
+            "{Name} jumped very high, because there was almost no gravity on Mars.",
+            'A voice on the radio said, "It is time for the astronauts to come home."',
+        ),
+        end=(
+            "The rocket landed safely back on Earth, and everyone cheered.",
+            "{Name} still wanted to be a real astronaut one day.",
+            "That night, {Name} looked through the telescope and waved at the planets.",
+            "{Name} learned that space is big and full of wonders.",
+        ),
+        slots={
+            "rcolor": ("red", "silver", "white", "blue", "orange"),
+            "pcolor": ("red", "purple", "green", "blue", "orange", "pink"),
+        },
+    ),
+    "bike": _Grammar(
+        intro=(
+            "{Name} got a shiny new {bcolor} bicycle with a bell and a basket.",
+            "{Name} wanted to learn to ride a bike without training wheels.",
+            "{Adult} took {Name}'s old bike out of the garage and pumped up the tires.",
+            "{Name} watched the big kids ride their bikes and wanted to ride too.",
+            "Every {time}, {Name} liked riding {his} little tricycle around the {town}.",
+        ),
+        middle=(
+            "{Name} put on {his} helmet and sat down on the seat.",
+            "{Adult} held the back of the seat while {Name} pushed the pedals.",
+            "At first the bike wobbled, and {Name} almost tipped over.",
+            "{Name} pushed one pedal and then the other, and the wheels went round and round.",
+            "{Adult} took off the training wheels, and {Name} felt a little scared.",
+            "{Name} learned to keep {his} balance, and soon {he} was riding on {his} own.",
+            "{Name} squeezed the brakes and stopped right next to {Adult}.",
+            "{Name} rang the bell on the handlebars, ring, ring!",
+            "Long {bcolor} streamers on the handlebars flapped in the wind.",
+            "{Name} carried {n} {treats} home in the little basket.",
+            "One tire went flat, so {Adult} helped {Name} pump it up.",
+            "{Name} tied {n} colorful beads on the spokes of the front wheel.",
+            "{Name} and {Pal} went riding along the bumpy path by the river.",
+            "{Name} pedaled up the hill and then coasted down with {his} feet out.",
+            "{Name} went around the block {n} times on {his} bike.",
+        ),
+        end=(
+            "By the end of the day, {Name} could ride {his} bike without any help.",
+            "{Name} parked the bicycle by the door and could not wait to ride again.",
+            "{Name} learned that riding a bike takes patience.",
+            "Now {Name} rides {his} bike to the park every day.",
+        ),
+        slots={"bcolor": ("red", "blue", "green", "yellow", "purple", "orange")},
+    ),
+    "zoo": _Grammar(
+        intro=(
+            "{Adult} took {Name} to the zoo to see all the animals.",
+            "{Name}'s class went on a trip to the big zoo in the {town}.",
+            "{Name} had never been to a zoo before and could not wait.",
+            "{Name} wanted to see a real lion, so {Adult} took {him} to the zoo.",
+            "At the zoo gate, {Name} got a map with pictures of all the animals.",
+        ),
+        middle=(
+            "First they saw {n} lions, and the biggest lion had a fluffy golden mane.",
+            "A tall giraffe stretched its long neck to eat leaves from a tree.",
+            "The elephant picked up some hay with its long trunk.",
+            "{n} elephants splashed and played in a muddy pool.",
+            "The zebras had black and white stripes, and {Name} tried to count them.",
+            "A big tiger walked back and forth behind the glass.",
+            "The hippo opened its huge mouth in a big yawn.",
+            "A kangaroo hopped by with a little joey in its pouch.",
+            "Pink flamingos stood on one leg by the pond.",
+            "A peacock spread its blue and green feathers like a fan.",
+            'A colorful parrot squawked "Hello!" at {Name} from its perch.',
+            "The big gorilla sat in the shade and ate a banana.",
+            "The crocodile lay very still in the mud with only its eyes showing.",
+            "A black and white panda munched on bamboo.",
+            "The zookeeper let {Name} feed {n} carrots to a zebra.",
+        ),
+        end=(
+            "{Name} waved goodbye to the animals and said {he} would come back soon.",
+            "That night, {Name} dreamed about lions, giraffes, and elephants.",
+            "{Name} decided to be a zookeeper one day.",
+            "{Name} said the zoo was the best place in the whole {town}.",
+        ),
+        slots={},
+    ),
+    "piano": _Grammar(
+        intro=(
+            "{Name} wanted to learn to play the piano just like {Adult}.",
+            "There was an old piano in {Name}'s {home}, and {Name} loved to press the keys.",
+            "{Name} went to {his} first piano lesson with a kind teacher.",
+            "{Name}'s school was having a big concert, and {Name} wanted to play in it.",
+            "{Name} found a box of musical instruments in the attic.",
+        ),
+        middle=(
+            "The piano had {n} black keys and lots of white keys.",
+            "{Name} pressed the keys softly at first, then loudly.",
+            "The teacher showed {Name} how to play {n} notes in a row.",
+            "{Name} did {his} piano practice every day after school.",
+            "At first {Name} played the wrong notes, but {he} kept practicing.",
+            "{Pal} banged on a drum, and {Name} laughed.",
+            "{Adult} strummed a guitar while {Name} played the piano.",
+            "An older kid played a sweet melody on the violin.",
+            "{Name} tried to blow a trumpet, but it only made a funny noise.",
+            "They made a little band with a piano, a guitar, and {n} drums.",
+            "On the day of the recital, {Name} walked onto the stage.",
+            "{Name}'s hands shook a little as {he} sat down at the piano.",
+            "The audience was very quiet when {Name} began to play.",
+            "{n} people in the audience clapped and cheered.",
+            "Every instrument in the band had its own special sound.",
+        ),
+        end=(
+            "When the concert ended, the audience clapped and {Name} took a bow.",
+            "{Name} learned that practice makes every melody sound better.",
+            "From then on, {Name} played the piano every day.",
+            "{Adult} said it was the most beautiful music in the world.",
+        ),
+        slots={},
+    ),
+    "doctor": _Grammar(
+        intro=(
+            "{Name} woke up with a sore throat and a runny nose.",
+            "{Name} felt sick, so {Adult} took {him} to see the doctor.",
+            "{Name} fell and hurt {his} arm, so {Adult} took {him} to the clinic.",
+            "It was time for {Name}'s checkup at the doctor's office.",
+            "{Name} wanted to be a doctor and help people feel better.",
+        ),
+        middle=(
+            "{Name} sneezed {n} times, and {Adult} gave {him} a tissue.",
+            "{Name} had a little cough and did not want to eat.",
+            "In the waiting room, {Name} read a book about germs.",
+            "A kind nurse said hello and measured how tall {Name} was.",
+            "The nurse put a thermometer in {Name}'s mouth to take {his} temperature.",
+            "The doctor listened to {Name}'s heartbeat with a cold stethoscope.",
+            '{Name} opened wide and said "ahh" so the doctor could look at {his} throat.',
+            "The doctor gently wrapped a {bcolor} bandage around {Name}'s arm.",
+            "{Name} had to get a shot, but it only hurt for a second.",
+            "{Name} was brave during the shot, and the nurse gave {him} a lollipop.",
+            "The doctor gave {Name} some medicine that tasted like cherries.",
+            "{Name} took {his} medicine {n} times a day.",
+            "{Name} coughed into {his} elbow to keep the germs away.",
+            "{Name} tried not to sneeze on {Pal}, because sneezes spread germs.",
+            "{Name} stayed in bed and ate warm soup until the fever went away.",
+        ),
+        end=(
+            "Soon {Name} was healthy again and ran outside to play.",
+            "{Name} learned that a doctor helps us feel better.",
+            "{Name} thanked the doctor and the nurse and waved goodbye.",
+            "{Name} was not afraid of going to the doctor anymore.",
+        ),
+        slots={"bcolor": ("white", "blue", "pink", "green", "yellow")},
+    ),
 }
 
 _ALT_RE = re.compile(r"\[([^\[\]]*)\]")
@@ -799,6 +1035,15 @@ _HINTS: dict[str, tuple[str, ...]] = {
     "friend": ("{He} wanted a new friend.", "{Name} liked to make new friends."),
     "cake": ("{He} loved to bake cakes.", "{Name} liked chocolate cake more than anything."),
     "boat": ("{He} loved boats and the sea.", "{Name} liked to watch the boats sail by."),
+    "snow": ("{He} loved to play in the snow.", "{Name} liked to go sledding in winter."),
+    "rocket": ("{He} loved rockets and outer space.", "{Name} dreamed of being an astronaut."),
+    "bike": ("{He} loved to ride {his} bike.", "{Name} wanted a bike with a basket."),
+    "zoo": ("{He} loved to visit the zoo.", "{Name} liked elephants and giraffes best."),
+    "piano": ("{He} loved to play the piano.", "{Name} liked every musical instrument."),
+    "doctor": (
+        "{He} wanted to be a doctor one day.",
+        "{Name} liked to play doctor with {his} toys.",
+    ),
 }
 
 
