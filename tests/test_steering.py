@@ -1,5 +1,6 @@
 """The topic steering experiment: helpers, and the quick pipeline against loose targets."""
 
+import dataclasses
 import json
 import math
 
@@ -14,6 +15,7 @@ from codelens.experiments.steering import (
     QUICK,
     continuation_texts,
     force_hooks,
+    generate_texts,
     on_topic_share,
     option_hooks,
     perplexity,
@@ -81,6 +83,20 @@ def test_perplexity_counts_only_the_new_tokens():
     half = perplexity(model, [(tokens, 5)])
     logprobs = model(tokens).log_softmax(-1)[:, 4:-1].gather(-1, tokens[:, 5:, None])
     assert half == pytest.approx(math.exp(-float(logprobs.mean())), rel=1e-4)
+
+
+def test_experiment_topics_must_be_corpus_topics():
+    with pytest.raises(ValueError, match=r"\['unicorn'\] are not corpus topics"):
+        dataclasses.replace(QUICK, topics=("dragon", "unicorn"))
+
+
+def test_generation_must_fit_the_models_context():
+    model = tiny_model()  # n_ctx 64; the prompt "12" is BOS + 2 tokens
+    (out,) = generate_texts(model, ("12",), samples=2, new_tokens=61, seed=0)
+    tokens, prompt_length = out
+    assert prompt_length == 3 and tokens.shape == (2, 64)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        generate_texts(model, ("12",), samples=2, new_tokens=62, seed=0)
 
 
 def test_regex_search_scores_codes_against_own_and_base_neurons():

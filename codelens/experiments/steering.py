@@ -78,7 +78,7 @@ class SteeringExperiment:
     search_len: int = 64  # tokens of each held-out story used for code search
     topics: tuple[str, ...] = TOPICS
     samples: int = 10  # per prompt
-    new_tokens: int = 60
+    new_tokens: int = 110  # the paper: 200; our stories fit a 128-token context
     candidates: int = 8  # topic codes per topic (one per head), the most heads forced at once
     sweep_samples: int = 5  # per sweep prompt
     min_topic_recall: float = 0.05  # a topic code must fire on this share of its topic's tokens
@@ -86,6 +86,11 @@ class SteeringExperiment:
     max_perplexity_ratio: float = 2.0  # fluency guard when picking a steering option
     seed: int = 0
     threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.topics if t not in TOPICS]
+        if unknown:
+            raise ValueError(f"topics {unknown} are not corpus topics; known: {list(TOPICS)}")
 
     def with_run_dir(self, run_dir: str) -> SteeringExperiment:
         return dataclasses.replace(self, run_dir=run_dir)
@@ -121,12 +126,12 @@ _CODEBOOK_TRAINING = {
 
 FULL = SteeringExperiment(
     run_dir="runs/steering",
-    n_stories=12000,
-    n_search=600,
+    n_stories=16000,  # 1000 per corpus topic
+    n_search=800,
     n_classifier=2000,
     vocab_size=2048,
     model=_neox(128, 3, 4, 128),
-    baseline={"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup_steps": 50},
+    baseline={"steps": 1500, "batch_size": 32, "lr": 3e-3, "warmup_steps": 50},
     codebook_stage={
         "codebook": {"n_codes": 1024, "mlp_n_codes": 4096, "k": 8, "sites": ["attn", "mlp"]},
         "steps": 300,
@@ -415,6 +420,11 @@ def generate_texts(
     out = []
     for i, prompt in enumerate(prompts):
         batch = _prompt_batch(model.tokenizer, prompt, samples)
+        if batch.shape[1] + new_tokens > model.cfg.n_ctx:
+            raise ValueError(
+                f"prompt {prompt!r} ({batch.shape[1]} tokens) + {new_tokens} new tokens exceeds "
+                f"the model's context of {model.cfg.n_ctx} tokens"
+            )
         torch.manual_seed(seed + i)
         active = hooks(batch.shape[1]) if callable(hooks) else hooks or []
         with intervene(model, *active):
@@ -627,7 +637,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     train_texts = [s.text for s in generate_stories(exp.n_stories, seed=exp.seed)]
     train_bpe_tokenizer(train_texts, exp.vocab_size, save_dir=run_dir / "tokenizer")
     tokenizer = load_tokenizer(run_dir / "tokenizer")
-    search_stories = generate_stories(exp.n_search, seed=exp.seed + 1, topics=exp.topics)
+    search_stories = generate_stories(exp.n_search, seed=exp.seed + 1)
     classifier = TopicClassifier.fit(generate_stories(exp.n_classifier, seed=exp.seed + 2))
     heldout = pack_to_tensor([s.text for s in search_stories], tokenizer, 128)
     t = lap("corpus and tokenizer s", started)
@@ -645,11 +655,15 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     kept = [s for s in search_stories if len(tokenizer.encode(s.text)) >= exp.search_len]
     regex = regex_search(model, tokens, token_strings(tokenizer, tokens), base)
     t = lap("regex search s", t)
-    topic_of_row = torch.tensor([exp.topics.index(s.topic) for s in kept])
-    stats = topic_stats(model, tokens, topic_of_row, len(exp.topics), skip=exp.topic_skip)
-    candidates = topic_codes(
+    # Codes of every corpus topic are scored, so that swaps also redirect the stories
+    # the model was about to tell on topics that are not steered.
+    topic_of_row = torch.tensor([TOPICS.index(s.topic) for s in kept])
+    stats = topic_stats(model, tokens, topic_of_row, len(TOPICS), skip=exp.topic_skip)
+    steered = [TOPICS.index(topic) for topic in exp.topics]
+    found = topic_codes(
         stats, top=exp.candidates, min_recall=exp.min_topic_recall, one_per_head=True
     )
+    candidates = [found[i] for i in steered]
     attention = [s for s in model.codebooks if s.endswith("attn.hook_z")]
     first_layer = [s for s in attention if s == attn_site(0)]
     swaps = [
@@ -657,7 +671,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
             "first-layer heads": topic_swaps(stats, t, sites=first_layer),
             "all heads": topic_swaps(stats, t, sites=attention),
         }
-        for t in range(len(exp.topics))
+        for t in steered
     ]
     t = lap("topic code search s", t)
     steering = steer_topics(model, base, classifier, candidates, swaps, exp)
