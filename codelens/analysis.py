@@ -37,6 +37,10 @@ Definitions:
   higher achieved recall, then lower neuron index, then sign +1 before -1. Codes of equal
   precision are ranked by recall, then lower code index. Precisions are exact ratios in
   float64, so equal fractions compare equal.
+- best code for a label (`best_codes_for_labels`, ``rank_by``): highest precision, or
+  highest f1. By precision the winner can be a code for a sliver of the feature (precision
+  1 at recall 0.05, where the best neuron is often as precise); f1 picks the code that
+  classifies the feature as a whole, and the neuron is then matched at its recall.
 
 Memory: `CodeFiring` holds int64 ``[N, slots]`` (slots = sum over sites of groups * k);
 statistics are accumulated over token chunks with ``scatter_add_``. `codes_for_classes` keeps
@@ -62,7 +66,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -349,27 +353,43 @@ def code_label_stats(firing: CodeFiring, labels: Bool[Tensor, " N"]) -> CodeStat
     )
 
 
-def _rank(precision: Tensor, recall: Tensor, eligible: Tensor, top: int) -> Tensor:
-    """Indices of eligible entries by precision, then recall, then index (stable sorts)."""
+def _rank(first: Tensor, second: Tensor, eligible: Tensor, top: int) -> Tensor:
+    """Indices of eligible entries by ``first``, then ``second``, then index (stable sorts)."""
     index = eligible.nonzero().squeeze(1)
-    index = index[torch.sort(recall[index], descending=True, stable=True).indices]
-    index = index[torch.sort(precision[index], descending=True, stable=True).indices]
+    index = index[torch.sort(second[index], descending=True, stable=True).indices]
+    index = index[torch.sort(first[index], descending=True, stable=True).indices]
     return index[:top]
 
 
+RankBy = Literal["precision", "f1"]
+
+
 def best_codes_for_labels(
-    firing: CodeFiring, labels: Bool[Tensor, " N"], *, min_count: int = 5, top: int = 10
+    firing: CodeFiring,
+    labels: Bool[Tensor, " N"],
+    *,
+    min_count: int = 5,
+    top: int = 10,
+    rank_by: RankBy = "precision",
 ) -> list[CodeMatch]:
-    """The ``top`` codes by precision (ties: recall, then index) for one label.
+    """The ``top`` codes for one label, by precision (ties: recall) or by f1 (ties:
+    precision), then index.
 
     Only codes firing on at least ``min_count`` tokens and at least one labelled token count,
-    so a code seen once does not win with precision 1.
+    so a code seen once does not win with precision 1. By precision, the best code may
+    cover a sliver of the label (precision 1 at recall 0.05, where a neuron is as precise);
+    f1 picks the code that classifies the label as a whole.
     """
     if min_count < 1 or top < 1:
         raise ValueError(f"min_count and top must be >= 1, got {min_count} and {top}")
+    if rank_by not in ("precision", "f1"):
+        raise ValueError(f"rank_by must be 'precision' or 'f1', got {rank_by!r}")
     stats = code_label_stats(firing, labels)
     eligible = (stats.count >= min_count) & (stats.hits > 0)
-    best = _rank(stats.precision, stats.recall, eligible, top)
+    if rank_by == "f1":
+        best = _rank(stats.f1, stats.precision, eligible, top)
+    else:
+        best = _rank(stats.precision, stats.recall, eligible, top)
     matches = []
     for index in best.tolist():
         site, group, code = firing.describe(index)
@@ -781,12 +801,15 @@ class SearchResult:
         *,
         min_count: int = 5,
         top: int = 10,
+        rank_by: RankBy = "precision",
         memory_budget_mb: float = 512.0,
     ) -> SearchResult:
         """The same search for other labels of the same (masked) tokens, without running
         the model again: ``labels`` is flat, one per token of ``firing``."""
         labels = _check_labels(labels, self.firing)
-        matches = best_codes_for_labels(self.firing, labels, min_count=min_count, top=top)
+        matches = best_codes_for_labels(
+            self.firing, labels, min_count=min_count, top=top, rank_by=rank_by
+        )
         neurons = None
         if self.neuron_acts is not None and matches:
             recalls = torch.tensor([m.recall for m in matches], dtype=torch.float64)
@@ -843,6 +866,7 @@ def search_codes(
     batch_size: int = 16,
     min_count: int = 5,
     top: int = 10,
+    rank_by: RankBy = "precision",
     token_mask: Bool[Tensor, "batch pos"] | None = None,
     memory_budget_mb: float = 512.0,
 ) -> SearchResult:
@@ -918,4 +942,6 @@ def search_codes(
         firing, labels = firing.select(mask), labels[mask]
         acts = None if acts is None else acts[mask]
     data = SearchResult([], None, tuple((n, widths[n]) for n in neuron_names), firing, labels, acts)
-    return data.for_labels(labels, min_count=min_count, top=top, memory_budget_mb=memory_budget_mb)
+    return data.for_labels(
+        labels, min_count=min_count, top=top, rank_by=rank_by, memory_budget_mb=memory_budget_mb
+    )

@@ -79,6 +79,23 @@ def test_best_codes_ranked_by_precision_then_recall():
     assert [(m.site, m.code) for m in frequent] == [("s0", 0), ("s1", 0)]
 
 
+def test_best_codes_ranked_by_f1_then_precision():
+    # Code 0 fires on one of five labelled tokens (precision 1, recall 1/5); code 1 on
+    # all five and one more (precision 5/6, recall 1). k=2 slots, one group.
+    ids = torch.full((10, 1, 2), -1)
+    ids[0, 0, 0] = 0
+    ids[:6, 0, 1] = 1
+    firing = code_firing({"s": ids}, 2)
+    labels = torch.arange(10) < 5
+    by_precision = best_codes_for_labels(firing, labels, min_count=1)
+    assert [m.code for m in by_precision] == [0, 1]
+    by_f1 = best_codes_for_labels(firing, labels, min_count=1, rank_by="f1")
+    assert [m.code for m in by_f1] == [1, 0]
+    assert [m.f1 for m in by_f1] == pytest.approx([10 / 11, 1 / 3])
+    with pytest.raises(ValueError, match="rank_by must be"):
+        best_codes_for_labels(firing, labels, rank_by="recall")
+
+
 def test_labels_may_have_the_token_shape():
     ids = {"a": S1.reshape(2, 3, 2, 1)}
     firing = code_firing(ids, 3)
@@ -395,6 +412,10 @@ def test_search_result_for_labels_equals_a_fresh_search(model):
     fresh = search_codes(model, tokens, tokens > 6, token_mask=mask, min_count=1, top=4)
     assert again.table() == fresh.table() and again.table() != first.table()
     assert torch.equal(again.labels, fresh.labels)
+    by_f1 = search_codes(model, tokens, tokens > 6, token_mask=mask, min_count=1, rank_by="f1")
+    assert by_f1.table() == first.for_labels((tokens > 6)[mask], min_count=1, rank_by="f1").table()
+    f1s = [row["f1"] for row in by_f1.table()]
+    assert f1s == sorted(f1s, reverse=True)
     with pytest.raises(ValueError, match="no positive"):
         first.for_labels(torch.zeros(first.firing.n_tokens, dtype=torch.bool))
 

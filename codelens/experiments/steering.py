@@ -5,7 +5,7 @@ Pipeline (every model is a `HookedCodebookTransformer`):
 1. a corpus of `generate_stories` and a BPE tokenizer trained on it;
 2. a small GPT-NeoX trained from scratch, then fine-tuned with attention + MLP
    codebooks (layer-wise k-means initialisation, then the whole model fine-tunes);
-3. regex code search: for each of `PATTERNS`, the best code as a classifier of the
+3. regex code search: for each of `PATTERNS`, the best code (highest f1) as a classifier of the
    regex's tokens against the best MLP neuron at the same recall, of the codebook model
    and of the base model;
 4. topic codes, found automatically: every code scored as a classifier of "this token is
@@ -220,6 +220,10 @@ def regex_search(
 ) -> list[dict[str, Any]]:
     """Per regex pattern: the best code and the best MLP neuron at the code's recall.
 
+    The best code is the one of highest f1: ranked by precision, the winner is often a
+    code for a sliver of the pattern (precision 1 at recall 0.05), where a neuron is as
+    precise, which says nothing about how well either finds the pattern.
+
     The neurons are the codebook model's own. Fine-tuning through codebooks can leave them
     less selective than those of the model it started from, so with ``base`` each row also
     gets ``base_neuron_precision``: the best neuron of ``base`` at the code's recall.
@@ -232,10 +236,10 @@ def regex_search(
         return []
     # One forward pass; every pattern is then searched on the same codes and neurons.
     first = next(iter(labelled.values()))
-    data = search_codes(model, tokens, first, token_mask=mask, batch_size=32, top=1)
+    data = search_codes(model, tokens, first, token_mask=mask, batch_size=32, top=1, rank_by="f1")
     rows = []
     for name, labels in labelled.items():
-        found = data.for_labels(labels[mask], top=1)
+        found = data.for_labels(labels[mask], top=1, rank_by="f1")
         row = {"pattern": name, "positives": int(labels.sum())}
         if found.matches:
             row |= found.table()[0]
@@ -723,7 +727,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Baseline {losses['baseline']:.4f}, with codebooks {losses['codebooks']:.4f} "
         f"(ratio {losses['ratio']:.3f}).",
         "",
-        "## Regex code search (best code vs best MLP neuron at the code's recall)",
+        "## Regex code search (best code by f1 vs best MLP neuron at the code's recall)",
         "",
         "Neuron: the codebook model's own MLP neurons (gain: code minus neuron). Base "
         "neuron: those of the model without codebooks, before fine-tuning.",
