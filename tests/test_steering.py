@@ -13,6 +13,7 @@ from codelens.data.stories import TOPICS, TopicClassifier, generate_stories
 from codelens.data.text import train_bpe_tokenizer
 from codelens.experiments.steering import (
     QUICK,
+    _past_broken,
     continuation_texts,
     force_hooks,
     generate_texts,
@@ -162,6 +163,16 @@ def test_steering_options_go_from_swaps_to_many_heads():
         assert heads == [1, 2, 4, 5]
     assert all(o["slots"] == "all" for o in steering_options(codes, {}, k=1))
     assert steering_options([], {}, k=8) == []
+
+
+def test_sweep_skips_more_forced_heads_once_fewer_broke_the_fluency_guard():
+    broke = {"codes": [1], "slots": "all", "positions": "every", "perplexity_ratio": 3.0}
+    more = {"codes": [1, 2], "slots": "all", "positions": "every"}
+    assert _past_broken(more, [broke], limit=2.0)
+    assert not _past_broken(more, [{**broke, "perplexity_ratio": 1.5}], limit=2.0)
+    assert not _past_broken({**more, "positions": "prompt"}, [broke], limit=2.0)
+    assert not _past_broken({**more, "codes": [1]}, [broke], limit=2.0)
+    assert not _past_broken({"swaps": [], "heads": "all", "force": True}, [broke], limit=2.0)
 
 
 def _topic_rows(n_rows, n_topics, length):

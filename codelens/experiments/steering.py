@@ -80,7 +80,7 @@ class SteeringExperiment:
     samples: int = 10  # per prompt
     new_tokens: int = 110  # the paper: 200; our stories fit a 128-token context
     candidates: int = 8  # topic codes per topic (one per head), the most heads forced at once
-    sweep_samples: int = 5  # per sweep prompt
+    sweep_samples: int = 8  # per sweep prompt
     min_topic_recall: float = 0.05  # a topic code must fire on this share of its topic's tokens
     topic_skip: int = 16  # tokens of each story left out of topic code search (before the topic)
     max_perplexity_ratio: float = 2.0  # fluency guard when picking a steering option
@@ -551,6 +551,18 @@ def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> Ca
     return hooks
 
 
+def _past_broken(option: dict[str, Any], swept: list[dict[str, Any]], limit: float) -> bool:
+    """True for an all-slot forcing option with more heads than a swept one at the same
+    positions whose perplexity ratio already exceeded ``limit``."""
+    return option.get("slots") == "all" and any(
+        o.get("slots") == "all"
+        and o["positions"] == option["positions"]
+        and len(o["codes"]) < len(option["codes"])
+        and o["perplexity_ratio"] > limit
+        for o in swept
+    )
+
+
 def steer_topics(
     model: HookedCodebookTransformer,
     base: HookedCodebookTransformer,
@@ -564,8 +576,9 @@ def steer_topics(
     ``candidates[t]`` and ``swaps[t]`` are topic t's codes and swaps (`steering_options`).
     The pick is the option with the most on-topic sweep generations among those whose
     perplexity (under the base model) is at most ``exp.max_perplexity_ratio`` times the
-    unsteered sweep's; ties go to the simpler, earlier option. Evaluation uses other
-    prompts and seeds than the sweep.
+    unsteered sweep's; ties go to the simpler, earlier option. Forcing every slot of more
+    heads at the same positions is skipped once fewer heads broke that limit (it only gets
+    less fluent). Evaluation uses other prompts and seeds than the sweep.
     """
     tok = model.tokenizer
     plain = generate_texts(model, EVAL_PROMPTS, exp.samples, exp.new_tokens, exp.seed + 100)
@@ -579,6 +592,8 @@ def steer_topics(
     for t, topic in enumerate(exp.topics):
         sweep = []
         for option in steering_options(candidates[t], swaps[t], model.codebook_config.k):
+            if _past_broken(option, sweep, exp.max_perplexity_ratio):
+                continue
             gen = generate_texts(
                 model,
                 SWEEP_PROMPTS,
