@@ -234,12 +234,14 @@ def regex_search(
     labelled = {name: labels for name, labels in labelled.items() if labels.any()}
     if not labelled:
         return []
-    # One forward pass; every pattern is then searched on the same codes and neurons.
-    first = next(iter(labelled.values()))
-    data = search_codes(model, tokens, first, token_mask=mask, batch_size=32, top=1, rank_by="f1")
+    # One forward pass, searched for the first pattern; the others reuse its codes and neurons.
+    first, *_ = labelled
+    data = search_codes(
+        model, tokens, labelled[first], token_mask=mask, batch_size=32, top=1, rank_by="f1"
+    )
     rows = []
     for name, labels in labelled.items():
-        found = data.for_labels(labels[mask], top=1, rank_by="f1")
+        found = data if name == first else data.for_labels(labels[mask], top=1, rank_by="f1")
         row = {"pattern": name, "positives": int(labels.sum())}
         if found.matches:
             row |= found.table()[0]
@@ -577,8 +579,9 @@ def steer_topics(
     The pick is the option with the most on-topic sweep generations among those whose
     perplexity (under the base model) is at most ``exp.max_perplexity_ratio`` times the
     unsteered sweep's; ties go to the simpler, earlier option. Forcing every slot of more
-    heads at the same positions is skipped once fewer heads broke that limit (it only gets
-    less fluent). Evaluation uses other prompts and seeds than the sweep.
+    heads at the same positions is skipped once fewer heads broke that limit (more forced
+    heads are taken to be less fluent). Evaluation uses other prompts and seeds than the
+    sweep.
     """
     tok = model.tokenizer
     plain = generate_texts(model, EVAL_PROMPTS, exp.samples, exp.new_tokens, exp.seed + 100)
