@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +16,14 @@ from transformer_lens.hook_points import HookPoint
 
 from codelens.config import Combine, Similarity
 
+if TYPE_CHECKING:
+    from codelens.code_index import CodeIndex
+
 EMPTY_SLOT = -1
 """A code id that contributes nothing: a hook may write it to empty a slot."""
+
+SCRATCH_MB = 64.0
+"""Largest CPU score chunk, in MiB; the buffer is kept and reused (see `_scores_scratch`)."""
 
 
 class CodebookLayer(HookedRootModule):
@@ -38,6 +46,9 @@ class CodebookLayer(HookedRootModule):
     ``commitment_loss`` (the same with the output detached) pulls activations toward
     their codes, so they cannot drift away while the straight-through gradient moves them.
     Both are computed only when autograd is recording (not under ``torch.no_grad``).
+
+    ``code_index``: an optional `codelens.code_index.CodeIndex` (FAISS) that `top_k`
+    searches instead of scoring every code, under ``torch.no_grad`` only.
     """
 
     def __init__(
@@ -71,8 +82,10 @@ class CodebookLayer(HookedRootModule):
         self.codes = nn.Parameter(torch.randn(n_groups, n_codes, d) / math.sqrt(d))
         self.register_buffer("disabled", torch.zeros(n_groups, n_codes, dtype=torch.bool))
         self.bypass = False
+        self.code_index: CodeIndex | None = None
         self.reconstruction_loss: Tensor | None = None
         self.commitment_loss: Tensor | None = None
+        self._any_disabled: tuple[Any, bool] = (None, False)
         self.hook_codes = HookPoint()
         self.hook_quantized = HookPoint()
         self.setup()
@@ -91,34 +104,61 @@ class CodebookLayer(HookedRootModule):
                 f"CodebookLayer expects [..., {self.n_groups}, {self.d}] activations, "
                 f"got shape {tuple(x.shape)}"
             )
-        ids = self.hook_codes(self.top_k(x))
-        if self.hook_codes.has_hooks(dir="fwd"):
+        chosen = self.top_k(x)
+        version = None if chosen.is_inference() else chosen._version
+        ids = self.hook_codes(chosen)
+        if not self.hook_codes.has_hooks(dir="fwd") or (
+            ids is chosen and version is not None and ids._version == version
+        ):
+            quantized = self._combine_chosen(chosen)  # our own ids: in range, none empty
+        else:
             self._check_ids(ids, x.shape[:-1])
-        quantized = self.hook_quantized(self.lookup(ids))
+            quantized = self.lookup(ids)
+        quantized = self.hook_quantized(quantized)
         if not torch.is_grad_enabled():  # inference: no losses, no straight-through term
             self.reconstruction_loss = self.commitment_loss = None
             return quantized
-        self.reconstruction_loss = F.mse_loss(quantized.float(), x.detach().float())
-        self.commitment_loss = F.mse_loss(x.float(), quantized.detach().float())
-        # Forward value is exactly `quantized`; the gradient also reaches `x` unchanged.
-        return quantized + (x - x.detach())
+        out, self.reconstruction_loss, self.commitment_loss = _StraightThrough.apply(x, quantized)
+        return out
 
-    @torch.no_grad()
     def top_k(self, x: Float[Tensor, "... G d"]) -> Int[Tensor, "... G k"]:
-        """Ids of the k best-scoring enabled codes of every group, chunked over tokens."""
-        lead = x.shape[:-2]
-        flat = rearrange(x, "... g d -> g (...) d")
-        if self.layer_norm:
-            flat = F.layer_norm(flat, (self.d,))
-        weight, bias, alpha = self._score_terms()
-        n_tokens = flat.shape[1]
-        chunk = self._chunk_size(flat.element_size(), flat.nbytes)
-        ids = torch.empty(self.n_groups, n_tokens, self.k, dtype=torch.long, device=x.device)
-        for start in range(0, n_tokens, chunk):
-            stop = min(start + chunk, n_tokens)
-            scores = torch.baddbmm(bias, flat[:, start:stop], weight, alpha=alpha)
-            ids[:, start:stop] = scores.topk(self.k, dim=-1, sorted=True).indices
-        return rearrange(ids, "g n k -> n g k").reshape(*lead, self.n_groups, self.k)
+        """Ids of the k best-scoring enabled codes of every group, chunked over tokens.
+
+        Never differentiable. Called under ``torch.no_grad`` with a `code_index`
+        attached, it searches the index instead.
+        """
+        search_index = self.code_index is not None and not torch.is_grad_enabled()
+        with torch.no_grad():
+            lead = x.shape[:-2]
+            if self.layer_norm:  # in the input's own layout: no transposed copy
+                x = F.layer_norm(x, (self.d,))
+            flat = rearrange(x, "... g d -> g (...) d")  # a view: bmm takes strided rows
+            n_tokens = flat.shape[1]
+            ids = torch.empty(n_tokens, self.n_groups, self.k, dtype=torch.long, device=x.device)
+            grouped = rearrange(ids, "n g k -> g n k")  # a view: chunks write in place
+            if search_index:
+                grouped.copy_(self.code_index.search(self, flat))
+                return ids.view(*lead, self.n_groups, self.k)
+            weight, bias, alpha = self._score_terms()
+            chunk = self._chunk_size(flat.element_size(), flat.nbytes)
+            if flat.device.type == "cpu":
+                per_token = self.n_groups * self.n_codes * flat.element_size()
+                chunk = min(chunk, int(SCRATCH_MB * 2**20) // per_token)
+            chunk = max(1, min(chunk, n_tokens))
+            scratch = _scores_scratch(self.n_groups * chunk * self.n_codes, flat)
+            for start in range(0, n_tokens, chunk):
+                stop = min(start + chunk, n_tokens)
+                scores = scratch[: self.n_groups * (stop - start) * self.n_codes]
+                scores = scores.view(self.n_groups, stop - start, self.n_codes)
+                if bias is None:
+                    torch.bmm(flat[:, start:stop], weight, out=scores)
+                else:
+                    torch.baddbmm(bias, flat[:, start:stop], weight, alpha=alpha, out=scores)
+                if self.k == 1:  # an argmax is one pass; top-k keeps a heap per row
+                    torch.argmax(scores, dim=-1, keepdim=True, out=grouped[:, start:stop])
+                else:
+                    grouped[:, start:stop] = scores.topk(self.k, dim=-1, sorted=True).indices
+            return ids.view(*lead, self.n_groups, self.k)
 
     def lookup(self, ids: Int[Tensor, "... G k"]) -> Float[Tensor, "... G d"]:
         """Combine the codes named by ``ids`` (``EMPTY_SLOT`` contributes zero)."""
@@ -129,6 +169,18 @@ class CodebookLayer(HookedRootModule):
             weights = weights / self.k
         table = rearrange(self.codes, "g c d -> (g c) d")
         combined = F.embedding_bag(bags, table, per_sample_weights=weights, mode="sum")
+        return combined.view(*ids.shape[:-1], self.d)
+
+    def _combine_chosen(self, ids: Int[Tensor, "... G k"]) -> Float[Tensor, "... G d"]:
+        """`lookup` for ids known to be in range with no empty slot (what `top_k` returns):
+        no weights, and for k=1 a plain row gather, whose backward is cheaper."""
+        offsets = torch.arange(self.n_groups, device=ids.device)[:, None] * self.n_codes
+        table = rearrange(self.codes, "g c d -> (g c) d")
+        rows = ids + offsets
+        if self.k == 1:
+            return F.embedding(rows.squeeze(-1), table)
+        bags = rearrange(rows, "... g k -> (... g) k")
+        combined = F.embedding_bag(bags, table, mode=self.combine)
         return combined.view(*ids.shape[:-1], self.d)
 
     def disable_codes(self, ids: Int[Tensor, " n"] | list[int], group: int | None = None) -> None:
@@ -154,19 +206,31 @@ class CodebookLayer(HookedRootModule):
             )
         self.disabled.copy_(mask)
 
-    def _score_terms(self) -> tuple[Tensor, Tensor, float]:
-        """``scores = bias + alpha * x @ weight`` for the chosen similarity, as one baddbmm."""
+    def _has_disabled(self) -> bool:
+        """Whether any code is disabled, read once per change of the mask (so an
+        accelerator syncs only when codes are disabled or enabled, not per forward)."""
+        key = (self.disabled._version, self.disabled.data_ptr())
+        if self._any_disabled[0] != key:
+            self._any_disabled = (key, bool(self.disabled.any()))
+        return self._any_disabled[1]
+
+    def _score_terms(self) -> tuple[Tensor, Tensor | None, float]:
+        """``scores = bias + alpha * x @ weight`` for the chosen similarity; ``bias`` is
+        None when it would be all zeros (then one bmm, no extra pass over the scores)."""
         codes = self.codes.detach()
-        mask = torch.zeros_like(self.disabled, dtype=codes.dtype).masked_fill(
-            self.disabled, -math.inf
-        )
+        mask = None
+        if self._has_disabled():
+            mask = torch.zeros_like(self.disabled, dtype=codes.dtype)
+            mask = mask.masked_fill(self.disabled, -math.inf)
         if self.similarity == "cosine":
             weight, bias, alpha = F.normalize(codes, dim=-1), mask, 1.0
         elif self.similarity == "dot":
             weight, bias, alpha = codes, mask, 1.0
         else:  # argmin |x - c|^2 == argmax 2 x.c - |c|^2
-            weight, bias, alpha = codes, mask - codes.pow(2).sum(-1), 2.0
-        return rearrange(weight, "g c d -> g d c"), bias[:, None, :], alpha
+            squares = codes.pow(2).sum(-1)
+            weight, bias, alpha = codes, -squares if mask is None else mask - squares, 2.0
+        bias = None if bias is None else bias[:, None, :]
+        return rearrange(weight, "g c d -> g d c"), bias, alpha
 
     def _chunk_size(self, element_size: int, activation_bytes: int = 0) -> int:
         """Tokens per top-k chunk so that the whole forward fits the memory budget.
@@ -182,19 +246,76 @@ class CodebookLayer(HookedRootModule):
     def _check_ids(self, ids: Tensor, expected: torch.Size) -> None:
         """Validate ids written by a user hook (not on the unhooked hot path).
 
-        The range check reads the ids, so it runs on CPU only: on an accelerator it
-        would sync every hooked forward (the `interventions` API checks its ids once,
-        when it is built).
+        The range check is an on-device assertion: it raises at once on CPU and
+        fails the device (a device-side assert) on an accelerator, without a
+        device-to-host sync per forward.
         """
         if ids.dtype != torch.long or ids.shape != (*expected, self.k):
             raise ValueError(
                 f"hook_codes must return int64 ids of shape {(*expected, self.k)}, "
                 f"got {ids.dtype} {tuple(ids.shape)}"
             )
-        if ids.device.type != "cpu" or not ids.numel():
-            return
-        if int(ids.min()) < EMPTY_SLOT or int(ids.max()) >= self.n_codes:
-            raise ValueError(
-                f"hook_codes returned ids outside [{EMPTY_SLOT}, {self.n_codes}): "
-                f"min {int(ids.min())}, max {int(ids.max())}"
-            )
+        in_range = ((ids >= EMPTY_SLOT) & (ids < self.n_codes)).all()
+        torch._assert_async(
+            in_range, f"hook_codes returned ids outside [{EMPTY_SLOT}, {self.n_codes})"
+        )
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Output the quantised value, with the straight-through gradient and both losses.
+
+    Forward: ``quantized`` itself, and its MSE to ``x`` twice (reconstruction and
+    commitment have the same value). Backward: the output's gradient reaches ``x``
+    and ``quantized`` unchanged; the reconstruction loss adds to ``quantized``'s
+    gradient and the commitment loss to ``x``'s. One difference in the forward (kept
+    for the backward) and one fused multiply-add per loss actually used, instead of an
+    autograd graph of separate subtractions, casts and MSEs.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, quantized: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        diff = quantized.float() - x.float()
+        flat = diff.flatten()
+        loss = flat.dot(flat) / flat.numel()
+        ctx.save_for_backward(diff)
+        ctx.dtypes = x.dtype, quantized.dtype
+        ctx.set_materialize_grads(False)
+        return quantized, loss, loss.clone()
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor | None, grad_recon: Tensor | None, grad_commit: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        (diff,) = ctx.saved_tensors
+        scale = 2.0 / diff.numel()
+
+        def grad(dtype: torch.dtype, loss_grad: Tensor | None, sign: float) -> Tensor | None:
+            if loss_grad is None:
+                return grad_out  # None when nothing reaches this input
+            if grad_out is None:
+                return (diff * (sign * scale * loss_grad)).to(dtype)
+            return torch.addcmul(grad_out.float(), diff, sign * scale * loss_grad).to(dtype)
+
+        x_dtype, q_dtype = ctx.dtypes
+        grad_x = grad(x_dtype, grad_commit, -1.0) if ctx.needs_input_grad[0] else None
+        grad_q = grad(q_dtype, grad_recon, 1.0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_q
+
+
+_scratch = threading.local()
+
+
+def _scores_scratch(numel: int, like: Tensor) -> Tensor:
+    """A flat buffer for one score chunk.
+
+    On CPU a fresh allocation this large comes as new pages from the OS, and faulting
+    them in costs about as much as the score product itself; so the buffer is kept
+    per thread and reused (CPU chunks are at most ``SCRATCH_MB``, see
+    `CodebookLayer.top_k`). Accelerators' caching allocators already reuse memory.
+    """
+    if like.device.type != "cpu":
+        return torch.empty(numel, dtype=like.dtype, device=like.device)
+    buffer = getattr(_scratch, "scores", None)
+    if buffer is None or buffer.dtype != like.dtype or buffer.numel() < numel:
+        buffer = _scratch.scores = torch.empty(numel, dtype=like.dtype)
+    return buffer[:numel]

@@ -3,8 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from codelens import EMPTY_SLOT, CodebookConfig, CodebookLayer
+from codelens import EMPTY_SLOT, CodebookConfig, CodebookLayer, codebook
 
 
 def brute_force_ids(layer: CodebookLayer, x: torch.Tensor) -> torch.Tensor:
@@ -27,9 +28,10 @@ def brute_force_ids(layer: CodebookLayer, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("similarity", ["cosine", "dot", "euclidean"])
 @pytest.mark.parametrize("layer_norm", [False, True])
-def test_top_k_matches_brute_force(similarity, layer_norm):
+@pytest.mark.parametrize("k", [1, 4])
+def test_top_k_matches_brute_force(similarity, layer_norm, k):
     torch.manual_seed(0)
-    layer = CodebookLayer(3, 8, 50, 4, similarity=similarity, layer_norm=layer_norm)
+    layer = CodebookLayer(3, 8, 50, k, similarity=similarity, layer_norm=layer_norm)
     x = torch.randn(40, 3, 8)
     assert torch.equal(layer.top_k(x), brute_force_ids(layer, x))
 
@@ -42,6 +44,17 @@ def test_chunked_top_k_equals_unchunked():
     x = torch.randn(5, 70, 4, 16)
     assert small._chunk_size(4) < 350  # really chunked
     assert torch.equal(small.top_k(x), big.top_k(x))
+
+
+def test_cpu_scratch_chunks_equal_one_chunk(monkeypatch):
+    """CPU score chunks are capped by the reused scratch buffer as well as the budget."""
+    torch.manual_seed(0)
+    layer = CodebookLayer(4, 16, 300, 1)
+    x = torch.randn(333, 4, 16)
+    whole = layer.top_k(x)
+    monkeypatch.setattr(codebook, "SCRATCH_MB", 4 * 300 * 4 * 10 / 2**20)  # 10 tokens
+    assert torch.equal(layer.top_k(x), whole)
+    assert torch.equal(layer.top_k(x[:7]), whole[:7])
 
 
 def test_output_is_combination_of_chosen_codes():
@@ -69,19 +82,57 @@ def test_hook_returning_ids_gives_exactly_those_codes():
 
 
 @pytest.mark.parametrize(
-    "bad, match",
+    "bad, error, match",
     [
-        (torch.full((4, 2, 2), 20), "outside"),
-        (torch.full((4, 2, 2), -2), "outside"),
-        (torch.zeros(4, 2, 3, dtype=torch.long), "shape"),
-        (torch.zeros(4, 2, 2, dtype=torch.int32), "int64"),
+        (torch.full((4, 2, 2), 20), RuntimeError, "outside"),
+        (torch.full((4, 2, 2), -2), RuntimeError, "outside"),
+        (torch.zeros(4, 2, 3, dtype=torch.long), ValueError, "shape"),
+        (torch.zeros(4, 2, 2, dtype=torch.int32), ValueError, "int64"),
     ],
 )
-def test_hook_returning_bad_ids_is_refused(bad, match):
+def test_hook_returning_bad_ids_is_refused(bad, error, match):
     layer = CodebookLayer(2, 6, 20, 2)
     layer.hook_codes.add_hook(lambda ids, hook: bad)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         layer(torch.randn(4, 2, 6))
+
+
+def test_hook_editing_ids_in_place_is_checked():
+    """A hook that writes into the chosen ids and returns None is validated too."""
+    layer = CodebookLayer(2, 6, 20, 1)
+
+    def overwrite(ids, hook):
+        ids[0, 0, 0] = 20  # one past the end: group 1's first code if unchecked
+
+    layer.hook_codes.add_hook(overwrite)
+    with pytest.raises(RuntimeError, match="outside"):
+        layer(torch.randn(4, 2, 6))
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_hooked_id_check_runs_on_device_without_host_sync(grad):
+    """Issue 19.5: the old check read ids back to the host, so it ran on CPU only and
+    an id >= n_codes on an accelerator silently read the next group's code. The check
+    must be an on-device assertion with no device-to-host read, whatever the device."""
+    layer = CodebookLayer(3, 6, 20, 2)
+    layer.hook_codes.add_hook(lambda ids, hook: ids.flip(-1))  # new, valid ids
+    x = torch.randn(4, 3, 6, requires_grad=grad)
+    layer(x)  # the first forward reads the disabled-codes mask once; later ones never
+    with torch.set_grad_enabled(grad), _RecordOps() as record:
+        layer(x)
+    assert "_assert_async" in record.ops
+    syncs = {"_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero"}
+    assert not syncs & set(record.ops), sorted(syncs & set(record.ops))
 
 
 def test_disabled_codes_are_never_chosen():
@@ -113,6 +164,65 @@ def test_straight_through_gradient_and_reconstruction_loss():
     layer(x.detach())
     layer.reconstruction_loss.backward()
     assert layer.codes.grad.abs().sum() > 0
+
+
+def reference_forward(layer, x, scale_quantized):
+    """The layer's training forward written out with plain autograd ops (test only)."""
+    ids = brute_force_ids(layer, x.detach())
+    chosen = torch.stack([layer.codes[g, ids[:, g]] for g in range(layer.n_groups)], dim=1)
+    quantized = chosen.sum(2) / (layer.k if layer.combine == "mean" else 1)
+    quantized = quantized * scale_quantized
+    recon = F.mse_loss(quantized, x.detach())
+    commitment = F.mse_loss(x, quantized.detach())
+    return quantized + (x - x.detach()), recon, commitment
+
+
+@pytest.mark.parametrize("k, combine", [(1, "sum"), (3, "sum"), (3, "mean")])
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.5, 2.0), (0.0, 1.0)])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_gradients_match_plain_autograd(k, combine, weights, hooked):
+    """Output, both losses and the gradients of input and codes equal a plain-autograd
+    straight-through forward, also with a hook editing the quantised output."""
+    torch.manual_seed(0)
+    layer = CodebookLayer(2, 5, 12, k, combine=combine, similarity="dot", layer_norm=True)
+    scale = 1.5 if hooked else 1.0
+    if hooked:
+        layer.hook_quantized.add_hook(lambda q, hook: q * scale)
+    x = torch.randn(9, 2, 5, requires_grad=True)
+    upstream = torch.randn(9, 2, 5)
+    grads, values = [], []
+    for forward in (layer, lambda x: reference_forward(layer, x, scale)):
+        out = forward(x)
+        out, recon, commitment = (
+            (out, layer.reconstruction_loss, layer.commitment_loss) if forward is layer else out
+        )
+        loss = (out * upstream).sum() + weights[0] * recon + weights[1] * commitment
+        loss.backward()
+        grads.append((x.grad.clone(), layer.codes.grad.clone()))
+        values.append((out.detach(), recon.detach(), commitment.detach()))
+        x.grad = layer.codes.grad = None
+    for ours, reference in zip(values[0] + grads[0], values[1] + grads[1], strict=True):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_losses_alone_backpropagate():
+    """Backward through a loss only (the output unused) reaches the codes."""
+    layer = CodebookLayer(2, 4, 10, 2)
+    x = torch.randn(6, 2, 4, requires_grad=True)
+    layer(x)
+    layer.commitment_loss.backward()
+    assert x.grad.abs().sum() > 0 and layer.codes.grad is None
+
+
+def test_inference_mode_forward_with_hooks():
+    """Ids made under inference mode have no version counter; a hook still works."""
+    layer = CodebookLayer(2, 4, 10, 2)
+    x = torch.randn(6, 2, 4)
+    expected = layer.lookup(torch.full((6, 2, 2), 3))
+    layer.hook_codes.add_hook(lambda ids, hook: torch.full_like(ids, 3))
+    with torch.inference_mode():
+        out = layer(x)
+    torch.testing.assert_close(out, expected)
 
 
 def test_bypass_is_identity():
