@@ -1,11 +1,22 @@
 """CodebookLayer speed and memory against the bare score product + top-k.
 
-The bare ``bmm + topk`` on the same shapes is the floor any codebook must pay; the
-ratio says what CodebookLayer adds (chunking, code lookup, the straight-through
-combination, the reconstruction loss). Peak memory of a large forward is measured
-in a fresh subprocess (CPU: peak RSS growth; CUDA: max allocated).
+The limit is what any top-k codebook must pay: the batched score product and top-k into
+preallocated buffers, on the same shapes. Two tables:
 
-    python benchmarks/codebook_layer.py [--device cuda] [--repeats 5]
+- training (the shapes of issue 18): ``CodebookLayer(similarity="dot", layer_norm=True)``
+  in training mode on an input that requires grad; forward, and forward + backward (a
+  downstream gradient on the output plus the reconstruction loss). Every round runs each
+  shape in a fresh process that times limit, forward and forward + backward interleaved;
+  the tables give medians over all rounds and repeats, and ratios of those medians.
+  The original codebook-features layer needs TransformerLens 1.7 and cannot be installed
+  next to codelens, so its column is issue 18's recorded ratio (orig / limit, measured
+  the same way on 2026-12-02), not a measurement of this run.
+- inference: the no-grad forward on two shapes, same interleaving, one process.
+
+Peak memory of a large forward is measured in a fresh subprocess (CPU: peak RSS growth;
+CUDA: max allocated).
+
+    python benchmarks/codebook_layer.py [--device cuda] [--threads 2] [--rounds 3] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -16,14 +27,32 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from einops import rearrange
 
 from codelens import CodebookLayer
 
-SHAPES = [
-    # name, groups (heads), d, codes, k, tokens
+ROOT = Path(__file__).resolve().parents[1]
+
+TRAINING_SHAPES = {
+    # name: groups, d, codes, k, tokens
+    "fsm_attn": (4, 32, 1_000, 1, 8_192),
+    "fsm_mlp": (1, 128, 1_000, 1, 8_192),
+    "fsm_attn10k": (4, 32, 10_000, 1, 8_192),
+    "lm_attn": (16, 64, 10_000, 8, 2_048),
+    "lm_mlp": (1, 1024, 10_000, 8, 2_048),
+}
+# issue 18, original codebook-features 0.1.2 layer: (forward / limit, forward+backward / limit)
+ORIGINAL_RATIOS = {
+    "fsm_attn": (111.7 / 60.8, 165.8 / 60.8),
+    "fsm_mlp": (38.8 / 23.1, 60.9 / 23.1),
+    "fsm_attn10k": (1964.4 / 698.3, 1861.7 / 698.3),
+    "lm_attn": (2356.6 / 1000.8, 2472.7 / 1000.8),
+    "lm_mlp": (381.6 / 260.4, 519.0 / 260.4),
+}
+INFERENCE_SHAPES = [
     ("TokFSM scale", 4, 32, 1_000, 1, 8_192),
     ("Pythia-410m scale", 16, 64, 10_000, 8, 2_048),
 ]
@@ -34,10 +63,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_times(fns: list, device: str, repeats: int) -> list[float]:
-    """Median time of each function, measured interleaved so they share the machine's state."""
+def _interleaved_times(fns: list, device: str, repeats: int) -> list[list[float]]:
+    """Seconds of each function per repeat, measured round robin so they share the
+    machine's state (one warm-up call each first)."""
     for fn in fns:
-        fn()  # warm-up
+        fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, bucket in zip(fns, times, strict=True):
@@ -46,37 +76,102 @@ def _median_times(fns: list, device: str, repeats: int) -> list[float]:
             fn()
             _sync(device)
             bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
+    return times
 
 
-def bench_shape(groups, d, n_codes, k, tokens, device, repeats) -> dict[str, float]:
+def _limit(x: torch.Tensor, layer: CodebookLayer):
+    """The bare batched product + top-k into preallocated buffers."""
+    weight = rearrange(layer.codes.detach(), "g c d -> g d c").contiguous()
+    grouped = rearrange(x.detach(), "n g d -> g n d").contiguous()
+    n = grouped.shape[1]
+    scores = torch.empty(layer.n_groups, n, layer.n_codes, device=x.device)
+    values = torch.empty(layer.n_groups, n, layer.k, device=x.device)
+    ids = torch.empty(layer.n_groups, n, layer.k, dtype=torch.long, device=x.device)
+
+    def limit() -> None:
+        torch.bmm(grouped, weight, out=scores)
+        torch.topk(scores, layer.k, dim=-1, out=(values, ids))
+
+    return limit
+
+
+def _training_child(name: str, device: str, threads: int, repeats: int) -> None:
+    """Runs in a fresh process: per-repeat ms of limit, forward, forward+backward."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    layer = CodebookLayer(groups, d, n_codes, k).to(device)
-    x = torch.randn(tokens, groups, d, device=device)
-    codes_t = rearrange(layer.codes.detach(), "g c d -> g d c").contiguous()
-    x_g = rearrange(x, "n g d -> g n d").contiguous()
+    groups, d, n_codes, k, tokens = TRAINING_SHAPES[name]
+    layer = CodebookLayer(groups, d, n_codes, k, similarity="dot", layer_norm=True)
+    layer = layer.to(device).train()
+    x = torch.randn(tokens, groups, d, device=device, requires_grad=True)
+    upstream = torch.randn(tokens, groups, d, device=device)
 
-    def bare():
-        return torch.bmm(x_g, codes_t).topk(k, dim=-1).indices
+    def forward() -> None:
+        layer(x)
 
-    def forward():
-        with torch.no_grad():
-            return layer(x)
+    def forward_backward() -> None:
+        out = layer(x)
+        torch.autograd.backward([out, layer.reconstruction_loss], [upstream, None])
+        x.grad = layer.codes.grad = None
 
-    x_grad = x.clone().requires_grad_(True)
+    times = _interleaved_times([_limit(x, layer), forward, forward_backward], device, repeats)
+    keys = ("limit", "forward", "forward_backward")
+    print(json.dumps({key: [1e3 * t for t in ts] for key, ts in zip(keys, times, strict=True)}))
 
-    def forward_backward():
-        out = layer(x_grad)
-        (out.square().mean() + layer.reconstruction_loss).backward()
 
-    t_bare, t_fwd, t_fb = _median_times([bare, forward, forward_backward], device, repeats)
-    return {
-        "bare_ms": 1e3 * t_bare,
-        "forward_ms": 1e3 * t_fwd,
-        "forward_backward_ms": 1e3 * t_fb,
-        "forward_ratio": t_fwd / t_bare,
-        "forward_backward_ratio": t_fb / t_bare,
+def _run_child(code: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def training_table(device: str, threads: int, rounds: int, repeats: int) -> None:
+    samples = {
+        name: {"limit": [], "forward": [], "forward_backward": []} for name in TRAINING_SHAPES
     }
+    for _ in range(rounds):
+        for name in TRAINING_SHAPES:
+            args = [name, device, threads, repeats]
+            code = f"import benchmarks.codebook_layer as b; b._training_child(*{args!r})"
+            for key, values in _run_child(code).items():
+                samples[name][key] += values
+    print(
+        f"\ntraining: similarity=dot, layer_norm=True, x.requires_grad; medians of {rounds} "
+        f"rounds x {repeats} repeats (ms); orig = issue 18's recorded ratios, not re-measured"
+    )
+    header = (
+        f"{'case':<12}{'limit':>9}{'fwd':>9}{'fwd+bwd':>9}{'fwd/lim':>9}{'fb/lim':>8}"
+        f"{'orig fwd/lim':>14}{'orig fb/lim':>13}{'fwd target':>12}{'fb target':>11}"
+    )
+    print(header)
+    for name, times in samples.items():
+        limit, fwd, fb = (statistics.median(times[k]) for k in times)
+        orig_fwd, orig_fb = ORIGINAL_RATIOS[name]
+        r_fwd, r_fb = fwd / limit, fb / limit
+        ok_fwd = "ok" if r_fwd <= 1.3 and r_fwd < orig_fwd else "MISSED"
+        ok_fb = "ok" if r_fb <= 1.6 and r_fb < orig_fb else "MISSED"
+        print(
+            f"{name:<12}{limit:>9.1f}{fwd:>9.1f}{fb:>9.1f}{r_fwd:>9.2f}{r_fb:>8.2f}"
+            f"{orig_fwd:>14.2f}{orig_fb:>13.2f}{ok_fwd:>12}{ok_fb:>11}"
+        )
+    print("targets: fwd/limit <= 1.3, fwd+bwd/limit <= 1.6, and below the original's ratio")
+
+
+def inference_table(device: str, repeats: int) -> None:
+    print(f"\ninference (no-grad forward, similarity=cosine), medians of {repeats} repeats")
+    print(f"{'shape':<20}{'limit ms':>10}{'fwd ms':>10}{'fwd/limit':>11}")
+    for name, groups, d, n_codes, k, tokens in INFERENCE_SHAPES:
+        torch.manual_seed(0)
+        layer = CodebookLayer(groups, d, n_codes, k).to(device)
+        x = torch.randn(tokens, groups, d, device=device)
+
+        def forward(layer=layer, x=x) -> None:
+            with torch.no_grad():
+                layer(x)
+
+        times = _interleaved_times([_limit(x, layer), forward], device, repeats)
+        limit, fwd = (statistics.median(t) for t in times)
+        print(f"{name:<20}{1e3 * limit:>10.1f}{1e3 * fwd:>10.1f}{fwd / limit:>11.2f}")
 
 
 def _rss_mb(field: str) -> float:
@@ -115,29 +210,10 @@ def peak_memory(
     device: str, tokens: int, groups: int, d: int, n_codes: int, budget_mb: float
 ) -> float:
     args = [device, tokens, groups, d, n_codes, budget_mb]
-    code = f"import benchmarks.codebook_layer as b; b._peak_child(*{args!r})"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    return _run_child(f"import benchmarks.codebook_layer as b; b._peak_child(*{args!r})")["peak_mb"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(
-        f"{'shape':<20}{'bare ms':>10}{'fwd ms':>10}{'fwd+bwd ms':>12}"
-        f"{'fwd/bare':>10}{'fb/bare':>9}"
-    )
-    for name, groups, d, n_codes, k, tokens in SHAPES:
-        r = bench_shape(groups, d, n_codes, k, tokens, args.device, args.repeats)
-        print(
-            f"{name:<20}{r['bare_ms']:>10.1f}{r['forward_ms']:>10.1f}{r['forward_backward_ms']:>12.1f}"
-            f"{r['forward_ratio']:>10.2f}{r['forward_backward_ratio']:>9.2f}"
-        )
+def memory_table(device: str) -> None:
     tokens, groups, d, n_codes = 16_384, 16, 64, 10_000
     full_scores_mb = tokens * groups * n_codes * 4 / 2**20
     print(
@@ -145,11 +221,31 @@ def main() -> None:
         f"(unchunked scores would take {full_scores_mb:,.0f} MiB)"
     )
     for budget in (1024.0, 256.0):
-        peak = peak_memory(args.device, tokens, groups, d, n_codes, budget)
+        peak = peak_memory(device, tokens, groups, d, n_codes, budget)
         verdict = "within" if peak <= budget else "OVER"
         print(
             f"  budget {budget:>6.0f} MiB: peak forward memory {peak:8.1f} MiB ({verdict} budget)"
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=("training", "inference", "memory"), default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"device={args.device} torch={torch.__version__} threads={args.threads}")
+    if args.only in (None, "training"):
+        training_table(args.device, args.threads, args.rounds, args.repeats)
+    if args.only in (None, "inference"):
+        inference_table(args.device, args.repeats)
+    if args.only in (None, "memory"):
+        memory_table(args.device)
 
 
 if __name__ == "__main__":
