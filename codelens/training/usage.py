@@ -51,9 +51,14 @@ class CodebookMonitor:
     def _count_hook(self, site: str):
         def count(ids: Int[Tensor, "... G k"], hook: Any) -> None:
             cb = self.model.codebook(site)
+            size = cb.n_groups * cb.n_codes
             flat = rearrange(ids, "... g k -> g (... k)")
-            flat = flat + torch.arange(cb.n_groups, device=ids.device)[:, None] * cb.n_codes
-            counts = torch.bincount(flat[flat >= 0].flatten(), minlength=cb.n_groups * cb.n_codes)
+            offsets = torch.arange(cb.n_groups, device=ids.device)[:, None] * cb.n_codes
+            bins = torch.where(
+                flat >= 0, flat + offsets, size
+            ).flatten()  # empty slots: one spare bin
+            counts = torch.zeros(size + 1, dtype=torch.long, device=ids.device)
+            counts = counts.index_add_(0, bins, torch.ones_like(bins))[:size]
             counts = counts.view(cb.n_groups, cb.n_codes)
             self.window_counts[site] += counts
             self.metric_counts[site] += counts
