@@ -57,7 +57,9 @@ class CheckpointError(ValueError):
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """Whether ``path`` is (or, its manifest lost, was) a codelens checkpoint directory."""
+    path = Path(path)
+    return any((path / name).exists() for name in (MANIFEST, CODEBOOK_FILE, HF_CONFIG_DIR))
 
 
 # ------------------------------------------------------------------------ saving
@@ -196,7 +198,10 @@ def verify(
         if rel not in present:
             raise CheckpointError(f"checkpoint file {file} is missing")
         if _sha256(file) != expected:
-            raise CheckpointError(f"checkpoint file {file} is corrupted or truncated (hash mismatch)")
+            raise CheckpointError(
+                f"checkpoint file {file} is corrupted or truncated: its sha256 is not the one "
+                f"in {manifest_file} (or that manifest belongs to another checkpoint)"
+            )
     return manifest
 
 

@@ -80,8 +80,12 @@ KNOWN_BASES: dict[str, str | dict[str, Any]] = {
 SITES = {"attn_preproj": "attn", "mlp": "mlp"}
 SIMILARITY = {"inner_product": "cosine", "euclidean": "euclidean"}
 ATTN_MODULES = ("attention", "attn.attention", "attn")
-_CODEBOOK_KEY = re.compile(r"^model\.(?P<layers>.+?)\.(?P<layer>\d+)\.(?P<module>.+?)\.codebook_layer\.(?P<rest>.+)$")
-_CODEBOOK_PART = re.compile(r"^(?:codebook\.(?P<group>\d+)\.)?(?P<part>codebook\.weight|ln\.weight|ln\.bias)$")
+_CODEBOOK_KEY = re.compile(
+    r"^model\.(?P<layers>.+?)\.(?P<layer>\d+)\.(?P<module>.+?)\.codebook_layer\.(?P<rest>.+)$"
+)
+_CODEBOOK_PART = re.compile(
+    r"^(?:codebook\.(?P<group>\d+)\.)?(?P<part>codebook\.weight|ln\.weight|ln\.bias)$"
+)
 # Causal-mask and rotary buffers that older transformers saved and newer ones rebuild.
 _LEGACY_BUFFER = re.compile(r"\.(attention|attn|attn\.attention)\.(bias|masked_bias)$|\.inv_freq$")
 
@@ -95,7 +99,7 @@ class Converted:
     tokenizer: Any
     codebook: CodebookConfig
     codebook_state: dict[str, Tensor]
-    """``{site}.codes`` / ``.disabled`` / ``.ln_weight`` / ``.ln_bias`` for `load_codebook_state`."""
+    """``{site}.codes`` / ``.disabled`` / ``.ln_weight`` / ``.ln_bias`` by codelens site."""
     weights_file: Path
 
 
@@ -152,7 +156,12 @@ def convert(
     raw = read_json(path / "config.json")
     base_config, base_source = _base_config(path, name, base_model)
     weights_file, state = _read_weights(path)
-    codebook = codebook_config(raw, base_config, source=path / "config.json")
+    try:
+        codebook = codebook_config(raw, base_config, source=path / "config.json")
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError) as err:  # a value of the wrong type
+        raise CheckpointError(f"{path / 'config.json'} is malformed: {err}") from err
     base, codebooks = _split(state, weights_file)
     hf_model = _load_base(base_config, base, weights_file)
     codebook_state = _codebook_state(codebooks, codebook, base_config, weights_file)
@@ -169,10 +178,10 @@ def codebook_config(raw: Any, base: PretrainedConfig, *, source: Path) -> Codebo
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source} is not a JSON object")
 
-    def field(key: str, default: Any = None) -> Any:
-        if key not in raw and default is None:
+    def field(key: str) -> Any:
+        if key not in raw:
             raise CheckpointError(f"{source} has no {key!r}")
-        return raw.get(key, default)
+        return raw[key]
 
     where = field("codebook_at")
     where = [where] if isinstance(where, str) else list(where)
@@ -262,18 +271,18 @@ def _base_config(
 
 
 def _tokenizer(path: Path, base_source: str | None) -> Any:
-    for source in (path, base_source):
+    """The directory's tokenizer, else the base model's (a hub id, or a directory with one)."""
+    for source in (str(path), base_source):
         if source is None:
             continue
-        if source == path and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        local = Path(source)
+        if local.exists() and not any((local / f).is_file() for f in TOKENIZER_FILES):
             continue
         try:
-            return AutoTokenizer.from_pretrained(str(source))
+            return AutoTokenizer.from_pretrained(source)
         except Exception as err:  # tokenizers raises bare Exceptions for bad files
             raise CheckpointError(f"the tokenizer in {source} cannot be loaded: {err}") from err
-    raise CheckpointError(
-        f"{path} has no tokenizer and its base model names none: pass tokenizer="
-    )
+    raise CheckpointError(f"{path} has no tokenizer and its base model names none: pass tokenizer=")
 
 
 # ------------------------------------------------------------------------ weights
