@@ -1,4 +1,4 @@
-"""The stack every report records, and the check that stops runs on a stack that generates wrongly."""
+"""The stack every report records, and the check that stops runs on a stack that generates wrong."""
 
 from importlib.metadata import version
 
