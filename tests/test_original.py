@@ -229,3 +229,94 @@ def test_missing_tokenizer_and_fresh_codebooks_are_refused(tmp_path):
         HookedCodebookTransformer.from_pretrained(
             FIXTURE, CodebookConfig(n_codes=4), tokenizer=fsm_tokenizer()
         )
+
+
+def _snap(x, codes, gain, bias, k):
+    """The original codebook forward, written out: own-affine LayerNorm, x_hat . c/|c|, mean."""
+    x_hat = torch.nn.functional.layer_norm(x, (x.shape[-1],), gain, bias, 1e-5)
+    ids = (x_hat @ codes.T / codes.norm(dim=-1)).topk(k, dim=-1).indices
+    return torch.nn.functional.embedding(ids, codes).mean(-2)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "gpt2"])
+def test_gpt_neo_and_gpt2_layouts_match_the_original_forward(arch, tmp_path):
+    """Other architectures' keys, against the original forward re-done with hooks on HF.
+
+    The reference quantises the input of the attention output projection per head and
+    the MLP output, on the plain HuggingFace model; codelens converts the same tensors.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt_neo":
+        config = AutoConfig.for_model(
+            "gpt_neo", vocab_size=13, hidden_size=32, num_layers=2, num_heads=4,
+            attention_types=[[["global", "local"], 1]], window_size=8,
+            max_position_embeddings=64, intermediate_size=64,
+        )  # fmt: skip
+        attn_key, proj = "attn.attention", "out_proj"
+    else:
+        config = AutoConfig.for_model("gpt2", vocab_size=13, n_embd=32, n_layer=2, n_head=4)
+        attn_key, proj = "attn", "c_proj"
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    heads, d, n_codes, k = 4, 8, 16, 2
+    state = {
+        f"model.{key.replace('.mlp.', '.mlp.module_layer.')}": v
+        for key, v in hf.state_dict().items()
+    }
+    books = {}
+    for layer in range(2):
+        prefix = f"model.transformer.h.{layer}"
+        state[f"{prefix}.{attn_key}.bias"] = torch.ones(
+            1, 1, 64, 64, dtype=torch.bool
+        )  # legacy mask
+        for h in range(heads):
+            books[layer, h] = (
+                torch.randn(n_codes, d),
+                1 + 0.3 * torch.randn(d),
+                0.3 * torch.randn(d),
+            )
+            key = f"{prefix}.{attn_key}.codebook_layer.codebook.{h}"
+            for part, tensor in zip(
+                ("codebook.weight", "ln.weight", "ln.bias"), books[layer, h], strict=True
+            ):
+                state[f"{key}.{part}"] = tensor
+        books[layer, "mlp"] = (
+            torch.randn(n_codes, 4 * d),
+            1 + 0.3 * torch.randn(4 * d),
+            0.3 * torch.randn(4 * d),
+        )
+        for part, tensor in zip(
+            ("codebook.weight", "ln.weight", "ln.bias"), books[layer, "mlp"], strict=True
+        ):
+            state[f"{prefix}.mlp.codebook_layer.{part}"] = tensor
+    out = tmp_path / arch
+    out.mkdir()
+    save_file({key: v.clone() for key, v in state.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(dict(
+        model_type="codebook", codebook_at=["attn_preproj", "mlp"],
+        codebook_type=["group", "vanilla"], num_codebooks=[-1, 1], k_codebook=k,
+        num_codes=n_codes, layers_to_snap=[0, 1], similarity_metric="inner_product",
+    )))  # fmt: skip
+    model = HookedCodebookTransformer.from_pretrained(
+        out, tokenizer=fsm_tokenizer(), base_model=config
+    )
+
+    for layer, block in enumerate(hf.transformer.h):
+        attn = block.attn.attention if arch == "gpt_neo" else block.attn
+
+        def per_head(module, args, layer=layer):
+            x = args[0]
+            parts = [_snap(x[..., h * d : (h + 1) * d], *books[layer, h], k) for h in range(heads)]
+            return (torch.cat(parts, -1), *args[1:])
+
+        getattr(attn, proj).register_forward_pre_hook(per_head)
+        block.mlp.register_forward_hook(
+            lambda m, a, o, layer=layer: _snap(o, *books[layer, "mlp"], k)
+        )
+    ids = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert (logits(model, ids) - want).abs().max() < 1e-4
+    with model.codebooks_bypassed():
+        assert (logits(model, ids) - want).abs().max() > 1e-2
