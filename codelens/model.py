@@ -74,9 +74,14 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         if not (codebook is None or codebook == AUTO or isinstance(codebook, CodebookConfig)):
             raise ValueError(f"codebook must be 'auto', None or a CodebookConfig, got {codebook!r}")
         path = Path(name_or_dir)
+        source = None if checkpoint.is_checkpoint(path) else original.locate(name_or_dir)
+        if base_model is not None and source is None:
+            raise ValueError(
+                f"base_model= is for models in the paper authors' format; {name_or_dir} is not one"
+            )
         if checkpoint.is_checkpoint(path):
             model = cls._from_checkpoint(path, codebook, tokenizer)
-        elif (source := original.locate(name_or_dir)) is not None:
+        elif source is not None:
             model = cls._from_original(source, str(name_or_dir), codebook, tokenizer, base_model)
         else:
             if path.exists() and not (path / "config.json").is_file():

@@ -284,6 +284,11 @@ def test_dtype_and_tokenizer_are_honoured(saved, tokens):
     assert HookedCodebookTransformer.from_pretrained(saved, tokenizer=mine).tokenizer is mine
 
 
+def test_base_model_is_only_for_the_authors_format(saved):
+    with pytest.raises(ValueError, match="base_model= is for models in the paper authors"):
+        HookedCodebookTransformer.from_pretrained(saved, base_model="EleutherAI/pythia-70m")
+
+
 @pytest.mark.parametrize("codebook", ["Auto", "AUTO", "yes", 1])
 def test_codebook_argument_is_checked(saved, codebook):
     """'Auto' used to load no codebooks without a word (issue 19.6)."""
