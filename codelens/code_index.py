@@ -55,7 +55,8 @@ class CodeIndex:
     Args:
         kind: ``"flat"`` (exact), ``"hnsw"`` or ``"ivf"`` (approximate).
         hnsw_m: graph degree of HNSW (more: better recall, bigger, slower to build).
-        ef_construction, ef_search: HNSW candidate-list sizes when building / searching.
+        ef_construction: HNSW candidate-list size when building.
+        ef_search: HNSW candidate-list size when searching.
         nlist: IVF lists; ``None`` picks about ``4 * sqrt(n_codes)``.
         nprobe: IVF lists searched per query.
 

@@ -170,7 +170,7 @@ class CodebookLayer(HookedRootModule):
                 else:
                     torch.baddbmm(bias, flat[:, start:stop], weight, alpha=alpha, out=scores)
                 if self.k == 1:  # an argmax is one pass; top-k keeps a heap per row
-                    torch.argmax(scores, dim=-1, keepdim=True, out=grouped[:, start:stop])
+                    grouped[:, start:stop] = scores.argmax(-1, keepdim=True)
                 else:
                     grouped[:, start:stop] = scores.topk(self.k, dim=-1, sorted=True).indices
             return ids.view(*lead, self.n_groups, self.k)
