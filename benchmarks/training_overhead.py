@@ -1,10 +1,13 @@
-"""Training step time with and without codebooks, same model and data, interleaved.
+"""Training step time with and without codebooks, same model and data, step by step.
 
 Runs the real training loop (`codelens.training.trainer.train`) on TokFSM data for the
-same model, plain and with attention + MLP codebooks (k=1, C=1000, all weights trained),
-alternating the two for ``--rounds`` rounds; each run's first 10 steps are warm-up. Prints
-steps/s per run, the overhead ratio per round (time per step, with / without) and its
-median, plus the codebook usage metrics logged at the end of the last codebook run.
+same model, plain and with attention + MLP codebooks (k=1, C=1000, all weights trained).
+The two runs live in two threads that take turns, one step each, so every step of one
+run is timed next to a step of the other and both see the same machine (on a shared,
+busy CPU, runs timed one after the other can differ by 2x). The first 10 steps of each
+run are warm-up. Prints each round's median step time, the overhead ratio (time per
+step, with / without) per round and its median, and the codebook usage metrics logged at
+the end of the last codebook run.
 
 ``--profile`` instead profiles a few steps of each run with torch.profiler and prints,
 per op, the CPU time per step the codebook run spends beyond the plain one: where the
@@ -19,6 +22,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,18 +57,64 @@ def _config(codebook: dict | None, steps: int, run_dir: Path) -> TrainConfig:
     )
 
 
-def run(codebook: dict | None, steps: int, run_dir: Path) -> tuple[float, dict]:
-    """Steps per second after warm-up, and the last logged metrics."""
-    times: list[float] = []
-    train(
-        _config(codebook, steps, run_dir),
-        progress=False,
-        on_step=lambda step, m: times.append(time.perf_counter()),
-    )
-    warm = times[WARMUP_STEPS:]
-    steps_per_s = (len(warm) - 1) / (warm[-1] - warm[0])
-    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
-    return steps_per_s, last
+class _Turns:
+    """Two training loops in two threads taking turns, one step each."""
+
+    def __init__(self, names: tuple[str, str]) -> None:
+        self.names, self.turn, self.finished = names, names[0], set()
+        self.cond = threading.Condition()
+
+    def _other(self, name: str) -> str:
+        return self.names[1] if name == self.names[0] else self.names[0]
+
+    def handover(self, name: str) -> None:
+        """Give the turn to the other loop and wait for it to come back (or finish)."""
+        with self.cond:
+            self.turn = self._other(name)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.turn == name or self._other(name) in self.finished)
+
+    def finish(self, name: str) -> None:
+        with self.cond:
+            self.finished.add(name)
+            self.turn = self._other(name)
+            self.cond.notify_all()
+
+
+def run_pair(steps: int, tmp: Path) -> tuple[dict[str, float], dict]:
+    """Median seconds per step of the plain and the codebook run, taking turns."""
+    turns = _Turns(("plain", "codebooks"))
+    step_times: dict[str, list[float]] = {"plain": [], "codebooks": []}
+    errors: list[BaseException] = []
+
+    def loop(name: str, codebook: dict | None) -> None:
+        started = [time.perf_counter()]
+
+        def on_step(step: int, metrics: dict) -> None:
+            step_times[name].append(time.perf_counter() - started[0])
+            turns.handover(name)
+            started[0] = time.perf_counter()
+
+        try:
+            train(_config(codebook, steps, tmp / name), progress=False, on_step=on_step)
+        except BaseException as error:  # surfaced after both threads end
+            errors.append(error)
+        finally:
+            turns.finish(name)
+
+    threads = [
+        threading.Thread(target=loop, args=("plain", None)),
+        threading.Thread(target=loop, args=("codebooks", CODEBOOK)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    medians = {name: statistics.median(t[WARMUP_STEPS:]) for name, t in step_times.items()}
+    lines = (tmp / "codebooks" / "metrics.jsonl").read_text().splitlines()
+    return medians, json.loads(lines[-1])
 
 
 def profiled(codebook: dict | None, run_dir: Path, active: int) -> dict[str, float]:
@@ -114,12 +164,12 @@ def main() -> None:
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            plain, _ = run(None, args.steps, Path(tmp) / f"plain{round_}")
-            coded, metrics = run(CODEBOOK, args.steps, Path(tmp) / f"codebooks{round_}")
-            ratios.append(plain / coded)
+            medians, metrics = run_pair(args.steps, Path(tmp) / str(round_))
+            plain, coded = medians["plain"], medians["codebooks"]
+            ratios.append(coded / plain)
             print(
-                f"round {round_}: without {plain:.2f} steps/s, with {coded:.2f} steps/s, "
-                f"ratio {plain / coded:.2f}"
+                f"round {round_}: step without {1e3 * plain:.0f} ms, with {1e3 * coded:.0f} ms, "
+                f"ratio {coded / plain:.2f}"
             )
     ratio = statistics.median(ratios)
     verdict = "met" if ratio <= 1.5 else "MISSED"
