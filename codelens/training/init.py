@@ -23,17 +23,22 @@ def kmeans(
     """Batched Lloyd k-means, all groups at once (Euclidean).
 
     Starts from random samples (or k-means++ seeding). Fewer samples than clusters
-    are allowed: the extra centroids are noisy copies of samples. Empty clusters
-    are re-seeded from random samples.
+    are allowed: the extra centroids are noisy copies of samples. An empty cluster
+    moves to the sample worst served by the current centroids (the j-th empty cluster
+    of a group to its j-th farthest sample), so each iteration refills from new samples.
     """
     groups, n, d = x.shape
     if n == 0:
         raise ValueError("k-means needs at least one sample")
     gen = generator
-    pick = torch.randint(n, (groups, n_clusters), generator=gen, device="cpu").to(x.device)
     if plus_plus:
         centroids = _plus_plus(x, n_clusters, gen)
     else:
+        if n >= n_clusters:  # distinct samples
+            pick = torch.rand((groups, n), generator=gen).argsort(-1)[:, :n_clusters]
+        else:
+            pick = torch.randint(n, (groups, n_clusters), generator=gen)
+        pick = pick.to(x.device)
         centroids = torch.gather(x, 1, pick[..., None].expand(-1, -1, d)).clone()
     if n < n_clusters:
         scale = x.std() * 0.01
@@ -41,8 +46,7 @@ def kmeans(
         centroids += scale * noise
         return centroids
     for _ in range(iters):
-        dist = torch.cdist(x, centroids)  # [G, N, C]
-        assign = dist.argmin(-1)
+        nearest, assign = torch.cdist(x, centroids).min(-1)  # [G, N]
         sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, d), x)
         sizes = torch.zeros(groups, n_clusters, device=x.device).scatter_add_(
             1, assign, torch.ones_like(assign, dtype=x.dtype)
@@ -50,9 +54,16 @@ def kmeans(
         empty = sizes == 0
         centroids = torch.where(empty[..., None], centroids, sums / sizes.clamp(min=1)[..., None])
         if empty.any():
-            refill = torch.gather(x, 1, pick[..., None].expand(-1, -1, d))
-            centroids = torch.where(empty[..., None], refill, centroids)
+            centroids = torch.where(empty[..., None], _farthest(x, nearest, empty), centroids)
     return centroids
+
+
+def _farthest(x: Tensor, nearest: Tensor, empty: Tensor) -> Tensor:
+    """``[G, C, d]``: for the j-th empty cluster of each group, the j-th farthest sample."""
+    worst = nearest.argsort(-1, descending=True)  # [G, N], farthest first
+    rank = (empty.cumsum(-1) - 1).clamp(min=0, max=x.shape[1] - 1)  # [G, C]
+    rows = torch.gather(worst, 1, rank)
+    return torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def _plus_plus(x: Tensor, n_clusters: int, gen: torch.Generator | None) -> Tensor:
