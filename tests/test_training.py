@@ -392,17 +392,23 @@ def test_sequences_longer_than_the_context_are_an_error(tmp_path):
         train(text, model=model, progress=False)
 
 
-def test_resuming_with_a_changed_config_names_the_keys_and_keeps_the_saved_one(tmp_path):
+def test_resuming_applies_and_records_changed_settings_and_refuses_fixed_ones(tmp_path):
     first = config(tmp_path / "run", steps=6, checkpoint_every=3)
     train(first, progress=False)
+    at_6 = final_weights(tmp_path / "run")
     saved = (tmp_path / "run" / "config.json").read_text()
-    changed = dataclasses.replace(first, lr=1e-3, steps=8)
-    with pytest.raises(ValueError, match=r"steps: 6 -> 8; lr: 0.003 -> 0.001\. A resumed run"):
-        train(changed, progress=False)
+    other_data = dataclasses.replace(first, batch_size=8, data={"fsm": dict(FSM, seed=4)})
+    with pytest.raises(ValueError, match=r"cannot change: data: .*; batch_size: 16 -> 8\. Resume"):
+        train(other_data, progress=False)
     assert (tmp_path / "run" / "config.json").read_text() == saved
-    # What a run reports may change; the new settings are recorded.
-    train(dataclasses.replace(first, log_every=2, eval_every=3), progress=False)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["log_every"] == 2
+    # Two more steps at a vanishing learning rate: the new lr applies, not the saved 3e-3.
+    longer = dataclasses.replace(first, steps=8, lr=1e-12)
+    train(longer, progress=False)
+    for name, value in final_weights(tmp_path / "run").items():
+        torch.testing.assert_close(value, at_6[name], atol=1e-7, rtol=0, msg=name)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-12
+    (record,) = [json.loads(x) for x in (tmp_path / "run" / "config_changes.jsonl").open()]
+    assert record == {"step": 6, "changes": {"steps": [6, 8], "lr": [0.003, 1e-12]}}
 
 
 def test_bf16_off_cuda_is_an_error_not_a_quiet_fp32_run(tmp_path):

@@ -180,53 +180,66 @@ def _init_batches(
     return batches
 
 
-# Settings a resumed run may change: where it lives and what it reports, none of which
-# changes what it trains.
-_FREE_ON_RESUME = frozenset(
-    {
-        "run_dir",
-        "device",
-        "log_every",
-        "eval_every",
-        "eval_batches",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "wandb",
-        "tensorboard",
-    }
+# Keys a resumed run cannot change: they say what is trained, on which data, in which
+# order; the saved weights, optimiser layout and data position belong to them.
+_FIXED_ON_RESUME = (
+    "model",
+    "model_config",
+    "tokenizer",
+    "codebook",
+    "data",
+    "seed",
+    "batch_size",
+    "train",
 )
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
 
 
-def _check_resume(newest: Path, config: TrainConfig) -> None:
-    """Refuse to resume a checkpoint under a config that changes the run, naming the keys.
+def _resume_changes(newest: Path, config: TrainConfig) -> dict[str, list[Any]]:
+    """``{key: [old, new]}`` for settings that differ from the checkpoint's config.
 
-    The checkpoint restores the optimiser (learning rates, weight decay) and the step of
-    the schedule, so a changed ``lr``, ``steps``, data or model would be ignored or mixed
-    with the old run without a word, and the saved config would no longer describe it.
+    Raises, naming the keys, when one of them is fixed for the run; every other change
+    (learning rates, schedule, ``steps``, logging, ...) is applied by the resumed run.
     """
     saved = train_state.saved_config(newest)
-    if saved is None:
+    if saved is None:  # a checkpoint from before configs were stored with it
         old_file = Path(config.run_dir) / "config.json"
         if not old_file.is_file():
-            return
+            return {}
         saved = json.loads(old_file.read_text())
     fields = dataclasses.fields(TrainConfig)
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    new = json.loads(json.dumps(config.to_dict()))
     old = json.loads(json.dumps(saved))
-    changed = [
-        f"{key}: {json.dumps(old.get(key, defaults.get(key)))} -> {json.dumps(value)}"
+    new = json.loads(json.dumps(config.to_dict()))
+    changes = {
+        key: [old.get(key, defaults.get(key)), value]
         for key, value in new.items()
-        if key not in _FREE_ON_RESUME and old.get(key, defaults.get(key)) != value
+        if key != "run_dir" and old.get(key, defaults.get(key)) != value
+    }
+    fixed = [
+        f"{k}: {json.dumps(changes[k][0])} -> {json.dumps(changes[k][1])}"
+        for k in _FIXED_ON_RESUME
+        if k in changes
     ]
-    if changed:
+    if fixed:
         raise ValueError(
-            f"{config.run_dir} holds a checkpoint ({newest.name}) of a run started with a "
-            f"different config: {'; '.join(changed)}. A resumed run keeps the saved optimiser "
-            "and schedule, so these changes would not apply as written. Resume with the saved "
-            f"config, or start a new run_dir with model={newest / 'model'} to go on from its "
-            "weights under the new settings."
+            f"{config.run_dir} holds a checkpoint ({newest.name}) of a run with other "
+            f"settings that a resumed run cannot change: {'; '.join(fixed)}. Resume with "
+            f"the saved values, or start a new run_dir with model={newest / 'model'} to go on "
+            "from its weights."
         )
+    return changes
+
+
+_GROUP_SETTINGS = ("lr", "base_lr", "weight_decay")
+
+
+def _record_changes(run_dir: Path, step: int, changes: dict[str, list[Any]]) -> None:
+    """Say which settings a resumed run changed, and log them next to config.json."""
+    with open(run_dir / CONFIG_CHANGES_FILE, "a") as f:
+        f.write(json.dumps({"step": step, "changes": changes}) + "\n")
+    listed = "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items())
+    tqdm.write(f"resuming at step {step} with changed settings: {listed}")
 
 
 def _freeze_unused(model: HookedCodebookTransformer, tokens: Tensor) -> None:
@@ -401,8 +414,7 @@ def train(
         raise ValueError(bf16_error(device))
     run_dir = Path(config.run_dir)
     found = train_state.checkpoint_dirs(run_dir)
-    if found:
-        _check_resume(found[-1], config)
+    changes = _resume_changes(found[-1], config) if found else {}
     ranks = _setup_distributed(device, config.batch_size)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -434,8 +446,13 @@ def train(
     monitor = CodebookMonitor(model)
     start = 0
     if found:
+        settings = [{k: g[k] for k in _GROUP_SETTINGS} for g in optimizer.param_groups]
         start, extra = train_state.load_state(found[-1], model, optimizer)
+        for group, own in zip(optimizer.param_groups, settings, strict=True):
+            group.update(own)  # this config's learning rates and decay, not the checkpoint's
         monitor.load_state({k: v.to(device) for k, v in extra.items()})
+        if changes and ranks.main:
+            _record_changes(run_dir, start, changes)
     elif model.codebooks and not (config.model and not config.codebook):
         # initialise new codebooks from training data; never overwrite those a saved model brought
         init_codebooks(
