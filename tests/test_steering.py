@@ -110,10 +110,18 @@ def test_regex_search_scores_codes_against_own_and_base_neurons():
     assert [r["pattern"] for r in rows] == ["month"]  # no other pattern has a match
     (month,) = rows
     assert month["positives"] == int((tokens[:, 1:] == 3).sum())
-    # With itself as the base, the base neurons are the model's own neurons.
-    assert month["base_neuron_precision"] == pytest.approx(month["neuron_precision"])
-    other = regex_search(model, tokens, strings, base=tiny_model(seed=1))
-    assert 0 <= other[0]["base_neuron_precision"] <= 1
+    base = tiny_model(seed=1)
+
+    def silent(post, hook):  # every base neuron is 0 everywhere: no better than chance
+        return torch.zeros_like(post)
+
+    hooks = [(f"blocks.{layer}.mlp.hook_post", silent) for layer in range(base.cfg.n_layers)]
+    with base.hooks(fwd_hooks=hooks):
+        other = regex_search(model, tokens, strings, base=base)
+    chance = month["positives"] / tokens[:, 1:].numel()
+    assert other[0]["base_neuron_precision"] == pytest.approx(chance)
+    assert month["neuron_precision"] > 2 * chance  # its own neurons, not the base's
+    assert other[0]["neuron_precision"] == month["neuron_precision"]
     assert "base_neuron_precision" not in regex_search(model, tokens, strings)[0]
 
 
