@@ -107,6 +107,7 @@ def load_state(
 
 def saved_config(path: Path) -> dict[str, Any] | None:
     """The training config a checkpoint was written under (None if it predates recording it)."""
+    checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
     path = Path(path) / "trainer.json"
     try:
         return json.loads(path.read_text()).get("config")
