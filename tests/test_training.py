@@ -301,14 +301,14 @@ def test_trains_on_a_local_text_corpus(tmp_path, streaming):
 
 
 def test_kmeans_refills_empty_clusters_with_new_samples():
-    # 95 copies of one point and five lone points: seeds drawn from the copies leave
-    # clusters empty; each must move to a sample no centroid covers yet.
-    lone = torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, 0.0], [0.0, -10.0], [10.0, 10.0]])
-    x = torch.cat([torch.zeros(95, 2), lone])[None]
-    for seed in range(3):
-        found = kmeans(x, 6, generator=torch.Generator().manual_seed(seed))[0]
-        truth = torch.cat([torch.zeros(1, 2), lone])
-        assert torch.cdist(truth, found).min(1).values.max() < 1e-6, (seed, found)
+    # Three points repeated 60, 20 and 20 times; B and C are close. Two seeds on copies of
+    # A leave a cluster empty while another sits exactly on A, so re-seeding it with its
+    # old sample keeps it empty for good: only a new sample can move it to B or C.
+    a, b, c = torch.tensor([0.0, 0.0]), torch.tensor([10.0, 0.0]), torch.tensor([12.0, 0.0])
+    x = torch.stack([a] * 60 + [b] * 20 + [c] * 20)[None]
+    for seed in range(8):
+        found = kmeans(x, 3, generator=torch.Generator().manual_seed(seed))[0]
+        assert torch.cdist(torch.stack([a, b, c]), found).min(1).values.max() == 0, (seed, found)
 
 
 def _varied_corpus(path: Path, n_docs: int = 300) -> Path:

@@ -23,9 +23,11 @@ def kmeans(
     """Batched Lloyd k-means, all groups at once (Euclidean).
 
     Starts from random samples (or k-means++ seeding). Fewer samples than clusters
-    are allowed: the extra centroids are noisy copies of samples. An empty cluster
-    moves to the sample worst served by the current centroids (the j-th empty cluster
-    of a group to its j-th farthest sample), so each iteration refills from new samples.
+    are allowed: the extra centroids are noisy copies of samples. Empty clusters are
+    re-seeded from samples drawn afresh at every iteration, so one that lands on a spot
+    another centroid already holds gets a new sample next time. (Re-seeding at the
+    samples farthest from their centroids instead, as scikit-learn does, fitted outliers
+    and initialised a codebook model to a worse loss.)
     """
     groups, n, d = x.shape
     if n == 0:
@@ -46,7 +48,7 @@ def kmeans(
         centroids += scale * noise
         return centroids
     for _ in range(iters):
-        nearest, assign = torch.cdist(x, centroids).min(-1)  # [G, N]
+        assign = torch.cdist(x, centroids).argmin(-1)  # [G, N]
         sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, d), x)
         sizes = torch.zeros(groups, n_clusters, device=x.device).scatter_add_(
             1, assign, torch.ones_like(assign, dtype=x.dtype)
@@ -54,16 +56,10 @@ def kmeans(
         empty = sizes == 0
         centroids = torch.where(empty[..., None], centroids, sums / sizes.clamp(min=1)[..., None])
         if empty.any():
-            centroids = torch.where(empty[..., None], _farthest(x, nearest, empty), centroids)
+            fresh = torch.randint(n, (groups, n_clusters), generator=gen).to(x.device)
+            refill = torch.gather(x, 1, fresh[..., None].expand(-1, -1, d))
+            centroids = torch.where(empty[..., None], refill, centroids)
     return centroids
-
-
-def _farthest(x: Tensor, nearest: Tensor, empty: Tensor) -> Tensor:
-    """``[G, C, d]``: for the j-th empty cluster of each group, the j-th farthest sample."""
-    worst = nearest.argsort(-1, descending=True)  # [G, N], farthest first
-    rank = (empty.cumsum(-1) - 1).clamp(min=0, max=x.shape[1] - 1)  # [G, C]
-    rows = torch.gather(worst, 1, rank)
-    return torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def _plus_plus(x: Tensor, n_clusters: int, gen: torch.Generator | None) -> Tensor:
