@@ -1,0 +1,232 @@
+"""Circuits: the patching engine, ground truth on a hand-built model, results and metrics."""
+
+import json
+
+import plotly.graph_objects as go
+import pytest
+import torch
+from conftest import tiny_model
+from sklearn.metrics import roc_auc_score
+
+from codelens import CodebookConfig
+from codelens.circuits import (
+    Circuit,
+    KLDivergence,
+    LogitDifference,
+    Patcher,
+    acdc,
+    active_codes,
+    attribution_scores,
+    build_graph,
+    circuit_figure,
+    completeness,
+    curves_figure,
+    eap,
+    eap_ig,
+    faithfulness,
+    faithfulness_curve,
+    fast_path,
+)
+from codelens.circuits.planted import planted_model
+
+CODEBOOK = CodebookConfig(n_codes=16, k=2, mlp_groups=2)
+
+
+def pair(seed=0, shape=(4, 6)):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 10, shape, generator=gen), torch.randint(0, 10, shape, generator=gen)
+
+
+def no_hooks_left(model) -> bool:
+    return not any(hp.has_hooks(including_permanent=False) for hp in model.hook_dict.values())
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("level", ["components", "codes"])
+def test_no_edge_ablated_is_the_clean_run_and_every_edge_the_corrupted_run(arch, level):
+    model = tiny_model(arch, CODEBOOK)
+    clean, corrupted = pair()
+    with torch.no_grad():
+        clean_logits, corrupted_logits = model(clean), model(corrupted)
+    active = active_codes(model, clean, corrupted) if level == "codes" else None
+    patcher = Patcher(model, build_graph(model, level, active), clean, corrupted=corrupted)
+    with torch.no_grad():
+        torch.testing.assert_close(patcher.run(patcher.empty_mask()), clean_logits)
+        torch.testing.assert_close(patcher.run(patcher.full_mask()), corrupted_logits)
+    assert no_hooks_left(model)
+    assert not model.cfg.use_split_qkv_input and not model.cfg.use_hook_mlp_in
+
+
+def test_zero_ablating_every_edge_of_one_receiver_equals_zeroing_its_input_senders():
+    model = tiny_model("gpt2")
+    clean, _ = pair()
+    graph = build_graph(model)
+    patcher = Patcher(model, graph, clean, ablation="zero")
+    mask = patcher.empty_mask()
+    mask[graph.receivers.index("logits")] = 1.0  # the logits see a residual of zeros
+    with torch.no_grad():
+        patched = patcher.run(mask)
+        expected = model.unembed(model.ln_final(torch.zeros(4, 6, model.cfg.d_model)))
+    torch.testing.assert_close(patched, expected)
+
+
+def test_hooks_and_flags_are_restored_when_the_forward_raises(monkeypatch):
+    model = tiny_model("gpt2", CODEBOOK)
+    clean, corrupted = pair()
+    patcher = Patcher(model, build_graph(model), clean, corrupted=corrupted)
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(patcher, "_delta", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        patcher.run(patcher.full_mask())
+    assert no_hooks_left(model)
+    assert not model.cfg.use_split_qkv_input and not model.cfg.use_hook_mlp_in
+
+
+def test_integrated_gradients_add_up_to_the_total_effect():
+    model = tiny_model("gpt2")
+    clean, corrupted = pair()
+    patcher = Patcher(model, build_graph(model), clean, corrupted=corrupted)
+    metric = LogitDifference(clean[:, -1], corrupted[:, -1])
+    scores = attribution_scores(patcher, metric, steps=20)
+    with torch.no_grad():
+        total = float(metric(patcher.run(patcher.full_mask())) - metric(patcher.clean_logits))
+    assert float(scores.sum()) == pytest.approx(total, rel=0.02)
+    assert not scores[~patcher.graph.valid].any()
+
+
+# ---------------------------------------------------------------- ground truth
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_model()
+
+
+@pytest.fixture(scope="module", params=["components", "codes"])
+def planted_setup(request, planted):
+    level = request.param
+    model = planted.model
+    active = active_codes(model, planted.clean, planted.corrupted) if level == "codes" else None
+    graph = build_graph(model, level, active)
+    patcher = Patcher(model, graph, planted.clean, corrupted=planted.corrupted)
+    return level, patcher, planted.true_edges[level]
+
+
+def edge_auc(circuit: Circuit, truth: set[str]) -> float:
+    names = circuit.ranking()
+    ranks = {name: len(names) - i for i, name in enumerate(names)}
+    return roc_auc_score([n in truth for n in names], [ranks[n] for n in names])
+
+
+def test_planted_edges_are_in_the_graph(planted_setup):
+    _, patcher, truth = planted_setup
+    edges = set(patcher.graph.edge_names())
+    assert truth < edges and len(edges) > 3 * len(truth)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda p, m: acdc(p, m, tau=0.1),
+        lambda p, m: acdc(p, KLDivergence(p.clean_logits), tau=1e-3),
+        lambda p, m: eap(p, m, tau=0.1),
+        lambda p, m: eap_ig(p, m, steps=5, tau=0.1),
+    ],
+    ids=["acdc-logit-diff", "acdc-kl", "eap", "eap-ig"],
+)
+def test_every_method_ranks_the_planted_edges_first(planted_setup, planted, method):
+    _, patcher, truth = planted_setup
+    circuit = method(patcher, planted.metric)
+    assert edge_auc(circuit, truth) == 1.0
+    assert set(circuit.edges) == truth
+
+
+@pytest.mark.parametrize("metric", ["logit-diff", "kl"])
+def test_fast_path_returns_exactly_the_planted_edges_with_fewer_forwards(
+    planted_setup, planted, metric
+):
+    _, patcher, truth = planted_setup
+    chosen = planted.metric if metric == "logit-diff" else KLDivergence(patcher.clean_logits)
+    tau = 0.1 if metric == "logit-diff" else 1e-3
+    fast = fast_path(patcher, chosen, tau, attribution_metric=planted.metric, first_candidates=8)
+    assert set(fast.edges) == truth
+    assert fast.forwards < patcher.graph.n_edges / 2
+    assert edge_auc(fast, truth) == 1.0
+
+
+def test_planted_circuit_is_faithful_and_complete(planted_setup, planted):
+    _, patcher, truth = planted_setup
+    circuit = eap(patcher, planted.metric, tau=0.1)
+    assert faithfulness(patcher, circuit, planted.metric) == pytest.approx(1.0, abs=1e-4)
+    assert completeness(patcher, circuit, planted.metric) == pytest.approx(0.0, abs=1e-4)
+    curve = faithfulness_curve(patcher, circuit, planted.metric)
+    assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-4)
+    assert 0.0 < curve.cpr <= 1.0 + 1e-4 and 0.0 <= curve.cmd < 1.0
+    # once the top edges hold every planted edge, the circuit is the model
+    full_at = next(i for i, n in enumerate(curve.n_edges) if n >= len(truth))
+    assert all(abs(f - 1) < 1e-4 for f in curve.faithfulness[full_at:])
+
+
+# ---------------------------------------------------------------- results
+
+
+def test_circuit_round_trips_through_json_atomically(tmp_path, planted_setup, planted):
+    _, patcher, _ = planted_setup
+    circuit = eap(patcher, planted.metric, tau=0.1)
+    path = circuit.save(tmp_path / "c" / "circuit.json")
+    assert Circuit.load(path) == circuit
+    assert [p.name for p in path.parent.iterdir()] == ["circuit.json"]
+    assert isinstance(circuit_figure(circuit), go.Figure)
+    curve = faithfulness_curve(patcher, circuit, planted.metric, fractions=(0.1, 1.0))
+    assert len(curves_figure({"eap": curve}).data) == 1
+
+
+def test_bad_circuit_files_raise(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid circuit file"):
+        Circuit.load(bad)
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a codelens circuit file"):
+        Circuit.load(bad)
+    bad.write_text(json.dumps({"format": "codelens-circuit/1", "edges": []}))
+    with pytest.raises(ValueError, match="missing fields"):
+        Circuit.load(bad)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model("gpt2", CODEBOOK)
+    clean, corrupted = pair()
+    graph = build_graph(model)
+    with pytest.raises(ValueError, match="level must be one of"):
+        build_graph(model, "neurons")
+    with pytest.raises(ValueError, match="needs active_codes"):
+        build_graph(model, "codes")
+    with pytest.raises(ValueError, match="needs a model with codebooks"):
+        build_graph(tiny_model("gpt2"), "codes", {})
+    with pytest.raises(ValueError, match="grouped-query attention"):
+        build_graph(tiny_model("llama"))
+    with pytest.raises(ValueError, match="same shape"):
+        Patcher(model, graph, clean, corrupted=corrupted[:, :3])
+    with pytest.raises(ValueError, match="only for, ablation='corrupted'"):
+        Patcher(model, graph, clean)
+    with pytest.raises(ValueError, match="ablation must be one of"):
+        Patcher(model, graph, clean, ablation="resample")
+    code_graph = build_graph(model, "codes", active_codes(model, clean))
+    with pytest.raises(ValueError, match="mean ablation is defined for components only"):
+        Patcher(model, code_graph, clean, ablation="mean")
+    patcher = Patcher(model, graph, clean, corrupted=corrupted)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        patcher.run(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="EAP needs a task metric"):
+        eap(patcher, KLDivergence(patcher.clean_logits))
+    with pytest.raises(ValueError, match="positions must be an int or one index"):
+        LogitDifference(clean[:, 0], corrupted[:, 0], positions=torch.tensor([1, 2]))(
+            patcher.clean_logits
+        )
