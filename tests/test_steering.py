@@ -1,4 +1,5 @@
-"""The topic steering experiment: helpers, and the quick pipeline against loose targets."""
+"""Topic steering: codelens.steering and the topic codes of codelens.analysis, and the
+experiment (codelens.experiments.steering) with its quick pipeline against loose targets."""
 
 import dataclasses
 import json
@@ -9,28 +10,27 @@ import torch
 from conftest import tiny_model
 
 from codelens import CodebookConfig
+from codelens.analysis import token_strings, topic_codes, topic_stats, topic_swaps
 from codelens.data.stories import TOPICS, TopicClassifier, generate_stories
 from codelens.data.text import train_bpe_tokenizer
 from codelens.experiments.steering import (
     QUICK,
     _past_broken,
-    continuation_texts,
-    force_hooks,
-    generate_texts,
-    on_topic_share,
     option_hooks,
-    perplexity,
     regex_search,
     run_experiment,
     steering_options,
     story_tokens,
     summary_line,
-    swap_hooks,
-    token_strings,
-    topic_codes,
-    topic_stats,
-    topic_swaps,
     write_report,
+)
+from codelens.steering import (
+    continuation_texts,
+    force_hooks,
+    generate_texts,
+    on_topic_share,
+    perplexity,
+    swap_hooks,
 )
 
 
@@ -277,6 +277,7 @@ def _fake_report():
             "samples": 2,
             "new_tokens": 5,
         },
+        "environment": {"torch": "2.0", "transformers": "5.0"},
         "heldout_loss": {"baseline": 1.0, "codebooks": 1.1, "ratio": 1.1},
         "regex": [
             {"pattern": "year", "positives": 3},
@@ -321,6 +322,7 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
     )
     assert "| month | 4 | blocks.0.attn.hook_z, 1, 5 | 90.0 | 50.0 | 40.0 | 50.0 | 70.0 |" in md
     assert json.loads((tmp_path / "report.json").read_text())["heldout_loss"]["ratio"] == 1.1
+    assert "Stack: torch 2.0, transformers 5.0." in md
     report = _fake_report()
     boat = report["steering"]["topics"][1]
     code = boat["steer"]["codes"][0]
