@@ -230,3 +230,44 @@ def test_bad_inputs_raise_clear_errors():
         LogitDifference(clean[:, 0], corrupted[:, 0], positions=torch.tensor([1, 2]))(
             patcher.clean_logits
         )
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def test_fsm_task_pairs_states_that_favour_different_first_digits():
+    from codelens.circuits.tasks import fsm_next_state_task
+    from codelens.data.fsm import FSMConfig, TokFSM
+
+    fsm = TokFSM(FSMConfig(n_states=20, n_successors=4, seq_len=25, seed=42))
+    task = fsm_next_state_task(fsm, n_pairs=16, state_index=1)
+    assert task.clean.shape == task.corrupted.shape == (16, 1 + 2 * fsm.n_digits)
+    assert (task.metric.correct != task.metric.wrong).all()
+    first = fsm.encode(fsm.transitions)[..., 0 :: fsm.n_digits]
+    for tokens, digit in ((task.clean, task.metric.correct), (task.corrupted, task.metric.wrong)):
+        state = fsm.decode(tokens[:, 1 + fsm.n_digits :])[:, 0]
+        counts = torch.stack([(first[s] == d).sum() for s, d in zip(state, digit, strict=True)])
+        assert (counts * 2 > fsm.config.n_successors).all()  # each state's strict favourite
+    with pytest.raises(ValueError, match="state_index"):
+        fsm_next_state_task(fsm, state_index=99)
+
+
+def test_logit_difference_averages_sets_of_words():
+    logits = torch.arange(2 * 3 * 5, dtype=torch.float).reshape(2, 3, 5)
+    metric = LogitDifference(torch.tensor([[4, 2], [4, 2]]), torch.tensor([[0], [1]]))
+    assert float(metric(logits)) == pytest.approx(((3 - 0) + (3 - 1)) / 2)
+
+
+def test_story_task_pairs_two_topics_and_scores_their_words():
+    from codelens.circuits.tasks import story_topic_task
+    from codelens.data.stories import LEXICONS, generate_stories
+    from codelens.data.text import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer([s.text for s in generate_stories(300, seed=5)], 1000)
+    task = story_topic_task(tokenizer, "snow", "fire", n_pairs=4, length=24)
+    assert task.clean.shape == task.corrupted.shape == (4, 25)
+    assert (task.clean[:, 0] == tokenizer.bos_token_id).all()
+    snow_words = {tokenizer.decode([int(i)]).strip() for i in task.metric.correct[0]}
+    assert snow_words and snow_words <= set(LEXICONS["snow"])
+    with pytest.raises(ValueError, match="two different corpus topics"):
+        story_topic_task(tokenizer, "snow", "snow")

@@ -24,7 +24,11 @@ def _at(logits: Float[Tensor, "b t v"], positions: Positions) -> Float[Tensor, "
 
 
 class LogitDifference:
-    """Mean over the batch of ``logit[correct] - logit[wrong]`` at ``positions``."""
+    """Mean over the batch of ``logit[correct] - logit[wrong]`` at ``positions``.
+
+    ``correct`` / ``wrong`` hold one token id per sequence, or ``[batch, n]`` ids whose
+    logits are averaged (a set of words, e.g. a topic's vocabulary).
+    """
 
     is_distance = False
     name = "logit_difference"
@@ -32,20 +36,22 @@ class LogitDifference:
     def __init__(
         self, correct: Int[Tensor, " b"], wrong: Int[Tensor, " b"], positions: Positions = -1
     ):
-        if correct.shape != wrong.shape or correct.dim() != 1:
+        if correct.dim() not in (1, 2) or wrong.dim() != correct.dim():
             raise ValueError(
-                f"correct and wrong must be 1-d and the same shape, got "
+                f"correct and wrong must both be [batch] or [batch, n] ids, got "
                 f"{tuple(correct.shape)} and {tuple(wrong.shape)}"
             )
+        if correct.shape[0] != wrong.shape[0]:
+            raise ValueError(f"correct has {correct.shape[0]} rows, wrong {wrong.shape[0]}")
         self.correct, self.wrong, self.positions = correct, wrong, positions
 
     def __call__(self, logits: Float[Tensor, "b t v"]) -> Tensor:
         at = _at(logits, self.positions)
         if at.shape[0] != self.correct.shape[0]:
             raise ValueError(f"logits have batch {at.shape[0]}, answers {self.correct.shape[0]}")
-        rows = torch.arange(at.shape[0], device=at.device)
-        correct, wrong = self.correct.to(at.device), self.wrong.to(at.device)
-        return (at[rows, correct] - at[rows, wrong]).mean()
+        correct = self.correct.to(at.device).reshape(at.shape[0], -1)
+        wrong = self.wrong.to(at.device).reshape(at.shape[0], -1)
+        return (at.gather(1, correct).mean(1) - at.gather(1, wrong).mean(1)).mean()
 
 
 class KLDivergence:

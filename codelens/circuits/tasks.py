@@ -68,3 +68,46 @@ def fsm_next_state_task(
         corrupted=tokens[corrupt_rows_t, :end],
         metric=metric,
     )
+
+
+def story_topic_task(
+    tokenizer, topic: str, other: str, n_pairs: int = 32, length: int = 48, seed: int = 0
+) -> Task:
+    """Stories: does the model know which topic the story is about?
+
+    Clean prompts are the first ``length`` tokens (after BOS) of stories about ``topic``,
+    corrupted ones of stories about ``other``. The metric is the mean logit, at the last
+    position, of ``topic``'s single-token lexicon words minus that of ``other``'s.
+    """
+    from codelens.data.stories import LEXICONS, TOPICS, generate_stories
+
+    unknown = [t for t in (topic, other) if t not in TOPICS]
+    if unknown or topic == other:
+        raise ValueError(
+            f"need two different corpus topics from {list(TOPICS)}, got {topic}, {other}"
+        )
+
+    def words(t: str) -> Tensor:
+        ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in LEXICONS[t]]
+        single = sorted({i[0] for i in ids if len(i) == 1})
+        if not single:
+            raise ValueError(f"no word of the {t} lexicon is a single token of this tokenizer")
+        return torch.tensor(single)
+
+    def prompts(t: str, offset: int) -> Tensor:
+        rows = []
+        for story in generate_stories(8 * n_pairs, seed=seed + offset, topics=[t]):
+            ids = tokenizer.encode(story.text, add_special_tokens=False)
+            if len(ids) >= length:
+                rows.append([tokenizer.bos_token_id, *ids[:length]])
+            if len(rows) == n_pairs:
+                return torch.tensor(rows)
+        raise ValueError(f"fewer than {n_pairs} {t} stories have {length} tokens")
+
+    mine, theirs = words(topic), words(other)
+    return Task(
+        name=f"stories: {topic} vs {other} topic words",
+        clean=prompts(topic, 0),
+        corrupted=prompts(other, 1),
+        metric=LogitDifference(mine.expand(n_pairs, -1), theirs.expand(n_pairs, -1)),
+    )
