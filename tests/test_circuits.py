@@ -271,3 +271,27 @@ def test_story_task_pairs_two_topics_and_scores_their_words():
     assert snow_words and snow_words <= set(LEXICONS["snow"])
     with pytest.raises(ValueError, match="two different corpus topics"):
         story_topic_task(tokenizer, "snow", "snow")
+
+
+def test_study_writes_circuits_curves_and_figures(tmp_path, planted):
+    from codelens.circuits.study import run_study
+    from codelens.circuits.tasks import Task
+
+    task = Task("planted", planted.clean, planted.corrupted, planted.metric)
+    report = run_study(
+        planted.model, task, tmp_path, methods=("acdc", "fast"), tau=0.1, compare_tl=True
+    )
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    for level in ("components", "codes"):
+        entry = saved["levels"][level]
+        assert entry["methods"]["fast"]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+        assert entry["fast_vs_acdc"]["jaccard"] == 1.0
+        assert entry["fast_vs_acdc"]["forwards_ratio"] > 1.0
+        for method in ("acdc", "fast"):
+            loaded = Circuit.load(tmp_path / "circuits" / f"{level}-{method}.json")
+            assert set(loaded.edges) == planted.true_edges[level]
+    tl = saved["levels"]["components"]["tl_node_attribution"]
+    assert tl["nodes"] == 7 and -1.0 <= tl["spearman_signed"] <= 1.0
+    assert "| fast |" in (tmp_path / "report.md").read_text()
+    assert "plotly" in (tmp_path / "report.html").read_text().lower()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from codelens.circuits.evaluate import completeness, faithfulness, faithfulness_curve
+from codelens.circuits.evaluate import Curve, completeness, faithfulness, faithfulness_curve
 from codelens.circuits.figure import circuit_figure, curves_figure
 from codelens.circuits.graph import active_codes, build_graph
 from codelens.circuits.methods import discover
@@ -82,7 +82,6 @@ def run_study(
         if compare_tl and level == "components":
             entry["tl_node_attribution"] = tl_rank_correlation(model, task, patcher)
         report["levels"][level] = entry
-        report["levels"][level]["_circuits"] = circuits  # removed before writing
     _write(report, out)
     return report
 
@@ -144,27 +143,32 @@ def tl_rank_correlation(model, task: Task, patcher: Patcher) -> dict[str, Any]:
     }
 
 
-def _write(report: dict[str, Any], out: Path) -> None:
-    circuits = {level: e.pop("_circuits") for level, e in report["levels"].items()}
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "report.json", json.dumps(report, indent=2))
-    write_atomic(out / "report.md", markdown(report))
-    from codelens.circuits.evaluate import Curve
-
+def figures(report: dict[str, Any], out: str | Path) -> list[tuple[str, Any]]:
+    """(heading, plotly figure): the faithfulness curves side by side, then each circuit
+    (read back from ``out/circuits``)."""
     curves = {
         f"{level} {method}": Curve(**row["curve"])
         for level, e in report["levels"].items()
         for method, row in e["methods"].items()
     }
-    parts = [curves_figure(curves).to_html(full_html=False, include_plotlyjs="cdn")]
-    for level, found in circuits.items():
-        for method, circuit in found.items():
-            title = f"{level}, {method}: {circuit.summary()}"
-            parts.append(
-                circuit_figure(circuit, title).to_html(full_html=False, include_plotlyjs=False)
-            )
-    html = "<html><head><meta charset='utf-8'><title>circuits</title></head><body>"
-    write_atomic(out / "report.html", html + "\n".join(parts) + "</body></html>")
+    found = [("faithfulness curves", curves_figure(curves))]
+    for level, e in report["levels"].items():
+        for method in e["methods"]:
+            circuit = Circuit.load(Path(out) / "circuits" / f"{level}-{method}.json")
+            found.append((f"{level}, {method}", circuit_figure(circuit)))
+    return found
+
+
+def _write(report: dict[str, Any], out: Path) -> None:
+    from codelens.viz import Page
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_atomic(out / "report.md", markdown(report))
+    page = Page(f"codelens circuits: {report['task']}")
+    for heading, figure in figures(report, out):
+        page.add(figure, heading=heading)
+    page.save(out / "report.html")
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -96,6 +96,8 @@ class SteeringExperiment:
     min_topic_recall: float = 0.05  # a topic code must fire on this share of its topic's tokens
     topic_skip: int = 16  # tokens of each story left out of topic code search (before the topic)
     max_perplexity_ratio: float = 2.0  # fluency guard when picking a steering option
+    circuit_pairs: int = 16  # story pairs for the topic circuit (0: no circuit)
+    circuit_tau: float = 0.05  # ACDC threshold of the topic circuit's fast path
     seed: int = 0
     threads: int | None = 1
 
@@ -456,7 +458,9 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     steering = steer_topics(model, base, classifier, candidates, swaps, exp)
     for row, found in zip(steering["topics"], candidates, strict=True):
         row["candidates"] = found
-    lap("steering s", t)
+    t = lap("steering s", t)
+    circuit = topic_circuit(model, tokenizer, exp) if exp.circuit_pairs else None
+    lap("topic circuit s", t)
     timings["total s"] = time.perf_counter() - started
     report = {
         "experiment": dataclasses.asdict(exp),
@@ -466,8 +470,28 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         "steering": steering,
         "timings": timings,
     }
+    if circuit is not None:
+        report["circuit"] = circuit
     write_report(report, run_dir)
     return report
+
+
+def topic_circuit(model: HookedCodebookTransformer, tokenizer: Any, exp: SteeringExperiment):
+    """The circuit that tells the first steered topic from the second, at the component and
+    the code level (EAP-IG and the fast path), written to ``circuits/`` in the run directory."""
+    from codelens.circuits.study import run_study
+    from codelens.circuits.tasks import story_topic_task
+
+    task = story_topic_task(
+        tokenizer, exp.topics[0], exp.topics[1], exp.circuit_pairs, seed=exp.seed + 3
+    )
+    return run_study(
+        model,
+        task,
+        Path(exp.run_dir) / "circuits",
+        methods=("eap-ig", "fast"),
+        tau=exp.circuit_tau,
+    )
 
 
 # ---------------------------------------------------------------------------- the report
@@ -550,6 +574,12 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "## Examples", "", f"- unsteered: {steering['unsteered_example']!r}"]
     lines += [f"- {r['topic']}: {r['example']!r}" for r in steering["topics"] if "example" in r]
+    if "circuit" in report:
+        from codelens.circuits.study import markdown as circuit_markdown
+
+        section = circuit_markdown(report["circuit"]).replace("\n## ", "\n### ")
+        lines += ["", section.replace("# Circuits:", "## Topic circuit:", 1).rstrip()]
+        lines += ["", "Circuits, curves and graphs: `circuits/` (report.html, circuits/*.json)."]
     lines += ["", "## Timings (s)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
@@ -572,6 +602,11 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
         for r in found
     ]
     page.add(precision_recall(codes, neurons), heading="regex features: codes vs neurons")
+    if "circuit" in report:
+        from codelens.circuits.study import figures
+
+        for heading, figure in figures(report["circuit"], run_dir / "circuits"):
+            page.add(figure, heading=f"topic circuit: {heading}")
     for path in sorted(run_dir.glob("*/metrics.jsonl")):
         page.add(training_curves(path), heading=f"training: {path.parent.name}")
     page.save(run_dir / "report.html")
