@@ -37,7 +37,7 @@ def bench(name: str, model, clean, corrupted, metric, level: str, tau: float, st
         "acdc (exhaustive)": acdc(patcher, metric, tau),
         "eap": eap(patcher, metric, tau=tau),
         f"eap-ig ({steps} steps)": eap_ig(patcher, metric, steps, tau=tau),
-        "fast path": fast_path(patcher, metric, tau, steps=steps),
+        "fast path": fast_path(patcher, metric, tau),
     }
     base = runs["acdc (exhaustive)"]
     print(

@@ -13,7 +13,6 @@ edges whose ``|score| >= tau`` (or the ``n_edges`` best).
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -44,10 +43,10 @@ class _Damage:
         return value if self.is_distance else abs(value - self.full)
 
 
-def _edge_order(patcher: Patcher, keep: Tensor | None = None) -> list[tuple[int, int]]:
+def _edge_order(patcher: Patcher) -> list[tuple[int, int]]:
     """Edges in ACDC's order: receivers in reverse topological order, each receiver's
     senders latest first."""
-    valid = patcher.graph.valid if keep is None else patcher.graph.valid & keep.cpu()
+    valid = patcher.graph.valid
     order = []
     for r in reversed(range(valid.shape[0])):
         order += [(r, s) for s in reversed(valid[r].nonzero().flatten().tolist())]
@@ -89,7 +88,12 @@ def acdc(patcher: Patcher, metric: Metric, tau: float) -> Circuit:
 
 
 def _gradient(patcher: Patcher, metric: Metric, alpha: float) -> Tensor:
-    mask = (patcher.full_mask() * alpha).requires_grad_(True)
+    return _gradient_at(patcher, metric, patcher.full_mask() * alpha)
+
+
+def _gradient_at(patcher: Patcher, metric: Metric, mask: Tensor) -> Tensor:
+    """d metric / d mask at ``mask`` (one forward and backward), zero off the edges."""
+    mask = mask.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         value = metric(patcher.run(mask))
         (grad,) = torch.autograd.grad(value, mask)
@@ -169,52 +173,81 @@ def fast_path(
     tau: float,
     *,
     attribution_metric: Metric | None = None,
-    steps: int = 5,
-    first_candidates: int = 16,
-    candidate_damage: float = 0.1,
+    screen: float | None = None,
 ) -> Circuit:
-    """Attribution ranks every edge; exact ACDC then verifies only the best candidates.
+    """ACDC in which attribution decides which edges need an exact forward.
 
-    Candidates are the top edges by ``|attribution|``: their number starts at
-    ``first_candidates`` (at least 1% of the edges) and doubles until the circuit made of
-    them alone is within ``candidate_damage`` of the empty circuit's damage (one
-    forward per try). Edges outside it stay ablated; ACDC (same ``tau``, metric and
-    order) decides each candidate with one forward. Top-k code choices that flip when
-    an upstream edge is patched are invisible to gradients but not to this check.
+    The sweep visits edges in ACDC's order. Before each receiver, one forward and
+    backward at the current circuit give every incoming edge's attribution: the
+    first-order change of the task metric if that edge alone were removed now. An edge
+    with ``|attribution| >= screen`` (default ``tau / 2``, in units of the task metric)
+    is a candidate and gets ACDC's exact test (one forward). The edges between two
+    candidates are tested as one run: removed together in one forward if together they
+    add less than ``tau`` to the damage, otherwise split in two, down to single edges
+    that get ACDC's test. No edge is removed without an exact forward that includes it,
+    so top-k code choices that flip when an upstream edge is patched (invisible to the
+    straight-through gradient at codebook sites) are still caught.
+
+    ``attribution_metric`` must be a task metric; it defaults to ``metric`` (then
+    ``metric`` must not be a distance such as KL, which has no useful gradient).
     """
     started, forwards = time.perf_counter(), patcher.forwards
+    attr_metric = attribution_metric or metric
+    if getattr(attr_metric, "is_distance", False):
+        raise ValueError(
+            "the fast path screens edges with a task metric's gradient; pass "
+            "attribution_metric (e.g. a LogitDifference) when the metric is KL"
+        )
+    screen = tau / 2 if screen is None else screen
     damage = _Damage(patcher, metric)
     valid = patcher.graph.valid
-    attr = attribution_scores(patcher, attribution_metric or metric, steps)
-    backwards = patcher.forwards - forwards
-    ranked = attr.abs().masked_fill(~valid, -1.0).flatten().argsort(descending=True)
-    n_valid = int(valid.sum())
-    limit = damage(patcher.full_mask()) * candidate_damage
-    n = min(n_valid, max(first_candidates, math.ceil(0.01 * n_valid)))
-    while True:
-        candidates = torch.zeros_like(valid)
-        candidates.view(-1)[ranked[:n]] = True
-        mask = (valid & ~candidates).float().to(patcher.clean.device)
-        if n >= n_valid or damage(mask) <= limit:
-            break
-        n = min(n_valid, 2 * n)
+    mask = patcher.empty_mask()
     scores = torch.zeros(valid.shape)
-    order = _edge_order(patcher, candidates)
-    mask = _acdc_sweep(patcher, damage, mask, order, tau, scores)
+    state = {"current": damage(mask)}
+
+    def sweep(r: int, senders: list[int]) -> None:
+        """ACDC on ``senders`` of receiver ``r``, in order, removing runs of them at once
+        while a run adds less than ``tau``; a run that adds more is split in two."""
+        if not senders:
+            return
+        mask[r, senders] = 1.0
+        new = damage(mask)
+        increase = new - state["current"]
+        if increase < tau:
+            state["current"] = new
+            scores[r, senders] = increase / len(senders)
+            return
+        mask[r, senders] = 0.0
+        if len(senders) == 1:
+            scores[r, senders] = increase
+            return
+        half = len(senders) // 2
+        sweep(r, senders[:half])
+        sweep(r, senders[half:])
+
+    backwards = 0
+    for r in reversed(range(valid.shape[0])):
+        senders = list(reversed(valid[r].nonzero().flatten().tolist()))
+        if not senders:
+            continue
+        attribution = _gradient_at(patcher, attr_metric, mask)[r].abs()
+        backwards += 1
+        run: list[int] = []
+        for s in senders:
+            if float(attribution[s]) < screen:
+                run.append(s)
+                continue
+            sweep(r, run)
+            sweep(r, [s])
+            run = []
+        sweep(r, run)
     kept = (mask.cpu() == 0) & valid
     settings = {
         "tau": tau,
+        "screen": screen,
         "metric": _name(metric),
-        "steps": steps,
-        "candidates": n,
-        "first_candidates": first_candidates,
-        "candidate_damage": candidate_damage,
-        "attribution_metric": _name(attribution_metric or metric),
+        "attribution_metric": _name(attr_metric),
     }
-    # Edges never verified are ranked below every verified one, by their attribution.
-    floor = scores[candidates].min() if n else torch.tensor(0.0)
-    unverified = floor - 1.0 - attr.abs() / (attr.abs().max() + 1e-12)
-    scores = torch.where(candidates, scores, unverified)
     return Circuit.from_tensors(
         patcher.graph,
         kept,

@@ -58,7 +58,7 @@ def run_study(
         }
         circuits: dict[str, Circuit] = {}
         for method in methods:
-            kwargs = {"steps": steps} if method in ("eap-ig", "fast") else {}
+            kwargs = {"steps": steps} if method == "eap-ig" else {}
             circuit = discover(patcher, method, task.metric, tau, **kwargs)
             circuit.save(out / "circuits" / f"{level}-{method}.json")
             circuits[method] = circuit
