@@ -295,3 +295,14 @@ def test_study_writes_circuits_curves_and_figures(tmp_path, planted):
     assert tl["nodes"] == 7 and -1.0 <= tl["spearman_signed"] <= 1.0
     assert "| fast |" in (tmp_path / "report.md").read_text()
     assert "plotly" in (tmp_path / "report.html").read_text().lower()
+
+
+def test_circuit_command_rejects_what_is_not_a_tokfsm_run(tmp_path):
+    from codelens.cli import main
+
+    with pytest.raises(SystemExit, match="not a training run directory"):
+        main(["circuit", str(tmp_path)])
+    (tmp_path / "final").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "corpus.jsonl"}}))
+    with pytest.raises(SystemExit, match="not trained on TokFSM data"):
+        main(["circuit", str(tmp_path)])
