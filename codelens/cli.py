@@ -1,4 +1,4 @@
-"""The ``codelens`` command line: train, run the TokFSM experiment, browse codes."""
+"""The ``codelens`` command line: train, run the TokFSM experiment, browse codes, convert."""
 
 from __future__ import annotations
 
@@ -109,6 +109,19 @@ def _circuit(args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.md'} (also report.json, report.html, circuits/*.json)")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from codelens.model import HookedCodebookTransformer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
+    model = HookedCodebookTransformer.from_pretrained(
+        args.source, tokenizer=tokenizer, base_model=args.base_model
+    )
+    out = model.save_pretrained(args.destination)
+    print(f"{args.source}: {len(model.codebooks)} codebook sites; codelens checkpoint at {out}")
+
+
 class _VersionAction(argparse.Action):
     """``codelens --version``: the versions every report records, one per line."""
 
@@ -180,6 +193,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     circuit.add_argument("-o", "--out", help="output directory (default: RUN/circuits)")
     circuit.set_defaults(run=_circuit)
+
+    convert = commands.add_parser(
+        "convert", help="write a codelens checkpoint of the paper authors' released model"
+    )
+    convert.add_argument("source", help="hub id or directory (codebook-features format)")
+    convert.add_argument("destination", help="the codelens checkpoint directory to write")
+    convert.add_argument("--base-model", help="base model hub id or directory, if not known")
+    convert.add_argument("--tokenizer", help="tokenizer hub id or directory, if not shipped")
+    convert.set_defaults(run=_convert)
 
     args = parser.parse_args(argv)
     try:
