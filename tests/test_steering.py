@@ -371,3 +371,6 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert all(0 <= r["base_neuron_precision"] <= 1 for r in found), found
     for name in ("report.md", "report.json", "report.html"):
         assert (tmp_path / name).is_file()
+    circuit = report["circuit"]["levels"]
+    assert circuit["components"]["methods"]["fast"]["faithfulness"] > 0.5, circuit
+    assert (tmp_path / "circuits" / "circuits" / "codes-eap-ig.json").is_file()

@@ -33,7 +33,11 @@ def run_study(
     steps: int = 5,
     compare_tl: bool = False,
 ) -> dict[str, Any]:
-    """Discover and evaluate a circuit per (level, method); write and return the report."""
+    """Discover and evaluate a circuit per (level, method); write and return the report.
+
+    ``methods`` is one tuple for every level, or a dict level -> tuple (e.g. exhaustive
+    ACDC on components only).
+    """
     out = Path(out_dir)
     report: dict[str, Any] = {
         "task": task.name,
@@ -57,7 +61,7 @@ def run_study(
             "methods": {},
         }
         circuits: dict[str, Circuit] = {}
-        for method in methods:
+        for method in methods[level] if isinstance(methods, dict) else methods:
             kwargs = {"steps": steps} if method == "eap-ig" else {}
             circuit = discover(patcher, method, task.metric, tau, **kwargs)
             circuit.save(out / "circuits" / f"{level}-{method}.json")
