@@ -31,7 +31,12 @@ under the same intervention would; ``-1`` then means the newest token at each st
 Bare hook lists (`force_codes`, ...) count positions from the start of each forward:
 exact for full forwards (``run_with_hooks``, ``run_with_cache``), while explicit
 positions under KV-cache generation need `intervene`. ``positions=None`` works
-everywhere. Positions beyond the sequence simply match nothing.
+everywhere.
+
+A position outside the sequence is an error, never a silent no-op. Outside `intervene`
+a forward raises at once. Inside `intervene` a position may lie ahead of the tokens
+seen so far (generation reaches it later), so the check runs when the block exits:
+every explicit position must have matched a token, and a slice at least one.
 
 Hooks build their index tensors once per device and never copy from device to host.
 """
@@ -380,13 +385,21 @@ class _PositionTracker:
         self.offset = 0
         self._users = 0
         self._handle: Any = None
+        self.pending: dict[int, _CodesHook] = {}  # hooks whose position check waits for exit
+
+    @property
+    def active(self) -> bool:
+        return self._users > 0
 
     @contextlib.contextmanager
     def tracking(self, model: nn.Module) -> Iterator[None]:
+        """Track offsets for the body. When the outermost body exits without an error,
+        check that the positions of every hook that ran matched a token."""
         if self._users == 0:
             hf = _bridge.hf_model(model)
             self._handle = hf.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         self._users += 1
+        pending: dict[int, _CodesHook] = {}
         try:
             yield
         finally:
@@ -394,6 +407,9 @@ class _PositionTracker:
             if self._users == 0:
                 self._handle.remove()
                 self._handle, self.offset = None, 0
+                pending, self.pending = self.pending, {}
+        for hook in pending.values():  # reached only when the body did not raise
+            hook.check_reached()
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.offset = _cache_length(kwargs.get("past_key_values"))
@@ -431,6 +447,9 @@ class _CodesHook:
     ) -> None:
         self.iv, self.n_groups, self.k, self.tracker = iv, n_groups, k, tracker
         self._constants: dict[torch.device, dict[str, Tensor]] = {}
+        self._reached: set[int] = set()  # explicit positions matched inside `intervene`
+        self._slice_hit = False
+        self._longest = 0
 
     def __repr__(self) -> str:
         return f"_CodesHook({self.iv!r})"
@@ -500,6 +519,7 @@ class _CodesHook:
             return None
         offset = self.tracker.offset
         total = offset + n
+        self._check_positions(offset, total)
         absolute = torch.arange(offset, total, device=device)
         if isinstance(positions, slice):
             chosen = range(*positions.indices(total))
@@ -511,6 +531,55 @@ class _CodesHook:
         wanted = consts["positions"]
         wanted = torch.where(wanted < 0, wanted + total, wanted)
         return (absolute[:, None] == wanted).any(-1)
+
+    def _check_positions(self, offset: int, total: int) -> None:
+        """Outside `intervene`, raise for positions outside this forward's sequence; inside,
+        note which positions its tokens ``[offset, total)`` matched (host ints, no sync)."""
+        positions, site = self.iv.positions, self.iv.site
+        if isinstance(positions, slice):
+            chosen = range(*positions.indices(total))
+            hit = bool(chosen) and _meets(chosen, offset, total)
+        else:
+            hit = {p for p in positions if offset <= (p + total if p < 0 else p) < total}
+        if self.tracker.active:
+            self.tracker.pending[id(self)] = self
+            self._longest = max(self._longest, total)
+            if isinstance(hit, set):
+                self._reached |= hit
+            else:
+                self._slice_hit |= hit
+        elif isinstance(hit, set) and len(hit) < len(positions):
+            raise ValueError(
+                f"positions {[p for p in positions if p not in hit]} are outside the "
+                f"{total}-token sequence at {site} (valid: 0 to {total - 1}, or -{total} to -1)"
+            )
+        elif not hit:
+            raise ValueError(
+                f"positions {positions} select no token of the {total}-token sequence at {site}"
+            )
+
+    def check_reached(self) -> None:
+        """Raise if, over an `intervene` block, a position never matched a token."""
+        positions = self.iv.positions
+        if isinstance(positions, slice):
+            missed = [] if self._slice_hit else [positions]
+        else:
+            missed = [p for p in positions if p not in self._reached]
+        longest = self._longest
+        self._reached, self._slice_hit, self._longest = set(), False, 0
+        if missed:
+            raise ValueError(
+                f"positions {missed} at {self.iv.site} matched no token: the longest "
+                f"sequence in the `intervene` block had {longest} tokens"
+            )
+
+
+def _meets(chosen: range, low: int, high: int) -> bool:
+    """Whether the non-empty range ``chosen`` holds a value in ``[low, high)``."""
+    first, last, step = min(chosen[0], chosen[-1]), max(chosen[0], chosen[-1]), abs(chosen.step)
+    start = max(first, low)
+    value = first + -(-(start - first) // step) * step  # the first member >= start
+    return value <= last and value < high
 
 
 # ---------------------------------------------------------------- validation helpers

@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Forced, not defaulted: an exported HF_HUB_OFFLINE=0 must not let the tests go online.
+for _flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_flag] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from more threads, and OpenMP threads competing for busy
 # cores stall badly (measured ~50x slower on a loaded 2-core machine).

@@ -1,5 +1,7 @@
 """The command line, and the example configs it ships."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,7 @@ def test_train_an_example_config_end_to_end(tmp_path, capsys):
             "warmup_steps=1",
             "batch_size=8",
             "codebook.n_codes=32",
+            "codebook.mlp_n_codes=128",
             "eval_every=3",
             "init_samples=256",
         ]
@@ -47,7 +50,16 @@ def test_train_an_example_config_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bottleneck_cost" in out
     main(["browse", str(tmp_path / "cb"), "-o", str(tmp_path / "codes.html"), "--sequences", "4"])
-    assert (tmp_path / "codes.html").stat().st_size > 10_000
+    page = (tmp_path / "codes.html").read_text()
+    blob = re.search(r'<script type="application/json" id="codelens-data">(.*?)</script>', page)
+    data = json.loads(blob.group(1))
+    sites = {s["name"]: s for s in data["sites"]}
+    assert set(sites) == {"blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"}
+    assert data["n_tokens"] == 4 * 33  # 4 held-out sequences of the FSM's 33 tokens
+    for name, site in sites.items():
+        for group, dropped in zip(site["groups"], site["dropped"], strict=True):
+            # k=1: every token picked one code of every group, and no code was left out
+            assert dropped == 0 and sum(row[1] for row in group) == data["n_tokens"], name
 
 
 def test_bad_config_is_a_clear_error(tmp_path, capsys):

@@ -149,16 +149,19 @@ def test_next_token_metrics_and_sampler(fsm):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, match",
     [
-        {"n_states": 1, "n_successors": 1},
-        {"n_states": 10, "n_successors": 11},
-        {"n_successors": 0},
-        {"seq_len": 2},
+        ({"n_states": 1, "n_successors": 1}, r"n_states must be >= 2, got 1"),
+        (
+            {"n_states": 10, "n_successors": 11},
+            r"n_successors must be in \[1, n_states=10\], got 11",
+        ),
+        ({"n_successors": 0}, r"n_successors must be in \[1, n_states=100\], got 0"),
+        ({"seq_len": 2}, r"seq_len must be > n_digits=2 .*, got 2"),
     ],
 )
-def test_bad_configs_raise(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_configs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         TokFSM(FSMConfig(**kwargs))
 
 

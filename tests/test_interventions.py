@@ -397,3 +397,51 @@ def test_bad_inputs_raise_value_errors_naming_the_problem(model, call, match):
     with pytest.raises(ValueError, match=match):
         call(model)
     assert all_hooks_removed(model) and not model.codebook(MLP).disabled.any()
+
+
+# ---------------------------------------------------------------- positions outside the sequence
+
+
+@pytest.mark.parametrize(
+    "positions, match",
+    [
+        ([2, 12], r"positions \[12\] are outside the 12-token sequence at blocks.1.hook_mlp_out"),
+        (-13, r"positions \[-13\] are outside the 12-token sequence"),
+        (slice(12, None), r"positions slice\(12, None, None\) select no token of the 12-token"),
+    ],
+)
+def test_positions_past_a_full_forward_raise(model, tokens, positions, match):
+    with pytest.raises(ValueError, match=match):
+        model.run_with_hooks(tokens, fwd_hooks=force_codes(model, MLP, 1, positions=positions))
+    assert all_hooks_removed(model)
+    model.run_with_hooks(tokens, fwd_hooks=force_codes(model, MLP, 1, positions=[0, 11, -12]))
+
+
+def test_positions_no_forward_reached_raise_when_intervene_exits(model, tokens):
+    with pytest.raises(ValueError, match=r"positions \[12\] at .* matched no token: the longest"):
+        with intervene(model, CodeIntervention.force(MLP, 1, positions=[3, 12])):
+            model(tokens)  # 12 tokens: positions 0-11
+    assert all_hooks_removed(model)
+    with pytest.raises(ValueError, match=r"positions \[slice\(20, 30, None\)\] at"):
+        with intervene(model, CodeIntervention.swap(ATTN, {1: 2}, positions=slice(20, 30))):
+            model(tokens)
+    # A position ahead of a shorter forward is fine once a later forward reaches it.
+    with intervene(model, CodeIntervention.force(MLP, 1, positions=11)):
+        model(tokens[:, :5])
+        model(tokens)
+    # An error in the body is reported as itself, not as unmatched positions.
+    with pytest.raises(KeyError), intervene(model, CodeIntervention.force(MLP, 1, positions=50)):
+        raise KeyError("the user's own error")
+    assert all_hooks_removed(model)
+
+
+def test_positions_generation_never_reached_raise():
+    model = make()
+    prompt = torch.tensor([[10, 1, 2, 3]])
+    gen = dict(max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    with intervene(model, CodeIntervention.force(MLP, 2, positions=5)):
+        model.generate(prompt, **gen)  # forwards see tokens 0-3, then 4, then 5
+    with pytest.raises(ValueError, match=r"positions \[6\] .* longest sequence .* had 6 tokens"):
+        with intervene(model, CodeIntervention.force(MLP, 2, positions=6)):
+            model.generate(prompt, **gen)
+    assert all_hooks_removed(model)

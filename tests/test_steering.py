@@ -110,10 +110,18 @@ def test_regex_search_scores_codes_against_own_and_base_neurons():
     assert [r["pattern"] for r in rows] == ["month"]  # no other pattern has a match
     (month,) = rows
     assert month["positives"] == int((tokens[:, 1:] == 3).sum())
-    # With itself as the base, the base neurons are the model's own neurons.
-    assert month["base_neuron_precision"] == pytest.approx(month["neuron_precision"])
-    other = regex_search(model, tokens, strings, base=tiny_model(seed=1))
-    assert 0 <= other[0]["base_neuron_precision"] <= 1
+    base = tiny_model(seed=1)
+
+    def silent(post, hook):  # every base neuron is 0 everywhere: no better than chance
+        return torch.zeros_like(post)
+
+    hooks = [(f"blocks.{layer}.mlp.hook_post", silent) for layer in range(base.cfg.n_layers)]
+    with base.hooks(fwd_hooks=hooks):
+        other = regex_search(model, tokens, strings, base=base)
+    chance = month["positives"] / tokens[:, 1:].numel()
+    assert other[0]["base_neuron_precision"] == pytest.approx(chance)
+    assert month["neuron_precision"] > 2 * chance  # its own neurons, not the base's
+    assert other[0]["neuron_precision"] == month["neuron_precision"]
     assert "base_neuron_precision" not in regex_search(model, tokens, strings)[0]
 
 
@@ -354,10 +362,9 @@ def test_quick_pipeline_end_to_end(tmp_path):
     rows = report["steering"]["topics"]
     assert [r["topic"] for r in rows] == list(TOPICS[: len(rows)])
     for r in rows:
-        assert 0 <= r["before"] <= 1 and r["candidates"], r
+        assert r["candidates"], r
         if "after" not in r:
             continue
-        assert r["perplexity_ratio"] > 0
         steer = r["steer"]
         if "codes" in steer:
             assert steer["codes"] == r["candidates"][: len(steer["codes"])]
@@ -365,10 +372,21 @@ def test_quick_pipeline_end_to_end(tmp_path):
             assert steer["swaps"], r
             assert all(s["sources"] and s["precision"] >= 0.8 for s in steer["swaps"])
     assert sum("after" in r for r in rows) >= 3, rows
+    # Steering raises the on-topic share. The quick model is too small to steer within the
+    # fluency guard, but a topic's code forced into every slot at every position must put
+    # the topic into more sweep texts than the same prompts and seeds unsteered: steering
+    # that changed nothing would give exactly the unsteered share.
+    strongest = ("all", "every")  # (slots, positions)
+    rises = [
+        max(o["on_topic"] for o in r["sweep"] if (o.get("slots"), o.get("positions")) == strongest)
+        - r["sweep_before"]
+        for r in rows
+    ]
+    assert sum(rise > 0 for rise in rises) >= 3 and sum(rises) / len(rises) >= 0.1, rises
     found = [r for r in report["regex"] if "code" in r]
     assert len(found) == len(report["regex"]) == 5
     assert sum(r["precision"] >= r["neuron_precision"] for r in found) >= 3, found
-    assert all(0 <= r["base_neuron_precision"] <= 1 for r in found), found
+    assert sum(r["precision"] >= r["base_neuron_precision"] for r in found) >= 3, found
     for name in ("report.md", "report.json", "report.html"):
         assert (tmp_path / name).is_file()
     circuit = report["circuit"]["levels"]

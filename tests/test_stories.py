@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from importlib import resources
@@ -230,7 +231,12 @@ def test_classifier_proba_and_on_topic(classifier):
     with pytest.raises(ValueError, match="unknown topic"):
         classifier.is_on_topic(story.text, "spaceship")
     assert classifier.predict(["The dragon flapped its wings and flew to its cave."]) == ["dragon"]
-    assert classifier.predict(["zzz qqq"])[0] in TOPICS  # unseen words are ignored
+    # Unseen words are ignored: alone they leave the prior, and they change no posterior.
+    (unseen,) = classifier.predict_proba(["zzz qqq"])
+    prior = [math.exp(p) for p in classifier.log_prior]
+    assert [unseen[t] for t in classifier.topics] == pytest.approx([p / sum(prior) for p in prior])
+    dragon = "The dragon flapped its wings and flew to its cave."
+    assert classifier.predict_proba([f"zzz {dragon} qqq"]) == classifier.predict_proba([dragon])
 
 
 def test_classifier_is_not_fooled_by_a_repeated_topic_word(classifier):

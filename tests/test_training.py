@@ -1,6 +1,8 @@
 """The training loop: learning, exact resume after SIGKILL, DDP equivalence, codebook upkeep."""
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ from codelens import CodebookConfig
 from codelens.checkpoint import read_tensors
 from codelens.data.fsm import FSMConfig, TokFSM
 from codelens.training import state as train_state
+from codelens.training.batches import StreamingBatches
 from codelens.training.config import TrainConfig
 from codelens.training.init import init_codebooks, kmeans
 from codelens.training.trainer import NonFiniteLossError, lr_factor, train
@@ -69,7 +72,11 @@ def test_loss_falls_and_metrics_are_logged(tmp_path):
     assert usage["blocks.0.hook_mlp_out/tokens"] == 5 * 16 * 24  # token-level counts
     ev = result.final_eval
     assert {"lm_loss", "accuracy", "lm_loss_bypassed", "bottleneck_cost"} <= set(ev)
-    assert 0 < ev["blocks.1.hook_mlp_out/explained_variance"] <= 1
+    # Trained through its codebooks, the model does worse without them.
+    assert ev["lm_loss"] < ev["lm_loss_bypassed"] - 0.3
+    assert ev["bottleneck_cost"] == pytest.approx(ev["lm_loss"] - ev["lm_loss_bypassed"])
+    for site in result.model.codebooks:
+        assert math.isfinite(ev[f"{site}/explained_variance"]), site
     assert (tmp_path / "run" / "final" / "codelens.json").is_file()
 
 
@@ -266,7 +273,8 @@ def test_trains_on_a_local_text_corpus(tmp_path, streaming):
     corpus.write_text("\n\n".join(docs))
     cfg = config(
         tmp_path / "run",
-        steps=6,
+        steps=12,
+        log_every=3,
         codebook={"n_codes": 16, "k": 1},
         init_samples=256,
         data={
@@ -280,4 +288,139 @@ def test_trains_on_a_local_text_corpus(tmp_path, streaming):
     )
     result = train(cfg, progress=False)
     assert (tmp_path / "run" / "tokenizer").is_dir()
-    assert result.final_eval["lm_loss"] > 0
+    assert len(result.model.tokenizer) == 293  # the BPE tokenizer trained on the corpus
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["lm_loss"] for x in lines if x["split"] == "train"]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
+    # The corpus is rotations of one sentence: a model that learned it predicts most tokens.
+    assert result.final_eval["lm_loss"] < math.log(293) - 0.5
+    assert result.final_eval["accuracy"] > 0.5
+
+
+# ---------------------------------------------------------------- silent wrong results (issue 19)
+
+
+def test_kmeans_refills_empty_clusters_with_new_samples():
+    # Three points repeated 60, 20 and 20 times; B and C are close. Two seeds on copies of
+    # A leave a cluster empty while another sits exactly on A, so re-seeding it with its
+    # old sample keeps it empty for good: only a new sample can move it to B or C.
+    a, b, c = torch.tensor([0.0, 0.0]), torch.tensor([10.0, 0.0]), torch.tensor([12.0, 0.0])
+    x = torch.stack([a] * 60 + [b] * 20 + [c] * 20)[None]
+    for seed in range(8):
+        found = kmeans(x, 3, generator=torch.Generator().manual_seed(seed))[0]
+        assert torch.cdist(torch.stack([a, b, c]), found).min(1).values.max() == 0, (seed, found)
+
+
+def _varied_corpus(path: Path, n_docs: int = 300) -> Path:
+    words = "the a cat dog sat ran on under mat park red blue ball tree big small saw".split()
+    gen = torch.Generator().manual_seed(0)
+    docs = [
+        " ".join(words[i] for i in torch.randint(len(words), (12,), generator=gen).tolist())
+        for _ in range(n_docs)
+    ]
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_codebooks_initialise_from_enough_training_data(tmp_path, monkeypatch, streaming):
+    from codelens.training import trainer
+
+    seen = {}
+    build_data, init_codebooks_ = trainer.build_data, trainer.init_codebooks
+
+    def spy_data(*args, **kwargs):
+        seen["source"] = build_data(*args, **kwargs)[0]
+        return (seen["source"], *build_data(*args, **kwargs)[1:])
+
+    def spy_init(model, batches, **kwargs):
+        seen["init"] = torch.cat(list(batches))
+        return init_codebooks_(model, seen["init"].split(8), **kwargs)
+
+    monkeypatch.setattr(trainer, "build_data", spy_data)
+    monkeypatch.setattr(trainer, "init_codebooks", spy_init)
+    corpus = _varied_corpus(tmp_path / "corpus.txt")
+    data = {"source": str(corpus), "block_len": 16, "vocab_size": 300, "eval_blocks": 4}
+    cfg = config(
+        tmp_path / "run",
+        steps=4,
+        codebook={"n_codes": 64, "k": 1},
+        init_samples=400,
+        data=data | {"streaming": streaming},
+        model_config=dict(NEOX, max_position_embeddings=16),
+    )
+    train(cfg, progress=False)
+    rows, held_out = seen["init"], seen["source"].held_out
+    assert rows.numel() >= 400
+    assert len({tuple(r) for r in rows.tolist()}) == len(rows), "every block once"
+    assert not any(torch.equal(r, h) for r in rows for h in held_out), "no held-out block"
+
+    small = dict(data, max_blocks=6)  # 2 training blocks: 32 tokens for 64 codes
+    with pytest.raises(ValueError, match="needs at least 64 training tokens.*holds only 32"):
+        train(dataclasses.replace(cfg, run_dir=str(tmp_path / "small"), data=small))
+
+
+def test_streaming_initialisation_keeps_its_blocks_for_training():
+    blocks = [torch.full((4,), i) for i in range(20)]
+    plain = StreamingBatches(iter(blocks), batch_size=2, eval_blocks=2)
+    peeked = StreamingBatches(iter(blocks), batch_size=2, eval_blocks=2)
+    init = peeked.init_batches(12)
+    assert torch.cat(init)[:, 0].tolist() == [2, 3, 4]
+    for step in range(8):
+        assert torch.equal(plain.batch(step), peeked.batch(step))
+
+
+def test_returned_model_checks_token_ids_again(tmp_path):
+    result = train(config(tmp_path / "run", steps=4), progress=False)
+    assert result.model.validate_tokens
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 12\)"):
+        result.model(torch.tensor([[1, 2, 12]]))
+
+
+def test_sequences_longer_than_the_context_are_an_error(tmp_path):
+    short = config(tmp_path / "fsm", model_config=dict(NEOX, max_position_embeddings=16))
+    with pytest.raises(ValueError, match="sequences have 24 tokens but the model's context is 16"):
+        train(short, progress=False)
+    corpus = _varied_corpus(tmp_path / "corpus.txt", 50)
+    text = config(
+        tmp_path / "text",
+        codebook=None,
+        data={"source": str(corpus), "block_len": 80, "eval_blocks": 1},
+    )
+    model = tiny_model("gpt_neox")  # a context of 64 tokens
+    with pytest.raises(ValueError, match="block_len 80 exceeds the model's context 64"):
+        train(text, model=model, progress=False)
+
+
+def test_resuming_applies_and_records_changed_settings_and_refuses_fixed_ones(tmp_path):
+    first = config(tmp_path / "run", steps=6, checkpoint_every=3)
+    train(first, progress=False)
+    at_6 = final_weights(tmp_path / "run")
+    saved = (tmp_path / "run" / "config.json").read_text()
+    other_data = dataclasses.replace(first, batch_size=8, data={"fsm": dict(FSM, seed=4)})
+    with pytest.raises(ValueError, match=r"cannot change: data: .*; batch_size: 16 -> 8\. Resume"):
+        train(other_data, progress=False)
+    assert (tmp_path / "run" / "config.json").read_text() == saved
+    # Two more steps at a vanishing learning rate: the new lr applies, not the saved 3e-3.
+    longer = dataclasses.replace(first, steps=8, lr=1e-12)
+    train(longer, progress=False)
+    for name, value in final_weights(tmp_path / "run").items():
+        torch.testing.assert_close(value, at_6[name], atol=1e-7, rtol=0, msg=name)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-12
+    (record,) = [json.loads(x) for x in (tmp_path / "run" / "config_changes.jsonl").open()]
+    assert record == {"step": 6, "changes": {"steps": [6, 8], "lr": [0.003, 1e-12]}}
+
+
+def test_bf16_off_cuda_is_an_error_not_a_quiet_fp32_run(tmp_path):
+    with pytest.raises(ValueError, match="bf16=true trains with bf16 autocast on a CUDA GPU only"):
+        config(tmp_path / "run", bf16=True, device="cpu")
+    if not torch.cuda.is_available():  # device "auto" resolves to the CPU here
+        with pytest.raises(ValueError, match="the device is cpu; set bf16=false"):
+            train(config(tmp_path / "run", bf16=True), progress=False)
+        assert not (tmp_path / "run").exists()
+
+
+def test_ddp_batch_must_split_evenly_over_the_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="batch_size 16 does not split evenly over 3 processes"):
+        train(config(tmp_path / "run"), progress=False)

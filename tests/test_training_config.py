@@ -173,6 +173,24 @@ def test_lenient_numbers():
         ({"data": {"source": "a.txt", "block_len": "64"}}, "data.block_len must be an int"),
         ({"data": {"source": "a.txt", "text_column": 3}}, "data.text_column must be a non-empty"),
         ({"data": {"fsm": "abc"}}, "data.fsm must be a dict"),
+        (
+            {"data": {"source": "a.txt", "blok_len": 64}},
+            r"unknown config key: 'data.blok_len' \(did you mean 'data.block_len'\?\)",
+        ),
+        (
+            {"data": {"fsm": {}, "block_len": 64}},
+            r"'data.block_len'; valid keys: data.fsm \(for FSM",
+        ),
+        (
+            {"data": {"fsm": {"n_state": 5}}},
+            r"'data.fsm.n_state' \(did you mean 'data.fsm.n_states'",
+        ),
+        ({"data": {"source": "a.txt", "vocab_size": 0}}, "data.vocab_size must be > 0"),
+        (
+            {"codebook": {"n_codes": 100, "mlp_n_codes": 400}, "init_samples": 300},
+            r"init_samples \(300\) must be at least the largest codebook size \(400\)",
+        ),
+        ({"bf16": True, "device": "cpu"}, "bf16=true trains with bf16 autocast on a CUDA GPU only"),
         ({"codebook": {"n_codes": 0}}, "codebook.n_codes must be > 0"),
         ({"codebook": {"n_codes": 10, "k": 11}}, "k must be between 1 and n_codes=10"),
         ({"codebook": {"sites": []}}, "codebook.sites must be a non-empty list"),

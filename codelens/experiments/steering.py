@@ -338,7 +338,9 @@ def steer_topics(
     unsteered sweep's; ties go to the simpler, earlier option. Forcing every slot of more
     heads at the same positions is skipped once fewer heads broke that limit (more forced
     heads are taken to be less fluent). Evaluation uses other prompts and seeds than the
-    sweep.
+    sweep. ``sweep_before`` is the on-topic share of the unsteered sweep, generated with
+    the same prompts and seeds as every option, so an option that changed nothing has
+    exactly that share.
     """
     tok = model.tokenizer
     plain = generate_texts(model, EVAL_PROMPTS, exp.samples, exp.new_tokens, exp.seed + 100)
@@ -348,6 +350,7 @@ def steer_topics(
         model, SWEEP_PROMPTS, exp.sweep_samples, exp.new_tokens, exp.seed + 200
     )
     sweep_ppl = perplexity(base, sweep_plain)
+    sweep_plain_texts = continuation_texts(tok, sweep_plain)
     rows = []
     for t, topic in enumerate(exp.topics):
         sweep = []
@@ -368,6 +371,7 @@ def steer_topics(
         row: dict[str, Any] = {
             "topic": topic,
             "before": on_topic_share(classifier, plain_texts, topic),
+            "sweep_before": on_topic_share(classifier, sweep_plain_texts, topic),  # same seeds
             "sweep": sweep,
         }
         fluent = [o for o in sweep if o["perplexity_ratio"] <= exp.max_perplexity_ratio]

@@ -32,6 +32,19 @@ from typing import Any, Literal
 
 __all__ = ["ConfigFileNotFoundError", "TrainConfig", "apply_overrides"]
 
+# Keys of the ``data`` section: a text corpus, or synthetic FSM data.
+_TEXT_DATA_KEYS = (
+    "source",
+    "split",
+    "text_column",
+    "config_name",
+    "streaming",
+    "block_len",
+    "eval_blocks",
+    "max_blocks",
+    "vocab_size",
+)
+_FSM_DATA_KEYS = ("fsm",)
 # YAML 1.1 (PyYAML) reads "1e-3" and "1e5" as strings; numeric fields accept these literals.
 _SCI_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda|xpu)(:\d+)?$")
@@ -79,7 +92,7 @@ class TrainConfig:
     log_every: int = 50  # steps
     checkpoint_every: int = 1000  # steps; 0 disables periodic checkpoints
     keep_checkpoints: int = 3
-    bf16: bool = False  # bf16 autocast, on GPU only
+    bf16: bool = False  # bf16 autocast; CUDA only (an error elsewhere, never a quiet fp32 run)
     device: str = "auto"
     wandb: bool = False
     tensorboard: bool = False
@@ -155,14 +168,23 @@ class TrainConfig:
                 f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu', "
                 f"got {self.device!r}"
             )
+        if self.bf16 and self.device.split(":")[0] not in ("auto", "cuda"):
+            raise ValueError(bf16_error(self.device))
 
     def _validate_data(self) -> None:
-        """``data`` must pick exactly one of a text source and an FSM spec."""
+        """``data`` must pick exactly one of a text source and an FSM spec, and no unknown keys."""
         has_source, has_fsm = "source" in self.data, "fsm" in self.data
         if has_source == has_fsm:
             raise ValueError(
                 "data must contain exactly one of 'source' (text corpus: file or hub dataset) "
                 f"and 'fsm' (synthetic FSM data); got keys {sorted(self.data)}"
+            )
+        valid = list(_TEXT_DATA_KEYS if has_source else _FSM_DATA_KEYS)
+        unknown = [k for k in self.data if k not in valid]
+        if unknown:
+            kind = "text" if has_source else "FSM"
+            raise ValueError(
+                f"{_unknown_keys_message(unknown, valid, prefix='data.')} (for {kind} data)"
             )
         if has_source:
             source = self.data["source"]
@@ -174,7 +196,14 @@ class TrainConfig:
                     raise ValueError(f"data.{key} must be a non-empty string, got {value!r}")
         elif not isinstance(self.data["fsm"], dict):
             raise ValueError(f"data.fsm must be a dict, got {self.data['fsm']!r}")
-        for key in ("block_len", "eval_blocks", "max_blocks"):
+        else:
+            from codelens.data.fsm import FSMConfig
+
+            valid = [f.name for f in dataclasses.fields(FSMConfig)]
+            unknown = [k for k in self.data["fsm"] if k not in valid]
+            if unknown:
+                raise ValueError(_unknown_keys_message(unknown, valid, prefix="data.fsm."))
+        for key in ("block_len", "eval_blocks", "max_blocks", "vocab_size"):
             if key in self.data and self.data[key] is not None:
                 _positive(f"data.{key}", self.data[key], integer=True)
         if "streaming" in self.data and not isinstance(self.data["streaming"], bool):
@@ -204,9 +233,15 @@ class TrainConfig:
             )
         if cls is not None:
             try:
-                cls(**cb)
+                built = cls(**cb)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"invalid codebook config {cb!r}: {e}") from e
+            n_codes = max(built.n_codes, built.mlp_n_codes or 0)
+            if self.init != "random" and self.init_samples < n_codes:
+                raise ValueError(
+                    f"init_samples ({self.init_samples}) must be at least the largest codebook "
+                    f"size ({n_codes}) for init={self.init!r}: k-means needs a sample per code"
+                )
 
     # ---------------------------------------------------------------------------------------
     # Conversion and I/O
@@ -283,6 +318,14 @@ class TrainConfig:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def bf16_error(device: object) -> str:
+    """Why ``bf16=true`` cannot run on ``device`` (not CUDA), and what to do instead."""
+    return (
+        f"bf16=true trains with bf16 autocast on a CUDA GPU only, but the device is {device}; "
+        "set bf16=false to train in float32 there"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,17 +23,24 @@ def kmeans(
     """Batched Lloyd k-means, all groups at once (Euclidean).
 
     Starts from random samples (or k-means++ seeding). Fewer samples than clusters
-    are allowed: the extra centroids are noisy copies of samples. Empty clusters
-    are re-seeded from random samples.
+    are allowed: the extra centroids are noisy copies of samples. Empty clusters are
+    re-seeded from samples drawn afresh at every iteration, so one that lands on a spot
+    another centroid already holds gets a new sample next time. (Re-seeding at the
+    samples farthest from their centroids instead, as scikit-learn does, fitted outliers
+    and initialised a codebook model to a worse loss.)
     """
     groups, n, d = x.shape
     if n == 0:
         raise ValueError("k-means needs at least one sample")
     gen = generator
-    pick = torch.randint(n, (groups, n_clusters), generator=gen, device="cpu").to(x.device)
     if plus_plus:
         centroids = _plus_plus(x, n_clusters, gen)
     else:
+        if n >= n_clusters:  # distinct samples
+            pick = torch.rand((groups, n), generator=gen).argsort(-1)[:, :n_clusters]
+        else:
+            pick = torch.randint(n, (groups, n_clusters), generator=gen)
+        pick = pick.to(x.device)
         centroids = torch.gather(x, 1, pick[..., None].expand(-1, -1, d)).clone()
     if n < n_clusters:
         scale = x.std() * 0.01
@@ -41,8 +48,7 @@ def kmeans(
         centroids += scale * noise
         return centroids
     for _ in range(iters):
-        dist = torch.cdist(x, centroids)  # [G, N, C]
-        assign = dist.argmin(-1)
+        assign = torch.cdist(x, centroids).argmin(-1)  # [G, N]
         sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, d), x)
         sizes = torch.zeros(groups, n_clusters, device=x.device).scatter_add_(
             1, assign, torch.ones_like(assign, dtype=x.dtype)
@@ -50,7 +56,8 @@ def kmeans(
         empty = sizes == 0
         centroids = torch.where(empty[..., None], centroids, sums / sizes.clamp(min=1)[..., None])
         if empty.any():
-            refill = torch.gather(x, 1, pick[..., None].expand(-1, -1, d))
+            fresh = torch.randint(n, (groups, n_clusters), generator=gen).to(x.device)
+            refill = torch.gather(x, 1, fresh[..., None].expand(-1, -1, d))
             centroids = torch.where(empty[..., None], refill, centroids)
     return centroids
 

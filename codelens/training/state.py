@@ -46,8 +46,13 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     extra_tensors: dict[str, Tensor],
     keep: int,
+    config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint for ``step`` atomically and prune to the newest ``keep``."""
+    """Write the checkpoint for ``step`` atomically and prune to the newest ``keep``.
+
+    ``config`` (the run's training config) is stored with it, so a resume can tell
+    whether it runs under the settings that produced this state.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -58,7 +63,7 @@ def save_state(
         tensors |= {f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()}
         tensors |= _rng_tensors()
         save_file(tensors, str(tmp / "trainer.safetensors"))
-        meta |= {"step": step, "python_random": _python_random_state()}
+        meta |= {"step": step, "python_random": _python_random_state(), "config": config}
         (tmp / "trainer.json").write_text(json.dumps(meta))
         fields = {"format": "codelens-trainer-state", "version": 1}
         checkpoint.write_manifest(tmp, STATE_MANIFEST, fields, skip=("model",))
@@ -98,6 +103,16 @@ def load_state(
     random.setstate(_tuples(meta["python_random"]))
     extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     return int(meta["step"]), extra
+
+
+def saved_config(path: Path) -> dict[str, Any] | None:
+    """The training config a checkpoint was written under (None if it predates recording it)."""
+    checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
+    path = Path(path) / "trainer.json"
+    try:
+        return json.loads(path.read_text()).get("config")
+    except (OSError, json.JSONDecodeError) as err:
+        raise checkpoint.CheckpointError(f"{path} is unreadable: {err}") from err
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -9,6 +9,7 @@ processes follow the same trajectory as one. Only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from codelens.data.fsm import FSMConfig, TokFSM
 from codelens.model import HookedCodebookTransformer
 from codelens.training import state as train_state
 from codelens.training.batches import BlockBatches, FSMBatches, StreamingBatches
-from codelens.training.config import TrainConfig
+from codelens.training.config import TrainConfig, bf16_error
 from codelens.training.init import init_codebooks, replace_dead_codes
 from codelens.training.usage import (
     CodebookMonitor,
@@ -68,10 +69,16 @@ class _Dist:
 # ---------------------------------------------------------------------------- set-up
 
 
-def _setup_distributed(device: torch.device) -> _Dist:
+def _setup_distributed(device: torch.device, batch_size: int) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
+    if batch_size % world:
+        raise ValueError(
+            f"batch_size {batch_size} does not split evenly over {world} processes "
+            f"(WORLD_SIZE={world}): ranks with fewer rows would weigh as much as the others, "
+            f"so the run would not match one process; use a multiple of {world}"
+        )
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         return _Dist(dist.get_rank(), dist.get_world_size(), owns_group=True)
@@ -139,6 +146,100 @@ def build_model(
     return HookedCodebookTransformer.from_config(
         model_config, tokenizer, codebook, seed=config.seed
     )
+
+
+def _check_context(source: Any, model: HookedCodebookTransformer) -> None:
+    """Training blocks must fit the model's context (rotary models would run past it quietly)."""
+    length, n_ctx = source.eval_batch(0).shape[-1], model.cfg.n_ctx
+    if length > n_ctx:
+        raise ValueError(
+            f"training sequences have {length} tokens but the model's context is {n_ctx}; "
+            f"set data.block_len (text) or data.fsm.seq_len (FSM) to at most {n_ctx}"
+        )
+
+
+def _init_batches(
+    source: Any, config: TrainConfig, model: HookedCodebookTransformer
+) -> list[Tensor]:
+    """Training data for k-means: ``init_samples`` distinct tokens, at least one per code."""
+    if config.init == "random":
+        return []
+    n_codes = max(cb.n_codes for cb in model.codebooks.values())
+    if config.init_samples < n_codes:
+        raise ValueError(
+            f"init_samples ({config.init_samples}) must be at least the largest codebook size "
+            f"({n_codes}) for init={config.init!r}: k-means needs a sample per code"
+        )
+    batches = source.init_batches(config.init_samples)
+    have = sum(b.numel() for b in batches)
+    if have < n_codes:
+        raise ValueError(
+            f"init={config.init!r} needs at least {n_codes} training tokens (one per code), "
+            f"but the training data holds only {have}; use more data or init=random"
+        )
+    return batches
+
+
+# Keys a resumed run cannot change: they say what is trained, on which data, in which
+# order; the saved weights, optimiser layout and data position belong to them.
+_FIXED_ON_RESUME = (
+    "model",
+    "model_config",
+    "tokenizer",
+    "codebook",
+    "data",
+    "seed",
+    "batch_size",
+    "train",
+)
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+
+
+def _resume_changes(newest: Path, config: TrainConfig) -> dict[str, list[Any]]:
+    """``{key: [old, new]}`` for settings that differ from the checkpoint's config.
+
+    Raises, naming the keys, when one of them is fixed for the run; every other change
+    (learning rates, schedule, ``steps``, logging, ...) is applied by the resumed run.
+    """
+    saved = train_state.saved_config(newest)
+    if saved is None:  # a checkpoint from before configs were stored with it
+        old_file = Path(config.run_dir) / "config.json"
+        if not old_file.is_file():
+            return {}
+        saved = json.loads(old_file.read_text())
+    fields = dataclasses.fields(TrainConfig)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    old = json.loads(json.dumps(saved))
+    new = json.loads(json.dumps(config.to_dict()))
+    changes = {
+        key: [old.get(key, defaults.get(key)), value]
+        for key, value in new.items()
+        if key != "run_dir" and old.get(key, defaults.get(key)) != value
+    }
+    fixed = [
+        f"{k}: {json.dumps(changes[k][0])} -> {json.dumps(changes[k][1])}"
+        for k in _FIXED_ON_RESUME
+        if k in changes
+    ]
+    if fixed:
+        raise ValueError(
+            f"{config.run_dir} holds a checkpoint ({newest.name}) of a run with other "
+            f"settings that a resumed run cannot change: {'; '.join(fixed)}. Resume with "
+            f"the saved values, or start a new run_dir with model={newest / 'model'} to go on "
+            "from its weights."
+        )
+    return changes
+
+
+_GROUP_SETTINGS = ("lr", "base_lr", "weight_decay")
+
+
+def _record_changes(run_dir: Path, step: int, changes: dict[str, list[Any]]) -> None:
+    """Say which settings a resumed run changed, and log them next to config.json."""
+    with open(run_dir / CONFIG_CHANGES_FILE, "a") as f:
+        f.write(json.dumps({"step": step, "changes": changes}) + "\n")
+    listed = "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items())
+    tqdm.write(f"resuming at step {step} with changed settings: {listed}")
 
 
 def _freeze_unused(model: HookedCodebookTransformer, tokens: Tensor) -> None:
@@ -309,13 +410,21 @@ def train(
 
     started = time.perf_counter()
     device = _device(config.device)
-    ranks = _setup_distributed(device)
+    if config.bf16 and device.type != "cuda":
+        raise ValueError(bf16_error(device))
     run_dir = Path(config.run_dir)
+    found = train_state.checkpoint_dirs(run_dir)
+    changes = _resume_changes(found[-1], config) if found else {}
+    ranks = _setup_distributed(device, config.batch_size)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if model is None and config.model:
         model = build_model(config, None, None)  # a pretrained model brings its tokenizer
-    source, tokenizer, fsm = build_data(config, model.tokenizer if model is not None else None)
+    source, tokenizer, fsm = build_data(
+        config,
+        model.tokenizer if model is not None else None,
+        n_ctx=model.cfg.n_ctx if model is not None else None,
+    )
     if model is None:
         model = build_model(config, tokenizer, fsm)
     elif config.codebook:
@@ -327,8 +436,8 @@ def train(
                 f"config.codebook {wanted} differs from the model's codebooks "
                 f"{model.codebook_config}; drop config.codebook or pass a matching one"
             )
+    _check_context(source, model)
     model.to(device)
-    model.validate_tokens = False  # the batch sources produce in-range ids
     if ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.json")
@@ -336,16 +445,19 @@ def train(
     optimizer = _optimizer(model, config)
     monitor = CodebookMonitor(model)
     start = 0
-    found = train_state.checkpoint_dirs(run_dir)
     if found:
+        settings = [{k: g[k] for k in _GROUP_SETTINGS} for g in optimizer.param_groups]
         start, extra = train_state.load_state(found[-1], model, optimizer)
+        for group, own in zip(optimizer.param_groups, settings, strict=True):
+            group.update(own)  # this config's learning rates and decay, not the checkpoint's
         monitor.load_state({k: v.to(device) for k, v in extra.items()})
+        if changes and ranks.main:
+            _record_changes(run_dir, start, changes)
     elif model.codebooks and not (config.model and not config.codebook):
-        # initialise new codebooks; never overwrite those a saved model brought
-        init_batches = [source.eval_batch(1000 + i).to(device) for i in range(_n_init(config))]
+        # initialise new codebooks from training data; never overwrite those a saved model brought
         init_codebooks(
             model,
-            init_batches,
+            [b.to(device) for b in _init_batches(source, config, model)],
             method=config.init,
             samples=config.init_samples,
             generator=torch.Generator().manual_seed(config.seed),
@@ -361,6 +473,8 @@ def train(
     bar = tqdm(total=config.steps, initial=start, disable=not (progress and ranks.main))
     running: dict[str, Tensor] = {}
     final_eval: dict[str, float] = {}
+    validate_tokens = model.validate_tokens
+    model.validate_tokens = False  # the batch sources produce in-range ids; no sync per step
     try:
         with model.hooks(fwd_hooks=monitor.hooks()):
             for step in range(start, config.steps):
@@ -419,6 +533,7 @@ def train(
                             optimizer,
                             monitor.state(),
                             config.keep_checkpoints,
+                            config=config.to_dict(),
                         )
                     if ranks.world > 1:
                         dist.barrier()
@@ -431,17 +546,12 @@ def train(
                 final_eval = evaluate(model, eval_batches)
             (run_dir / "final_eval.json").write_text(json.dumps(final_eval, indent=2))
     finally:
+        model.validate_tokens = validate_tokens
         bar.close()
         logger.close()
         if ranks.owns_group:
             dist.destroy_process_group()
     return TrainResult(model, run_dir, config.steps, final_eval, time.perf_counter() - started)
-
-
-def _n_init(config: TrainConfig) -> int:
-    """Eval-stream batches used to initialise codebooks (enough for init_samples tokens)."""
-    block = config.data.get("block_len") or config.data.get("fsm", {}).get("seq_len", 128)
-    return max(1, math.ceil(config.init_samples / (config.batch_size * block)))
 
 
 def _train_metrics(
