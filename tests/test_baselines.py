@@ -256,3 +256,53 @@ def test_clamp_sets_feature_and_swap_pastes_reference():
     assert _no_hooks(model)
     with pytest.raises(ValueError, match="out of range"):
         steer_hooks(pca, add={99: 1.0})
+
+
+# ---------------------------------------------------------------- experiment glue
+
+
+def test_fit_baselines_and_feature_swaps_on_a_codebook_model(tokens):
+    from codelens import CodebookConfig
+    from codelens.experiments import baselines as bl
+
+    coded = tiny_model("gpt2", CodebookConfig(n_codes=8, k=2), seed=0)
+    base = tiny_model("gpt2", seed=0)
+    assert bl.matched_k(coded, Z0) == 8 and bl.matched_k(coded, MLP1) == 2
+    train = torch.randint(0, 10, (16, 12), generator=torch.Generator().manual_seed(1))
+    sites = list(coded.codebooks)
+    heldout = cache_activations(base, tokens, sites)
+    settings = {"sae_ks": ["matched", 4], "steps": 20, "batch_size": 64, "ica_tokens": 200}
+    methods = bl.fit_baselines(base, coded, train, None, heldout, settings, seed=0)
+    assert [m.name.split(" (")[0] for m in methods] == ["SAE matched L0", "SAE k=4", "PCA", "ICA"]
+    assert methods[0].name == "SAE matched L0 (20 latents/token)"  # 2 layers x (8 + 2)
+    for m in methods:
+        assert [f.site for f in m.features] == sites and m.seconds > 0
+        assert set(m.metrics) == set(sites)
+    values = bl.encode_all(base, methods[1].features, tokens, torch.ones_like(tokens, dtype=bool))
+    assert values.shape == (tokens.numel(), sum(f.n_features for f in methods[1].features))
+    cost = bl.splice_loss_cost(base, methods[2].features, tokens)
+    assert abs(cost["loss_cost"]) < 1e-4  # PCA with a full basis reconstructs exactly
+    assert _no_hooks(base)
+    lines = bl.table_markdown([{"method": "x", "state_precision": 0.5}, {"method": "y"}])
+    assert lines[2] == "| x | 50.0 |" and lines[3] == "| y | n/a |"
+
+
+def test_seed_summary_mean_and_range():
+    from types import SimpleNamespace
+
+    from codelens.experiments.seeds import markdown, summarise
+
+    def report(acc, prec):
+        return {
+            "timings": {"total s": 10.0 * acc},
+            "baselines": {"rows": [{"method": "SAE", "state_precision": prec, "seconds": None}]},
+            "acc": acc,
+        }
+
+    module = SimpleNamespace(headline=lambda r: {"accuracy": r["acc"]})
+    summary = summarise(module, {0: report(1.0, 0.5), 1: report(3.0, 0.7)})
+    assert summary["headline"]["accuracy"] == {"mean": 2.0, "min": 1.0, "max": 3.0}
+    spread = summary["baselines"]["SAE"]["state_precision"]
+    assert spread["min"] == 0.5 and spread["max"] == 0.7
+    assert spread["mean"] == pytest.approx(0.6)
+    assert "| SAE | 60 (50 to 70) |" in markdown(summary)

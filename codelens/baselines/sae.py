@@ -168,19 +168,47 @@ def train_sae(
     if not bool(torch.isfinite(acts).all()):
         raise ValueError("acts contain NaN or infinite values")
     started = time.perf_counter()
-    n, d = acts.shape
+    d = acts.shape[1]
     acts = acts.float()
     mean = acts.mean(0)
     scale = float(((acts - mean) ** 2).sum(1).mean().sqrt()) / math.sqrt(d) or 1.0
     sae = SparseAutoencoder(site, d, config, head=head)
     with torch.no_grad():
         sae.offset.copy_(mean / scale)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    with torch.enable_grad():  # also when called under no_grad
+        mse, aux, since_fired = _train_loop(sae, acts, scale, config, gen, losses)
+    with torch.no_grad():  # fold the input scale: the saved SAE reads raw activations
+        sae.offset.mul_(scale)
+        sae.encoder_bias.mul_(scale)
+    stats = TrainStats(
+        time.perf_counter() - started,
+        config.steps,
+        config.steps * config.batch_size,
+        float(mse.detach()) * scale**2,
+        float(aux.detach()) * scale**2,
+        float((since_fired >= min(config.dead_window, config.steps)).float().mean()),
+        losses,
+    )
+    return sae.eval().requires_grad_(False), stats
+
+
+def _train_loop(
+    sae: SparseAutoencoder,
+    acts: Tensor,
+    scale: float,
+    config: SAEConfig,
+    gen: torch.Generator,
+    losses: list[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam steps on ``acts / scale``; returns the last MSE, AuxK loss and steps since
+    each latent fired."""
+    n, d = acts.shape
+    optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
     since_fired = torch.zeros(config.n_latents, dtype=torch.long)
     aux_k = _aux_k(config, d)
     order, cursor = torch.randperm(n, generator=gen), 0
-    losses: list[float] = []
     mse = aux = torch.zeros(())
     for _ in range(config.steps):
         if cursor + config.batch_size > n:
@@ -211,19 +239,7 @@ def train_sae(
         with torch.no_grad():
             sae.decoder /= sae.decoder.norm(dim=1, keepdim=True).clamp(min=1e-12)
         losses.append(float(mse.detach()))
-    with torch.no_grad():  # fold the input scale: the saved SAE reads raw activations
-        sae.offset.mul_(scale)
-        sae.encoder_bias.mul_(scale)
-    stats = TrainStats(
-        time.perf_counter() - started,
-        config.steps,
-        config.steps * config.batch_size,
-        float(mse.detach()) * scale**2,
-        float(aux.detach()) * scale**2,
-        float((since_fired >= min(config.dead_window, config.steps)).float().mean()),
-        losses,
-    )
-    return sae.eval().requires_grad_(False), stats
+    return mse, aux, since_fired
 
 
 @torch.no_grad()
