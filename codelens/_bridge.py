@@ -15,6 +15,11 @@ so that an upgrade that changes them fails loudly:
 - The bridge's live parameters are `bridge.named_parameters()`; for GPT-2 and
   GPT-NeoX the fused QKV weight of the HF model is replaced by split copies, so
   checkpoints store the bridge's parameters, not the HF state dict.
+- An attention bridge that recomputes attention (always, once a hook on ``hook_z``
+  replaces its output) extends the KV cache only when it is handed as
+  ``past_key_values`` or ``layer_past``. transformers 5.24 renamed the argument its
+  decoder layers pass to ``cache`` (GPT-2, Llama, ...), so cached generation silently
+  attended to the new token alone; `route_kv_cache` hands it on under the old name.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
 from codelens.codebook import CodebookLayer
 
@@ -55,7 +61,29 @@ def boot(
         kwargs["hf_model"] = hf_model
     if device is not None:
         kwargs["device"] = device
-    return TransformerBridge.boot_transformers(name_or_dir, **kwargs)
+    bridge = TransformerBridge.boot_transformers(name_or_dir, **kwargs)
+    route_kv_cache(bridge)
+    return bridge
+
+
+def route_kv_cache(bridge: TransformerBridge) -> None:
+    """Let every attention bridge find the KV cache that transformers >= 5.24 passes as ``cache``.
+
+    Without it, an attention bridge that recomputes attention leaves the cache empty, and
+    each cached decoding step attends only to itself (see the module docstring).
+    """
+    for module in bridge.modules():
+        if isinstance(module, AttentionBridge) and "_update_kv_cache" not in vars(module):
+            module._update_kv_cache = _cache_aware(module._update_kv_cache)
+
+
+def _cache_aware(update_kv_cache: Any) -> Any:
+    def update(k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None:
+            kwargs["past_key_values"] = kwargs.get("cache")
+        return update_kv_cache(k, v, **kwargs)
+
+    return update
 
 
 def hf_model(bridge: TransformerBridge) -> nn.Module:

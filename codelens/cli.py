@@ -74,8 +74,25 @@ def _browse(args: argparse.Namespace) -> None:
     print(f"code browser for {tokens.shape[0]} x {tokens.shape[1]} tokens written to {out}")
 
 
+class _VersionAction(argparse.Action):
+    """``codelens --version``: the versions every report records, one per line."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from codelens.environment import stack
+
+        for name, version in stack().items():
+            print(f"{name} {version}")
+        parser.exit()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="codelens", description=__doc__)
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print codelens' version and its stack, then exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train or fine-tune a model with codebooks")

@@ -5,6 +5,7 @@ If a TransformerLens upgrade changes one of them, these fail first and say which
 
 from importlib.metadata import version
 
+import torch
 import transformer_lens
 from conftest import tiny_model
 from transformer_lens.hook_points import HookPoint
@@ -48,3 +49,25 @@ def test_live_parameters_are_the_bridge_parameters(tokens):
     stale = [n for n, p in model.original_model.named_parameters() if p.grad is None]
     # The fused QKV weight is replaced by split copies: checkpoints must store bridge parameters.
     assert stale and all(".qkv." in n for n in stale)
+
+
+def test_kv_cache_fills_when_attention_is_recomputed(arch):
+    # A replacing hook on hook_z makes the bridge recompute attention; transformers >= 5.24
+    # hands that code the cache as `cache=`, which TL 4.3 alone ignores (route_kv_cache).
+    model = tiny_model(arch)
+    prompt = torch.tensor([[10, 1, 2, 3, 4]])
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", lambda z, hook: z * 1.0)]):
+        _, cache = model(prompt, return_type="logits_and_cache", use_cache=True)
+        assert cache is not None and cache.get_seq_length() == prompt.shape[1]
+
+
+def test_cached_generation_equals_full_forward_argmax(arch):
+    torch.manual_seed(0)
+    model = tiny_model(arch, CodebookConfig(n_codes=20, k=1))
+    prompts = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(1))
+    prompts[:, 0] = 10
+    out = model.generate(
+        prompts, max_new_tokens=20, do_sample=False, stop_at_eos=False, verbose=False
+    )
+    assert out.shape == (4, 23)
+    assert torch.equal(out[:, 3:], model(out)[:, 2:-1].argmax(-1))

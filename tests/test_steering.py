@@ -277,6 +277,7 @@ def _fake_report():
             "samples": 2,
             "new_tokens": 5,
         },
+        "environment": {"torch": "2.0", "transformers": "5.0"},
         "heldout_loss": {"baseline": 1.0, "codebooks": 1.1, "ratio": 1.1},
         "regex": [
             {"pattern": "year", "positives": 3},
@@ -321,6 +322,7 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
     )
     assert "| month | 4 | blocks.0.attn.hook_z, 1, 5 | 90.0 | 50.0 | 40.0 | 50.0 | 70.0 |" in md
     assert json.loads((tmp_path / "report.json").read_text())["heldout_loss"]["ratio"] == 1.1
+    assert "Stack: torch 2.0, transformers 5.0." in md
     report = _fake_report()
     boat = report["steering"]["topics"][1]
     code = boat["steer"]["codes"][0]

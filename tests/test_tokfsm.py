@@ -1,6 +1,7 @@
 """The TokFSM experiment: its measures on known cases, and the quick pipeline end to end."""
 
 import json
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ def test_quick_pipeline_meets_its_thresholds(tmp_path, monkeypatch):
         json.loads((tmp_path / "report.json").read_text())["models"].keys()
         == report["models"].keys()
     )
+    assert report["environment"]["transformers"] == version("transformers")
     base, coded = (report["models"][n] for n in ("no codebook", "attn+mlp k=1 C=200/800"))
     assert base["table1"]["transition_accuracy"] >= 0.9
     assert coded["table1"]["transition_accuracy"] >= 0.85

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from codelens.environment import describe
 from codelens.viz import Page, intervention_results, precision_recall, training_curves
 
 
@@ -30,6 +31,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# TokFSM report",
         "",
         f"FSM: {exp['fsm']}; model: {exp['model']}; seed {exp['seed']}.",
+        "",
+        f"Stack: {describe(report['environment'])}.",
         "",
         "## Table 1",
         "",

@@ -52,6 +52,7 @@ from codelens.data.stories import (
     write_corpus,
 )
 from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokenizer
+from codelens.environment import check_cached_generation, describe, stack
 from codelens.experiments.report import _atomic_write
 from codelens.experiments.stages import train_stage
 from codelens.interventions import force_codes, intervene, swap_codes
@@ -670,6 +671,8 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         exp, "codebooks", exp.codebook_stage, str(run_dir / "baseline/final")
     ).model
     t = lap("codebook training s", t)
+    for trained in (base, model):
+        check_cached_generation(trained, heldout[:4, :16])
     losses = {"baseline": heldout_loss(base, heldout), "codebooks": heldout_loss(model, heldout)}
     losses["ratio"] = losses["codebooks"] / losses["baseline"]
 
@@ -703,6 +706,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     timings["total s"] = time.perf_counter() - started
     report = {
         "experiment": dataclasses.asdict(exp),
+        "environment": stack(),
         "heldout_loss": losses,
         "regex": regex,
         "steering": steering,
@@ -739,6 +743,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Model: {exp['model']}; codebooks: {exp['codebook_stage']['codebook']}; "
         f"{exp['n_stories']} training stories; seed {exp['seed']}.",
+        "",
+        f"Stack: {describe(report['environment'])}.",
         "",
         "## Held-out loss",
         "",

@@ -37,6 +37,7 @@ from codelens.data.fsm import (
     next_token_metrics,
     transition_accuracy,
 )
+from codelens.environment import check_cached_generation, stack
 from codelens.experiments.report import write_report
 from codelens.experiments.stages import train_stage
 from codelens.model import HookedCodebookTransformer
@@ -157,6 +158,7 @@ def evaluate_fsm_model(
     tokens, _ = fsm.sample(exp.eval_sequences, generator=gen)
     metrics = next_token_metrics(_batched_logits(model, tokens), tokens)
     prompts = fsm.prompts(exp.generations, 1, generator=gen)
+    check_cached_generation(model, prompts[:8])
     # Stay within the trained length: positions past it were never trained.
     n_states = min(exp.generated_states, fsm.states_per_seq - 1)
     torch.manual_seed(exp.seed + 11)
@@ -489,7 +491,12 @@ def run_experiment(exp: FSMExperiment) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(exp.run_dir)
     fsm = TokFSM(FSMConfig(**exp.fsm))
-    report: dict[str, Any] = {"experiment": dataclasses.asdict(exp), "models": {}, "timings": {}}
+    report: dict[str, Any] = {
+        "experiment": dataclasses.asdict(exp),
+        "environment": stack(),
+        "models": {},
+        "timings": {},
+    }
     stage_start = time.perf_counter()
     baseline = _train_stage(exp, "baseline", exp.baseline, None)
     report["timings"]["baseline training s"] = time.perf_counter() - stage_start
