@@ -306,3 +306,29 @@ def test_seed_summary_mean_and_range():
     assert spread["min"] == 0.5 and spread["max"] == 0.7
     assert spread["mean"] == pytest.approx(0.6)
     assert "| SAE | 60 (50 to 70) |" in markdown(summary)
+
+
+def test_run_seeds_runs_each_seed_in_its_own_directory(tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from codelens.experiments.seeds import run_seeds
+
+    @dataclasses.dataclass
+    class Exp:
+        run_dir: str
+        seed: int = 0
+
+    seen = []
+
+    def run_experiment(exp):
+        seen.append((exp.seed, exp.run_dir))
+        return {"timings": {"total s": 1.0}, "value": float(exp.seed)}
+
+    module = SimpleNamespace(run_experiment=run_experiment, headline=lambda r: {"v": r["value"]})
+    summary = run_seeds(module, Exp(str(tmp_path)), [3, 5])
+    assert seen == [(3, str(tmp_path / "seed-3")), (5, str(tmp_path / "seed-5"))]
+    assert summary["headline"]["v"] == {"mean": 4.0, "min": 3.0, "max": 5.0}
+    assert "| v | 4 (3 to 5) |" in (tmp_path / "seeds.md").read_text()
+    with pytest.raises(ValueError, match="distinct"):
+        run_seeds(module, Exp(str(tmp_path)), [1, 1])
