@@ -1,4 +1,5 @@
-"""The topic steering experiment: helpers, and the quick pipeline against loose targets."""
+"""Topic steering: codelens.steering and the topic codes of codelens.analysis, and the
+experiment (codelens.experiments.steering) with its quick pipeline against loose targets."""
 
 import dataclasses
 import json
@@ -9,28 +10,27 @@ import torch
 from conftest import tiny_model
 
 from codelens import CodebookConfig
+from codelens.analysis import token_strings, topic_codes, topic_stats, topic_swaps
 from codelens.data.stories import TOPICS, TopicClassifier, generate_stories
 from codelens.data.text import train_bpe_tokenizer
 from codelens.experiments.steering import (
     QUICK,
     _past_broken,
-    continuation_texts,
-    force_hooks,
-    generate_texts,
-    on_topic_share,
     option_hooks,
-    perplexity,
     regex_search,
     run_experiment,
     steering_options,
     story_tokens,
     summary_line,
-    swap_hooks,
-    token_strings,
-    topic_codes,
-    topic_stats,
-    topic_swaps,
     write_report,
+)
+from codelens.steering import (
+    continuation_texts,
+    force_hooks,
+    generate_texts,
+    on_topic_share,
+    perplexity,
+    swap_hooks,
 )
 
 

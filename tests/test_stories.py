@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
+from codelens.data import stories
 from codelens.data.stories import (
     _HINTS,
     B_NAMES,
@@ -312,3 +315,51 @@ def test_read_corpus_errors(tmp_path):
     blank = tmp_path / "blank.jsonl"
     blank.write_text(f"\n{good}\n\n")
     assert read_corpus(blank) == [Story("hi", "dragon")]
+
+
+# ----------------------------------------------------------------- package data
+
+
+def _package_data() -> dict:
+    return json.loads(resources.files("codelens.data").joinpath("stories.json").read_text())
+
+
+def test_vocabulary_and_grammar_are_read_from_the_package_data():
+    data = _package_data()
+    assert TOPICS == tuple(data["topics"])
+    assert MONTHS == tuple(data["months"])
+    assert B_NAMES == tuple(data["names"]["b"])
+    for topic, entry in data["topics"].items():
+        assert LEXICONS[topic] == frozenset(entry["lexicon"])
+        assert _HINTS[topic] == tuple(entry["hints"])
+        grammar = stories._GRAMMARS[topic]
+        assert (grammar.intro, grammar.middle, grammar.end) == tuple(
+            tuple(entry[k]) for k in ("intro", "middle", "end")
+        )
+    assert stories._OPEN_BOTH == tuple(data["openings"]["month_year"])
+    assert stories._SHARED == {k: tuple(v) for k, v in data["shared_slots"].items()}
+
+
+def test_the_package_data_ships_with_the_package():
+    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    tomllib = pytest.importorskip("tomllib")
+    declared = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    assert "stories.json" in declared["codelens.data"]
+
+
+def test_a_broken_story_data_file_fails_early_and_names_the_problem(tmp_path):
+    data = _package_data()
+    path = tmp_path / "stories.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the story data"):
+        stories._read_data(path)
+    del data["topics"]["dragon"]["middle"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"topic 'dragon' lacks \['middle'\]"):
+        stories._read_data(path)
+    del data["tails"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"lacks \['tails'\]"):
+        stories._read_data(path)
+    with pytest.raises(ValueError, match="topics.zoo.intro must be a non-empty list"):
+        stories._strings([], "topics.zoo.intro")

@@ -18,14 +18,16 @@ Pipeline (every model is a `HookedCodebookTransformer`):
    (fit on separate stories) puts on that topic, against unsteered generations; fluency
    is the perplexity of the generated text under the base model.
 
-The report (markdown, JSON, plotly HTML) goes to the run directory.
+The library pieces are public: topic codes and regex search in `codelens.analysis`,
+steering hooks, generation and fluency in `codelens.steering`. This module wires them
+into presets, training stages and the report (markdown, JSON, plotly HTML), which goes to
+the run directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,12 +38,13 @@ import torch
 from torch import Tensor
 
 from codelens.analysis import (
-    ClassCodes,
     best_neurons_for_labels,
-    code_firing,
-    codes_for_classes,
     regex_labels,
     search_codes,
+    token_strings,
+    topic_codes,
+    topic_stats,
+    topic_swaps,
 )
 from codelens.data.stories import (
     PATTERNS,
@@ -55,8 +58,16 @@ from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokeniz
 from codelens.environment import check_cached_generation, describe, stack
 from codelens.experiments.report import _atomic_write
 from codelens.experiments.stages import train_stage
-from codelens.interventions import force_codes, intervene, swap_codes
 from codelens.model import HookedCodebookTransformer, attn_site
+from codelens.steering import (
+    continuation_texts,
+    force_hooks,
+    generate_texts,
+    heldout_loss,
+    on_topic_share,
+    perplexity,
+    swap_hooks,
+)
 from codelens.viz import Page, precision_recall, steering_results, training_curves
 
 # Topic-neutral story openings: the steered code alone has to pick the topic.
@@ -192,24 +203,6 @@ def story_tokens(tokenizer: Any, stories: list[Story], length: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def token_strings(tokenizer: Any, tokens: Tensor) -> list[list[str]]:
-    """Each token decoded on its own (BOS as ""), so a row joins into the text it spells."""
-    bos = tokenizer.bos_token_id
-    return [[tokenizer.decode([t]) if t != bos else "" for t in row] for row in tokens.tolist()]
-
-
-@torch.no_grad()
-def heldout_loss(model: HookedCodebookTransformer, blocks: Tensor, batch_size: int = 32) -> float:
-    """Mean next-token loss over packed held-out blocks."""
-    model.eval()
-    losses = [
-        float(model(blocks[i : i + batch_size], return_type="loss"))
-        * len(blocks[i : i + batch_size])
-        for i in range(0, len(blocks), batch_size)
-    ]
-    return sum(losses) / len(blocks)
-
-
 # ---------------------------------------------------------------------------- regex codes
 
 
@@ -274,232 +267,7 @@ def _mlp_neurons(
     return torch.cat(chunks)
 
 
-# ---------------------------------------------------------------------------- topic codes
-
-
-@torch.no_grad()
-def topic_stats(
-    model: HookedCodebookTransformer,
-    tokens: Tensor,
-    topic_of_row: Tensor,
-    n_topics: int,
-    *,
-    skip: int = 1,
-) -> ClassCodes:
-    """Every code as a classifier of "this token is in a story of topic t".
-
-    Each row is one story; its first ``skip`` tokens are left out (BOS, and an opening
-    that has not named the topic yet). `topic_codes` and `topic_swaps` read the result.
-    """
-    sites = list(model.codebooks)
-    names = [f"{s}.hook_codes" for s in sites]
-    codes: dict[str, list[Tensor]] = {s: [] for s in sites}
-    for start in range(0, len(tokens), 32):
-        _, cache = model.run_with_cache(tokens[start : start + 32], names_filter=names)
-        for site in sites:
-            codes[site].append(cache[f"{site}.hook_codes"][:, skip:])
-    firing = code_firing(
-        {s: torch.cat(c) for s, c in codes.items()}, {s: model.codebooks[s].n_codes for s in sites}
-    )
-    classes = topic_of_row[:, None].expand(-1, tokens.shape[1] - skip).reshape(-1)
-    return codes_for_classes(firing, classes, n_topics)
-
-
-def _code_row(stats: ClassCodes, index: int, topic: int) -> dict[str, Any]:
-    site, group, code = stats.firing.describe(index)
-    return {
-        "site": site,
-        "group": group,
-        "code": code,
-        "precision": float(stats.precision[index, topic]),
-        "recall": float(stats.recall[index, topic]),
-        "count": int(stats.count[index]),
-    }
-
-
-def topic_codes(
-    stats: ClassCodes,
-    *,
-    top: int,
-    min_recall: float,
-    min_count: int = 20,
-    one_per_head: bool = False,
-) -> list[list[dict[str, Any]]]:
-    """For each topic, its ``top`` codes by precision for "token in a story of this topic".
-
-    A code qualifies when it fires on at least ``min_count`` tokens and on at least
-    ``min_recall`` of the topic's tokens (so a code of one rare word does not win).
-    ``one_per_head`` keeps only the best code of each (site, group), so the codes can
-    be forced together.
-    """
-    eligible = (stats.count >= min_count)[:, None] & (stats.recall >= min_recall)
-    score = torch.where(eligible, stats.precision, -1.0)
-    result = []
-    for t in range(score.shape[1]):
-        order = torch.sort(score[:, t], descending=True, stable=True).indices
-        picks: list[dict[str, Any]] = []
-        heads: set[tuple[str, int]] = set()
-        for index in order.tolist():
-            if score[index, t] < 0 or len(picks) == top:
-                break
-            site, group, _ = stats.firing.describe(index)
-            if one_per_head and (site, group) in heads:
-                continue
-            heads.add((site, group))
-            picks.append(_code_row(stats, index, t))
-        result.append(picks)
-    return result
-
-
-def topic_swaps(
-    stats: ClassCodes,
-    topic: int,
-    *,
-    sites: list[str] | None = None,
-    min_count: int = 20,
-    source_precision: float = 0.5,
-    target_precision: float = 0.8,
-) -> list[dict[str, Any]]:
-    """Per head: the codes of every other topic, and this topic's code to swap them to.
-
-    A code belongs to topic u when it fires on at least ``min_count`` tokens and at
-    least ``source_precision`` (above chance) of them are in stories of u (u its majority
-    topic). The target is this topic's most frequent code in the head among those of
-    precision at least ``target_precision``. Heads (of ``sites``, default all) without a target or
-    without other topics' codes are left out. Swapping leaves everything else the head
-    writes alone: where the model reads another topic from the context, it reads this one.
-    """
-    n_topics = stats.precision.shape[1]
-    if source_precision <= 1 / n_topics:
-        raise ValueError(
-            f"source_precision {source_precision} is not above chance (1/{n_topics} topics): "
-            "every code would count as another topic's"
-        )
-    firing = stats.firing
-    frequent = stats.count >= min_count
-    site_of, group_of, code_of = firing.decode(torch.arange(firing.n_codes_total))
-    wanted = torch.tensor([sites is None or s in sites for s in firing.sites])[site_of]
-    target_ok = frequent & wanted & (stats.precision[:, topic] >= target_precision)
-    source_ok = (
-        frequent
-        & wanted
-        & (stats.majority >= 0)
-        & (stats.majority != topic)
-        & (stats.majority_precision >= source_precision)
-    )
-    recall = torch.where(target_ok, stats.recall[:, topic], -1.0)
-    order = torch.sort(recall, descending=True, stable=True).indices[: int(target_ok.sum())]
-    swaps, heads = [], set()
-    for index in order.tolist():
-        head = (int(site_of[index]), int(group_of[index]))
-        sources = source_ok & (site_of == head[0]) & (group_of == head[1])
-        if head in heads or not sources.any():
-            continue
-        heads.add(head)
-        swaps.append({**_code_row(stats, index, topic), "sources": code_of[sources].tolist()})
-    return swaps
-
-
 # ---------------------------------------------------------------------------- steering
-
-
-def _prompt_batch(tokenizer: Any, prompt: str, n: int) -> Tensor:
-    ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
-    return torch.tensor([ids] * n, dtype=torch.long)
-
-
-@torch.no_grad()
-def generate_texts(
-    model: HookedCodebookTransformer,
-    prompts: tuple[str, ...],
-    samples: int,
-    new_tokens: int,
-    seed: int,
-    hooks: list | Callable[[int], list] | None = None,
-) -> list[tuple[Tensor, int]]:
-    """Sampled continuations (temperature 1, KV cache) of each prompt, under ``hooks``.
-
-    ``hooks`` is a hook list, or a function of the prompt length (BOS included) that
-    returns one. Returns ``(tokens, prompt_length)`` per prompt; ``tokens`` is
-    ``[samples, P + new]``.
-    """
-    model.eval()
-    out = []
-    for i, prompt in enumerate(prompts):
-        batch = _prompt_batch(model.tokenizer, prompt, samples)
-        if batch.shape[1] + new_tokens > model.cfg.n_ctx:
-            raise ValueError(
-                f"prompt {prompt!r} ({batch.shape[1]} tokens) + {new_tokens} new tokens exceeds "
-                f"the model's context of {model.cfg.n_ctx} tokens"
-            )
-        torch.manual_seed(seed + i)
-        active = hooks(batch.shape[1]) if callable(hooks) else hooks or []
-        with intervene(model, *active):
-            tokens = model.generate(
-                batch,
-                max_new_tokens=new_tokens,
-                do_sample=True,
-                temperature=1.0,
-                stop_at_eos=False,
-                verbose=False,
-            )
-        out.append((tokens.cpu(), batch.shape[1]))
-    return out
-
-
-def continuation_texts(tokenizer: Any, generated: list[tuple[Tensor, int]]) -> list[str]:
-    """The new text of every sample, cut at the first end-of-text (a new story)."""
-    eos = tokenizer.eos_token_id
-    texts = []
-    for tokens, p in generated:
-        for row in tokens[:, p:].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            texts.append(tokenizer.decode(row))
-    return texts
-
-
-@torch.no_grad()
-def perplexity(model: HookedCodebookTransformer, generated: list[tuple[Tensor, int]]) -> float:
-    """Perplexity of the generated tokens (not the prompts) under ``model``."""
-    model.eval()
-    nll, n = 0.0, 0
-    for tokens, p in generated:
-        logprobs = model(tokens).log_softmax(-1)[:, p - 1 : -1]
-        picked = logprobs.gather(-1, tokens[:, p:, None])
-        nll -= float(picked.sum())
-        n += picked.numel()
-    return math.exp(nll / n)
-
-
-def on_topic_share(classifier: TopicClassifier, texts: list[str], topic: str) -> float:
-    """Share of texts whose top topic is ``topic``."""
-    return sum(p == topic for p in classifier.predict(texts)) / len(texts)
-
-
-def force_hooks(
-    model: HookedCodebookTransformer,
-    codes: list[dict[str, Any]],
-    slots: str,
-    positions: Any = None,
-) -> list:
-    """Hooks forcing ``codes`` on at ``positions`` (default: all); codes of one (site,
-    group) go together.
-
-    With ``slots="all"`` a head's codes are repeated to fill its k slots, so its output
-    keeps its usual size (k-means codes start as centroids divided by k): one code alone
-    in k empty slots would mostly silence the head rather than steer it.
-    """
-    by_key: dict[tuple[str, int], list[int]] = {}
-    for c in codes:
-        by_key.setdefault((c["site"], c["group"]), []).append(c["code"])
-    hooks = []
-    for (site, group), ids in by_key.items():
-        if slots == "all":
-            k = model.codebooks[site].k
-            ids = (ids * -(-k // len(ids)))[:k]
-        hooks += force_codes(model, site, ids, group=group, slots=slots, positions=positions)
-    return hooks
 
 
 def steering_options(
@@ -526,20 +294,6 @@ def steering_options(
     for positions in ("prompt", "every"):
         options += [{"codes": codes[:n], "slots": "all", "positions": positions} for n in heads]
     return options
-
-
-def swap_hooks(
-    model: HookedCodebookTransformer, swaps: list[dict[str, Any]], force: bool = False
-) -> list:
-    """Hooks swapping each head's ``sources`` to its ``code`` (`topic_swaps` entries);
-    with ``force``, the code is also forced into the head's lowest slot."""
-    hooks = []
-    for s in swaps:
-        mapping = dict.fromkeys(s["sources"], s["code"])
-        hooks += swap_codes(model, s["site"], mapping, group=s["group"])
-        if force:
-            hooks += force_codes(model, s["site"], [s["code"]], group=s["group"], slots="lowest")
-    return hooks
 
 
 def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> Callable[[int], list]:
