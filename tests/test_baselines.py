@@ -332,3 +332,15 @@ def test_run_seeds_runs_each_seed_in_its_own_directory(tmp_path):
     assert "| v | 4 (3 to 5) |" in (tmp_path / "seeds.md").read_text()
     with pytest.raises(ValueError, match="distinct"):
         run_seeds(module, Exp(str(tmp_path)), [1, 1])
+
+
+def test_steered_and_feature_columns():
+    from codelens.experiments import baselines as bl
+
+    assert bl.steered({"before": 0.1, "after": 0.8, "perplexity_ratio": 2.0})
+    assert not bl.steered({"before": 0.2, "after": 0.9, "perplexity_ratio": 1.0})
+    assert not bl.steered({"before": 0.1})  # no fluent option: not steered
+    feats = [neurons("a", 3), neurons("b", 5)]
+    assert bl._split(feats, 4) == (feats[1], 1)
+    with pytest.raises(ValueError, match="out of range"):
+        bl._split(feats, 8)
