@@ -65,9 +65,11 @@ class SAEConfig:
 
 @dataclass
 class TrainStats:
-    """What training did: seconds, steps, final losses, dead share over the last window."""
+    """What training did: wall and CPU seconds, steps, final losses, dead share over the
+    last window. CPU seconds are what the run takes on an idle core (with one thread)."""
 
     seconds: float
+    cpu_seconds: float
     steps: int
     tokens: int
     final_mse: float
@@ -167,7 +169,7 @@ def train_sae(
         raise ValueError(f"acts must be a float [n_tokens >= 2, d] tensor, got {tuple(acts.shape)}")
     if not bool(torch.isfinite(acts).all()):
         raise ValueError("acts contain NaN or infinite values")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     d = acts.shape[1]
     acts = acts.float()
     mean = acts.mean(0)
@@ -184,6 +186,7 @@ def train_sae(
         sae.encoder_bias.mul_(scale)
     stats = TrainStats(
         time.perf_counter() - started,
+        time.process_time() - cpu_started,
         config.steps,
         config.steps * config.batch_size,
         float(mse.detach()) * scale**2,

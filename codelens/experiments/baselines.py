@@ -120,6 +120,7 @@ def fit_baselines(
             metrics[site] = {
                 **sae_metrics(sae, heldout[site]),
                 "train_seconds": stats.seconds,
+                "train_cpu_seconds": stats.cpu_seconds,
                 "train_dead_fraction": stats.dead_fraction,
             }
         label = "matched L0" if k == "matched" else f"k={k}"
