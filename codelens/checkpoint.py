@@ -1,16 +1,25 @@
-"""Checkpoints: safetensors + JSON, written atomically, verified on load.
+"""Checkpoints: safetensors + JSON, written atomically, verified before anything is parsed.
 
 Layout of a saved directory::
 
-    codelens.json          manifest: format version, codebook config, sites, file hashes
+    codelens.json          manifest: format version, codebook config, sites, the sha256
+                           of every other file, and a digest of the manifest itself
     hf_config/config.json  the HuggingFace config of the base model
     tokenizer/             the tokenizer (save_pretrained)
     model.safetensors      the bridge's live base parameters and buffers, by name
-    codebooks.safetensors  "{site}.codes" and "{site}.disabled" per codebook
+    codebooks.safetensors  "{site}.codes", "{site}.disabled" (and "{site}.ln_weight",
+                           "{site}.ln_bias" for affine LayerNorm codebooks)
 
-Nothing is unpickled. A directory is written next to its destination and renamed
-into place, so an interrupted save never leaves a half-written checkpoint, and an
-existing directory is replaced only if it is itself a codelens checkpoint.
+Nothing is unpickled. Loading first checks the manifest's digest and the hash of
+every file in the directory (a file missing, unlisted, or listed without a hash is
+an error), so no config, tokenizer or tensor file is parsed unless it is exactly what
+was saved; every failure is a `CheckpointError` naming the file. A directory is
+written next to its destination and renamed into place, so an interrupted save never
+leaves a half-written checkpoint, and an existing directory is replaced only if it
+is itself a codelens checkpoint.
+
+This module knows files, not model classes: `codelens.model` builds models from
+what it reads here (one import direction).
 """
 
 from __future__ import annotations
@@ -20,25 +29,27 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from codelens.config import CodebookConfig
 
-if TYPE_CHECKING:
-    from codelens.model import HookedCodebookTransformer
-
 MANIFEST = "codelens.json"
 FORMAT = "codelens-checkpoint"
-VERSION = 1
+VERSION = 2
 BASE_FILE = "model.safetensors"
 CODEBOOK_FILE = "codebooks.safetensors"
+HF_CONFIG_DIR = "hf_config"
+TOKENIZER_DIR = "tokenizer"
+REQUIRED = (BASE_FILE, CODEBOOK_FILE, f"{HF_CONFIG_DIR}/config.json", f"{TOKENIZER_DIR}/")
+CODEBOOK_TENSORS = ("codes", "disabled", "ln_weight", "ln_bias")
 
 
 class CheckpointError(ValueError):
@@ -46,14 +57,16 @@ class CheckpointError(ValueError):
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
+    """Whether ``path`` is (or, its manifest lost, was) a codelens checkpoint directory."""
+    path = Path(path)
+    return any((path / name).exists() for name in (MANIFEST, CODEBOOK_FILE, HF_CONFIG_DIR))
 
 
 # ------------------------------------------------------------------------ saving
 
 
-def save(model: HookedCodebookTransformer, out_dir: Path) -> Path:
-    """Write ``model`` to ``out_dir`` atomically; returns ``out_dir``."""
+def save(model: nn.Module, out_dir: Path) -> Path:
+    """Write a `HookedCodebookTransformer` to ``out_dir`` atomically; returns ``out_dir``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not is_checkpoint(out_dir) and any(out_dir.iterdir()):
         raise FileExistsError(
@@ -62,24 +75,18 @@ def save(model: HookedCodebookTransformer, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        files = {
-            BASE_FILE: base_state(model),
-            CODEBOOK_FILE: codebook_state(model),
-        }
-        hashes = {}
-        for name, tensors in files.items():
-            save_file(tensors, str(tmp / name))
-            hashes[name] = _sha256(tmp / name)
-        model.original_model.config.save_pretrained(tmp / "hf_config")
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
-        manifest = {
+        save_file(base_state(model), str(tmp / BASE_FILE))
+        save_file(codebook_state(model), str(tmp / CODEBOOK_FILE))
+        model.original_model.config.save_pretrained(tmp / HF_CONFIG_DIR)
+        model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        config = model.codebook_config
+        fields = {
             "format": FORMAT,
             "version": VERSION,
-            "codebook": None if model.codebook_config is None else model.codebook_config.to_dict(),
+            "codebook": None if config is None else config.to_dict(),
             "sites": site_shapes(model),
-            "files": hashes,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, MANIFEST, fields)
         _fsync_dir(tmp)
         _swap_into_place(tmp, out_dir)
     except BaseException:
@@ -88,24 +95,32 @@ def save(model: HookedCodebookTransformer, out_dir: Path) -> Path:
     return out_dir
 
 
-def base_state(model: HookedCodebookTransformer) -> dict[str, Tensor]:
+def base_state(model: nn.Module) -> dict[str, Tensor]:
     """A copy of the bridge's live parameters and buffers by name, codebooks excluded."""
     return {n: t.detach().clone().contiguous().cpu() for n, t in base_state_refs(model).items()}
 
 
-def codebook_state(model: HookedCodebookTransformer) -> dict[str, Tensor]:
-    state: dict[str, Tensor] = {}
-    for site, cb in model.codebooks.items():
-        state[f"{site}.codes"] = cb.codes.detach().clone().contiguous().cpu()
-        state[f"{site}.disabled"] = cb.disabled.clone().contiguous().cpu()
-    return state
+def codebook_state(model: nn.Module) -> dict[str, Tensor]:
+    return {n: t.detach().clone().contiguous().cpu() for n, t in codebook_refs(model).items()}
 
 
-def site_shapes(model: HookedCodebookTransformer) -> dict[str, dict[str, int]]:
+def site_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     return {
         site: {"n_groups": cb.n_groups, "d": cb.d, "n_codes": cb.n_codes, "k": cb.k}
         for site, cb in model.codebooks.items()
     }
+
+
+def write_manifest(
+    directory: Path, name: str, fields: dict[str, Any], *, skip: Iterable[str] = ()
+) -> None:
+    """Write ``directory/name``: ``fields``, the sha256 of every other file (outside the
+    sub-directories in ``skip``) and a digest of the manifest itself."""
+    directory = Path(directory)
+    files = {rel: _sha256(directory / rel) for rel in _files(directory, skip) if rel != name}
+    manifest = {**fields, "files": files}
+    manifest["digest"] = _digest(manifest)
+    (directory / name).write_text(json.dumps(manifest, indent=2))
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
@@ -134,30 +149,115 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _digest(manifest: dict[str, Any]) -> str:
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _files(directory: Path, skip: Iterable[str] = ()) -> list[str]:
+    """Every file under ``directory`` as a relative POSIX path, outside ``skip`` sub-dirs."""
+    skipped = tuple(f"{s}/" for s in skip)
+    found = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return sorted(rel for rel in found if not rel.startswith(skipped))
+
+
+# ------------------------------------------------------------------------ verifying
+
+
+def verify(
+    directory: Path, name: str, *, required: Iterable[str], skip: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Check a manifest written by `write_manifest` against ``directory``; returns it.
+
+    The manifest's digest must match its content; every file in the directory must be
+    listed with a non-empty hash and match it; every listed file must exist; every
+    ``required`` entry (a file, or a ``dir/`` prefix meaning at least one file there)
+    must be listed. Raises `CheckpointError` naming the file otherwise.
+    """
+    directory = Path(directory)
+    manifest_file = directory / name
+    manifest = read_json(manifest_file)
+    if not isinstance(manifest, dict) or manifest.get("digest") != _digest(manifest):
+        raise CheckpointError(
+            f"{manifest_file} is corrupted or was edited (its digest does not match)"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_file} lists no file hashes")
+    for entry in required:
+        if not any(rel.startswith(entry) if entry.endswith("/") else rel == entry for rel in files):
+            raise CheckpointError(f"{manifest_file} has no entry for {entry}")
+    present = set(_files(directory, skip)) - {name}
+    for rel in sorted(set(files) | present):
+        file = directory / rel
+        expected = files.get(rel)
+        if rel not in files:
+            raise CheckpointError(f"{file} is not listed in {manifest_file}")
+        if not isinstance(expected, str) or not expected:
+            raise CheckpointError(f"{manifest_file} has an empty hash for {rel}")
+        if rel not in present:
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(
+                f"checkpoint file {file} is corrupted or truncated: its sha256 is not the one "
+                f"in {manifest_file} (or that manifest belongs to another checkpoint)"
+            )
+    return manifest
+
+
+def read_json(file: Path) -> Any:
+    """Parse a JSON file, any failure a `CheckpointError` naming it."""
+    try:
+        return json.loads(Path(file).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} is missing, unreadable or corrupted: {err}") from err
+
+
 # ------------------------------------------------------------------------ loading
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse and check ``codelens.json`` and the hashes of the weight files."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path / MANIFEST} is unreadable or corrupted: {err}") from err
+    """Verify a codelens checkpoint directory (see `verify`) and return its manifest."""
+    path = Path(path)
+    manifest = read_json(path / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path / MANIFEST} is not a codelens checkpoint manifest")
     if manifest.get("version") != VERSION:
         raise CheckpointError(
-            f"checkpoint format version {manifest.get('version')} is not {VERSION}"
+            f"{path / MANIFEST}: checkpoint format version {manifest.get('version')!r} is not "
+            f"{VERSION} (version 1 did not hash its config and tokenizer; load it with the "
+            "codelens that wrote it and save it again)"
         )
-    for name, expected in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint file {file} is missing")
-        if _sha256(file) != expected:
-            raise CheckpointError(
-                f"checkpoint file {file} is corrupted or truncated (hash mismatch)"
-            )
-    return manifest
+    return verify(path, MANIFEST, required=REQUIRED)
+
+
+def read_codebook_config(path: Path, manifest: dict[str, Any]) -> CodebookConfig | None:
+    """The saved `CodebookConfig` (``None`` for a model without codebooks)."""
+    saved = manifest.get("codebook")
+    if saved is None:
+        return None
+    try:
+        return CodebookConfig.from_dict(saved)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{Path(path) / MANIFEST}: invalid codebook config: {err}") from err
+
+
+def read_hf_config(path: Path) -> PretrainedConfig:
+    """The base model's HuggingFace config (after `read_manifest` verified it)."""
+    directory = Path(path) / HF_CONFIG_DIR
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as err:  # transformers raises many types for a bad config
+        raise CheckpointError(f"{directory / 'config.json'} is not a valid config: {err}") from err
+
+
+def read_tokenizer(path: Path) -> Any:
+    """The saved tokenizer (after `read_manifest` verified it)."""
+    directory = Path(path) / TOKENIZER_DIR
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # tokenizers raises bare Exceptions for bad files
+        raise CheckpointError(f"the tokenizer in {directory} cannot be loaded: {err}") from err
 
 
 def read_tensors(file: Path) -> dict[str, Tensor]:
@@ -168,67 +268,35 @@ def read_tensors(file: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"cannot read {file}: {err}") from err
 
 
-def load(
-    cls: type[HookedCodebookTransformer],
-    path: Path,
-    *,
-    codebook: CodebookConfig | str | None = "auto",
-    device: str | torch.device | None = None,
-) -> HookedCodebookTransformer:
-    """Rebuild a saved model with bit-identical logits (see ``from_pretrained``)."""
-    manifest = read_manifest(path)
-    if isinstance(codebook, CodebookConfig) and manifest["codebook"] is not None:
-        raise ValueError(
-            f"{path} already has codebooks; pass codebook='auto' to load them "
-            "or None for the base model"
-        )
-    config = AutoConfig.from_pretrained(path / "hf_config")
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    model = cls.from_hf_model(hf, tokenizer, name=str(path))
-    load_base_state(model, read_tensors(path / BASE_FILE), source=path / BASE_FILE)
-    if codebook == "auto" and manifest["codebook"] is not None:
-        model.add_codebooks(CodebookConfig.from_dict(manifest["codebook"]))
-        load_codebook_state(model, read_tensors(path / CODEBOOK_FILE), source=path / CODEBOOK_FILE)
-    elif isinstance(codebook, CodebookConfig):
-        model.add_codebooks(codebook)
-    if device is not None:
-        model.to(device)
-    return model
+def load_base_state(model: nn.Module, state: dict[str, Tensor], *, source: Any) -> None:
+    """Copy saved base tensors into ``model``, refusing any name or shape mismatch."""
+    _copy_into(base_state_refs(model), state, source)
 
 
-def load_base_state(
-    model: HookedCodebookTransformer, state: dict[str, Tensor], *, source: Any
-) -> None:
-    """Copy saved base tensors into ``model``, refusing any name, shape or dtype mismatch."""
-    own = base_state_refs(model)
-    _check_match(own, state, source)
-    with torch.no_grad():
-        for name, tensor in own.items():
-            tensor.copy_(state[name])
-
-
-def load_codebook_state(
-    model: HookedCodebookTransformer, state: dict[str, Tensor], *, source: Any
-) -> None:
+def load_codebook_state(model: nn.Module, state: dict[str, Tensor], *, source: Any) -> None:
     """Copy saved codebooks into ``model``'s codebooks (same sites and shapes)."""
-    own: dict[str, Tensor] = {}
+    _copy_into(codebook_refs(model), state, source)
+
+
+def codebook_refs(model: nn.Module) -> dict[str, Tensor]:
+    """The live codebook tensors by checkpoint name (``{site}.codes`` etc.)."""
+    refs: dict[str, Tensor] = {}
     for site, cb in model.codebooks.items():
-        own[f"{site}.codes"], own[f"{site}.disabled"] = cb.codes, cb.disabled
-    _check_match(own, state, source)
-    with torch.no_grad():
-        for name, tensor in own.items():
-            tensor.copy_(state[name])
+        for attr in CODEBOOK_TENSORS:
+            if getattr(cb, attr, None) is not None:
+                refs[f"{site}.{attr}"] = getattr(cb, attr)
+    return refs
 
 
-def base_state_refs(model: HookedCodebookTransformer) -> dict[str, Tensor]:
+def base_state_refs(model: nn.Module) -> dict[str, Tensor]:
     """The live base tensors by name (the bridge's, which the forward really uses)."""
-    skip = {id(t) for cb in model.codebooks.values() for t in (cb.codes, cb.disabled)}
+    skip = {id(t) for t in codebook_refs(model).values()}
     named = list(model.named_parameters()) + list(model.named_buffers())
     return {n: t for n, t in named if id(t) not in skip}
 
 
-def _check_match(own: dict[str, Tensor], saved: dict[str, Tensor], source: Any) -> None:
+def _copy_into(own: dict[str, Tensor], saved: dict[str, Tensor], source: Any) -> None:
+    """Check names, shapes and dtype kinds, then copy (floating tensors may change precision)."""
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or unexpected:
         raise CheckpointError(
@@ -238,8 +306,14 @@ def _check_match(own: dict[str, Tensor], saved: dict[str, Tensor], source: Any) 
         )
     for name, tensor in own.items():
         got = saved[name]
-        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+        same_kind = got.dtype == tensor.dtype or (
+            got.is_floating_point() and tensor.is_floating_point()
+        )
+        if got.shape != tensor.shape or not same_kind:
             raise CheckpointError(
                 f"{source}: {name} has shape {tuple(got.shape)} {got.dtype}, "
                 f"the model expects {tuple(tensor.shape)} {tensor.dtype}"
             )
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(saved[name])

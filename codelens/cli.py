@@ -1,4 +1,4 @@
-"""The ``codelens`` command line: train, run the TokFSM experiment, browse codes."""
+"""The ``codelens`` command line: train, run the TokFSM experiment, browse codes, convert."""
 
 from __future__ import annotations
 
@@ -74,6 +74,19 @@ def _browse(args: argparse.Namespace) -> None:
     print(f"code browser for {tokens.shape[0]} x {tokens.shape[1]} tokens written to {out}")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from codelens.model import HookedCodebookTransformer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
+    model = HookedCodebookTransformer.from_pretrained(
+        args.source, tokenizer=tokenizer, base_model=args.base_model
+    )
+    out = model.save_pretrained(args.destination)
+    print(f"{args.source}: {len(model.codebooks)} codebook sites; codelens checkpoint at {out}")
+
+
 class _VersionAction(argparse.Action):
     """``codelens --version``: the versions every report records, one per line."""
 
@@ -126,6 +139,15 @@ def main(argv: list[str] | None = None) -> None:
     browse.add_argument("--text", help="corpus file for a model directory (txt, jsonl, parquet)")
     browse.add_argument("--block-len", type=int, default=128, help="tokens per sequence (--text)")
     browse.set_defaults(run=_browse)
+
+    convert = commands.add_parser(
+        "convert", help="write a codelens checkpoint of the paper authors' released model"
+    )
+    convert.add_argument("source", help="hub id or directory (codebook-features format)")
+    convert.add_argument("destination", help="the codelens checkpoint directory to write")
+    convert.add_argument("--base-model", help="base model hub id or directory, if not known")
+    convert.add_argument("--tokenizer", help="tokenizer hub id or directory, if not shipped")
+    convert.set_defaults(run=_convert)
 
     args = parser.parse_args(argv)
     try:

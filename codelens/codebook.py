@@ -31,6 +31,12 @@ class CodebookLayer(HookedRootModule):
             = -1 leaves a slot empty).
         ``hook_quantized``: ``[..., G, d]`` the combination of the codes.
 
+    Scoring: ``similarity`` against the activation, or, with ``layer_norm``, against
+    its LayerNorm (eps 1e-5); ``layer_norm_affine`` adds a per-group gain and bias
+    (buffers ``ln_weight``/``ln_bias`` ``[G, d]``, not trained: scoring has no
+    gradient) as the original implementation's codebooks had. With ``combine="mean"``
+    and ``similarity="cosine"`` (x . c / |c|) this is the original's forward.
+
     Gradients: a straight-through estimator passes the downstream gradient to the
     input unchanged, and the codes get the downstream gradient of the slots they
     fill. ``reconstruction_loss`` (MSE of the output against the detached input,
@@ -50,6 +56,7 @@ class CodebookLayer(HookedRootModule):
         similarity: Similarity = "cosine",
         combine: Combine = "sum",
         layer_norm: bool = False,
+        layer_norm_affine: bool = False,
         memory_budget_mb: float = 1024.0,
     ) -> None:
         super().__init__()
@@ -63,6 +70,8 @@ class CodebookLayer(HookedRootModule):
             raise ValueError(f"similarity must be cosine, dot or euclidean, got {similarity!r}")
         if combine not in ("sum", "mean"):
             raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
+        if layer_norm_affine and not layer_norm:
+            raise ValueError("layer_norm_affine=True needs layer_norm=True")
         self.n_groups, self.d, self.n_codes, self.k = n_groups, d, n_codes, k
         self.similarity: Similarity = similarity
         self.combine: Combine = combine
@@ -70,6 +79,9 @@ class CodebookLayer(HookedRootModule):
         self.memory_budget_mb = memory_budget_mb
         self.codes = nn.Parameter(torch.randn(n_groups, n_codes, d) / math.sqrt(d))
         self.register_buffer("disabled", torch.zeros(n_groups, n_codes, dtype=torch.bool))
+        # Per-group gain and bias of the scoring LayerNorm (None unless affine).
+        self.register_buffer("ln_weight", torch.ones(n_groups, d) if layer_norm_affine else None)
+        self.register_buffer("ln_bias", torch.zeros(n_groups, d) if layer_norm_affine else None)
         self.bypass = False
         self.reconstruction_loss: Tensor | None = None
         self.commitment_loss: Tensor | None = None
@@ -80,7 +92,8 @@ class CodebookLayer(HookedRootModule):
     def extra_repr(self) -> str:
         return (
             f"groups={self.n_groups}, d={self.d}, codes={self.n_codes}, k={self.k}, "
-            f"similarity={self.similarity}, combine={self.combine}, layer_norm={self.layer_norm}"
+            f"similarity={self.similarity}, combine={self.combine}, layer_norm={self.layer_norm}, "
+            f"layer_norm_affine={self.ln_weight is not None}"
         )
 
     def forward(self, x: Float[Tensor, "... G d"]) -> Float[Tensor, "... G d"]:
@@ -110,6 +123,8 @@ class CodebookLayer(HookedRootModule):
         flat = rearrange(x, "... g d -> g (...) d")
         if self.layer_norm:
             flat = F.layer_norm(flat, (self.d,))
+            if self.ln_weight is not None:
+                flat = torch.addcmul(self.ln_bias[:, None], flat, self.ln_weight[:, None])
         weight, bias, alpha = self._score_terms()
         n_tokens = flat.shape[1]
         chunk = self._chunk_size(flat.element_size(), flat.nbytes)

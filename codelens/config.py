@@ -30,6 +30,8 @@ class CodebookConfig:
             the original implementation did.
         layer_norm: score a LayerNorm-ed (no affine) copy of the activation; the output
             is always built from the code vectors themselves.
+        layer_norm_affine: give that LayerNorm a per-codebook gain and bias (loaded,
+            not trained), as the original implementation had; needs ``layer_norm``.
         mlp_groups: independent codebooks per MLP output (each sees d_model / groups).
         memory_budget_mb: the largest score matrix (tokens x codes) built at once;
             top-k runs in token chunks that fit it.
@@ -43,6 +45,7 @@ class CodebookConfig:
     similarity: Similarity = "cosine"
     combine: Combine = "sum"
     layer_norm: bool = False
+    layer_norm_affine: bool = False
     mlp_groups: int = 1
     memory_budget_mb: float = 1024.0
 
@@ -67,6 +70,8 @@ class CodebookConfig:
             )
         if self.combine not in ("sum", "mean"):
             raise ValueError(f"combine must be 'sum' or 'mean', got {self.combine!r}")
+        if self.layer_norm_affine and not self.layer_norm:
+            raise ValueError("layer_norm_affine=True needs layer_norm=True")
         if self.mlp_groups < 1:
             raise ValueError(f"mlp_groups must be >= 1, got {self.mlp_groups}")
         if self.memory_budget_mb <= 0:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from codelens import _bridge
+from codelens import _bridge, checkpoint, original
 from codelens.codebook import CodebookLayer
 from codelens.config import CodebookConfig
 
@@ -56,27 +56,94 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         tokenizer: Any = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        base_model: str | Path | PretrainedConfig | dict[str, Any] | None = None,
     ) -> HookedCodebookTransformer:
         """Load a model, with codebooks.
 
-        ``codebook``: ``"auto"`` loads the codebooks saved in a codelens directory (and
-        none for a plain HF model); a `CodebookConfig` adds fresh codebooks to a plain
-        model; ``None`` gives the model without codebooks.
-        """
-        from codelens import checkpoint
+        ``name_or_dir`` is a saved codelens directory, a directory or hub id in the
+        paper authors' released format (`codelens.original`; converted on load), or a
+        plain HuggingFace hub id or directory.
 
+        ``codebook``: ``"auto"`` loads the saved codebooks (none for a plain HF model);
+        a `CodebookConfig` adds fresh codebooks to a model saved without any; ``None``
+        gives the model without codebooks. ``tokenizer`` replaces the saved one;
+        ``dtype`` is the precision of the returned model's floating tensors.
+        ``base_model`` (authors' format only): the base architecture, when neither the
+        directory nor `codelens.original.KNOWN_BASES` gives it.
+        """
+        if not (codebook is None or codebook == AUTO or isinstance(codebook, CodebookConfig)):
+            raise ValueError(f"codebook must be 'auto', None or a CodebookConfig, got {codebook!r}")
         path = Path(name_or_dir)
-        if checkpoint.is_checkpoint(path):
-            return checkpoint.load(cls, path, codebook=codebook, device=device)
-        if path.exists() and not (path / "config.json").is_file():
+        source = None if checkpoint.is_checkpoint(path) else original.locate(name_or_dir)
+        if base_model is not None and source is None:
             raise ValueError(
-                f"{path} is neither a codelens checkpoint nor a HuggingFace model directory"
+                f"base_model= is for models in the paper authors' format; {name_or_dir} is not one"
             )
-        model = cls._wrap(
-            _bridge.boot(str(name_or_dir), tokenizer=tokenizer, device=device, dtype=dtype)
-        )
-        if isinstance(codebook, CodebookConfig):
+        if checkpoint.is_checkpoint(path):
+            model = cls._from_checkpoint(path, codebook, tokenizer)
+        elif source is not None:
+            model = cls._from_original(source, str(name_or_dir), codebook, tokenizer, base_model)
+        else:
+            if path.exists() and not (path / "config.json").is_file():
+                raise ValueError(
+                    f"{path} is neither a codelens checkpoint nor a HuggingFace model directory"
+                )
+            bridge = _bridge.boot(str(name_or_dir), tokenizer=tokenizer, device=device, dtype=dtype)
+            model = cls._wrap(bridge)
+            if isinstance(codebook, CodebookConfig):
+                model.add_codebooks(codebook)
+        placement = {"dtype": dtype} if device is None else {"dtype": dtype, "device": device}
+        return model.to(**placement, print_details=False)
+
+    @classmethod
+    def _from_checkpoint(
+        cls, path: Path, codebook: CodebookConfig | str | None, tokenizer: Any
+    ) -> HookedCodebookTransformer:
+        """Rebuild a saved codelens model with bit-identical logits (files verified first)."""
+        manifest = checkpoint.read_manifest(path)
+        saved = checkpoint.read_codebook_config(path, manifest)
+        if isinstance(codebook, CodebookConfig) and saved is not None:
+            raise ValueError(
+                f"{path} already has codebooks; pass codebook='auto' to load them "
+                "or None for the base model"
+            )
+        config = checkpoint.read_hf_config(path)
+        if tokenizer is None:
+            tokenizer = checkpoint.read_tokenizer(path)
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        model = cls.from_hf_model(hf, tokenizer, name=str(path))
+        base_file, codebook_file = path / checkpoint.BASE_FILE, path / checkpoint.CODEBOOK_FILE
+        checkpoint.load_base_state(model, checkpoint.read_tensors(base_file), source=base_file)
+        if codebook == AUTO and saved is not None:
+            model.add_codebooks(saved)
+            state = checkpoint.read_tensors(codebook_file)
+            checkpoint.load_codebook_state(model, state, source=codebook_file)
+        elif isinstance(codebook, CodebookConfig):
             model.add_codebooks(codebook)
+        return model
+
+    @classmethod
+    def _from_original(
+        cls,
+        source: Path,
+        name: str,
+        codebook: CodebookConfig | str | None,
+        tokenizer: Any,
+        base_model: Any,
+    ) -> HookedCodebookTransformer:
+        """Convert a model in the authors' format (see `codelens.original`)."""
+        if isinstance(codebook, CodebookConfig):
+            raise ValueError(
+                f"{name} already has codebooks; pass codebook='auto' to load them "
+                "or None for the base model"
+            )
+        converted = original.convert(source, name=name, base_model=base_model, tokenizer=tokenizer)
+        model = cls.from_hf_model(converted.hf_model, converted.tokenizer, name=str(source))
+        if codebook == AUTO:
+            model.add_codebooks(converted.codebook)
+            checkpoint.load_codebook_state(
+                model, converted.codebook_state, source=converted.weights_file
+            )
         return model
 
     @classmethod
@@ -167,6 +234,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
             similarity=config.similarity,
             combine=config.combine,
             layer_norm=config.layer_norm,
+            layer_norm_affine=config.layer_norm_affine,
             memory_budget_mb=config.memory_budget_mb,
         ).to(device)
         self._codebook_sites[site] = _bridge.install_site(self, site, layer)
@@ -247,8 +315,6 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Save base weights, codebooks, configs and tokenizer atomically to ``out_dir``."""
-        from codelens import checkpoint
-
         return checkpoint.save(self, Path(out_dir))
 
 

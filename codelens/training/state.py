@@ -1,8 +1,9 @@
 """Resumable training state: model, codebooks, optimiser, RNG and usage counters.
 
 Each checkpoint is a directory ``run_dir/checkpoints/step-00001234/`` holding the
-model (`codelens.checkpoint` format) plus ``trainer.safetensors`` and
-``trainer.json``. It is assembled in a temporary directory and renamed into place,
+model (`codelens.checkpoint` format) plus ``trainer.safetensors``,
+``trainer.json`` and ``state.json`` (the sha256 of both, checked before either is
+parsed). It is assembled in a temporary directory and renamed into place,
 so a run killed at any moment leaves only complete checkpoints; the newest
 ``keep`` are kept. Nothing is pickled.
 """
@@ -25,6 +26,8 @@ from codelens import checkpoint
 from codelens.model import HookedCodebookTransformer
 
 PREFIX = "step-"
+STATE_MANIFEST = "state.json"
+STATE_FILES = ("trainer.safetensors", "trainer.json")
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -57,6 +60,8 @@ def save_state(
         save_file(tensors, str(tmp / "trainer.safetensors"))
         meta |= {"step": step, "python_random": _python_random_state()}
         (tmp / "trainer.json").write_text(json.dumps(meta))
+        fields = {"format": "codelens-trainer-state", "version": 1}
+        checkpoint.write_manifest(tmp, STATE_MANIFEST, fields, skip=("model",))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -73,6 +78,7 @@ def load_state(
 ) -> tuple[int, dict[str, Tensor]]:
     """Restore a checkpoint into ``model`` and ``optimizer``; returns (step, extra tensors)."""
     path = Path(path)
+    checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
     checkpoint.read_manifest(path / "model")
     checkpoint.load_base_state(
         model, checkpoint.read_tensors(path / "model" / checkpoint.BASE_FILE), source=path
