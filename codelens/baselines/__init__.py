@@ -11,7 +11,6 @@ from codelens.baselines.directions import ica_features, pca_features
 from codelens.baselines.features import (
     LinearFeatures,
     ProjectionFeatures,
-    load_features,
     neurons,
     splice_hooks,
     steer_hooks,
@@ -27,6 +26,7 @@ from codelens.baselines.sae import (
     sae_metrics,
     train_sae,
 )
+from codelens.baselines.saving import load_features
 
 __all__ = [
     "LinearFeatures",

@@ -10,6 +10,7 @@ measure them with the same code:
 Interventions are hook lists for ``model.hooks`` / `codelens.interventions.intervene`:
 `splice_hooks` replaces the site by the reconstruction (the SAE in the forward pass),
 `steer_hooks` clamps or adds features, `swap_hooks` pastes another token's features.
+`save` writes safetensors + JSON; `codelens.baselines.saving.load_features` reads them.
 Each changes only the part of the activation the features read out, and leaves the
 residual (what they do not explain) as it was.
 """
@@ -28,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from einops import rearrange
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from codelens.baselines.activations import site_view
@@ -98,7 +99,7 @@ class LinearFeatures(nn.Module):
                 "kind": self.kind,
                 **self.meta(),
                 "shapes": {k: list(v.shape) for k, v in tensors.items()},
-                "sha256": _sha256(tmp / TENSOR_FILE),
+                "sha256": sha256(tmp / TENSOR_FILE),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
             for file in tmp.iterdir():
@@ -118,35 +119,7 @@ class LinearFeatures(nn.Module):
         return out_dir
 
 
-def load_features(path: str | Path) -> LinearFeatures:
-    """Load features saved by `LinearFeatures.save`, verifying format, hash and shapes."""
-    from codelens.baselines.sae import SparseAutoencoder
-
-    path = Path(path)
-    meta_path, tensor_path = path / META_FILE, path / TENSOR_FILE
-    if not meta_path.is_file() or not tensor_path.is_file():
-        raise FileNotFoundError(f"{path} holds no saved features ({META_FILE}, {TENSOR_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path} is not valid JSON: {err}") from err
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} is not a codelens features file")
-    if _sha256(tensor_path) != meta.get("sha256"):
-        raise ValueError(f"{tensor_path} does not match its recorded hash: corrupted or replaced")
-    tensors = load_file(str(tensor_path))
-    shapes = {k: list(v.shape) for k, v in tensors.items()}
-    if shapes != meta.get("shapes"):
-        raise ValueError(
-            f"{tensor_path} holds tensors {shapes}, the metadata says {meta['shapes']}"
-        )
-    kinds = {cls.kind: cls for cls in (SparseAutoencoder, ProjectionFeatures)}
-    if meta.get("kind") not in kinds:
-        raise ValueError(f"unknown feature kind {meta.get('kind')!r}; known: {list(kinds)}")
-    return kinds[meta["kind"]].from_saved(meta, tensors)
-
-
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -40,7 +40,6 @@ from codelens.baselines import (
     sae_metrics,
     splice_hooks,
     steer_hooks,
-    swap_hooks,
     train_sae,
 )
 
@@ -183,34 +182,6 @@ def identity_features(model: Any, sites: list[str]) -> list[LinearFeatures]:
     return [neurons(s, site_width(model, s)) for s in sites]
 
 
-@torch.no_grad()
-def feature_swaps(
-    model: Any, trials: Any, variants: dict[str, list[LinearFeatures]]
-) -> list[dict[str, Any]]:
-    """The TokFSM state swaps with features instead of codes (`tokfsm.SwapTrials`)."""
-    from codelens.experiments.tokfsm import swap_rows
-
-    sites = sorted({f.site for feats in variants.values() for f in feats})
-    totals = {name: {"success": 0.0, "jsd_target": 0.0} for name in variants}
-    n = 0
-    for p, (rows, refs) in trials.by_position.items():
-        prompt, reference = trials.tokens[rows, : p + 1], trials.tokens[refs, : p + 1]
-        last = torch.zeros_like(reference, dtype=torch.bool)
-        last[:, -1] = True
-        (ref,) = iter_activations(
-            model, reference, sites, token_mask=last, batch_size=len(reference)
-        )
-        for name, feats in variants.items():
-            hooks = [h for f in feats for h in swap_hooks(f, ref[f.site])]
-            with model.hooks(fwd_hooks=hooks):
-                logits = model(prompt)
-            success, jsd = trials.score(logits, rows, refs, p)
-            totals[name]["success"] += success
-            totals[name]["jsd_target"] += jsd
-        n += len(rows)
-    return swap_rows(totals, n)
-
-
 # ---------------------------------------------------------------------------- stories
 
 
@@ -238,13 +209,16 @@ def steer_with_features(
     classifier: Any,
     exp: Any,
     plain: dict[str, Any],
+    prompts: tuple[tuple[str, ...], tuple[str, ...]],
 ) -> list[dict[str, Any]]:
     """Per steered topic: the feature that best classifies "token in a story of this
     topic" at the topic code's recall, clamped at every position to ``strength`` times its
     mean value on the topic tokens where it fires; the strength is swept on the sweep
-    prompts under the fluency guard, as codes are, then evaluated on the eval prompts."""
-    from codelens.experiments import steering as st
+    prompts under the fluency guard, as codes are, then evaluated on the eval prompts.
+    ``prompts``: (eval prompts, sweep prompts)."""
+    from codelens import steering as st
 
+    eval_prompts, sweep_prompts = prompts
     matches = best_neurons_for_labels(topic_values, topic_labels, recalls)
     rows = []
     for t, topic in enumerate(exp.topics):
@@ -257,7 +231,7 @@ def steer_with_features(
         for strength in settings_strengths(exp):
             hooks = steer_hooks(site_features, clamp={local: strength * value})
             gen = st.generate_texts(
-                base, st.SWEEP_PROMPTS, exp.sweep_samples, exp.new_tokens, exp.seed + 200, hooks
+                base, sweep_prompts, exp.sweep_samples, exp.new_tokens, exp.seed + 200, hooks
             )
             share = st.on_topic_share(classifier, st.continuation_texts(base.tokenizer, gen), topic)
             ratio = st.perplexity(base, gen) / plain["sweep_perplexity"]
@@ -276,7 +250,7 @@ def steer_with_features(
             best = max(fluent, key=lambda o: o["on_topic"])
             hooks = steer_hooks(site_features, clamp={local: best["strength"] * value})
             gen = st.generate_texts(
-                base, st.EVAL_PROMPTS, exp.samples, exp.new_tokens, exp.seed + 100, hooks
+                base, eval_prompts, exp.samples, exp.new_tokens, exp.seed + 100, hooks
             )
             texts = st.continuation_texts(base.tokenizer, gen)
             row |= {
@@ -306,16 +280,19 @@ def steering_comparison(
     topic_of_row: Tensor,
     train_tokens: Tensor,
     heldout: Tensor,
+    prompts: tuple[tuple[str, ...], tuple[str, ...]],
 ) -> dict[str, Any]:
     """Codes against SAEs, PCA, ICA and the base model's neurons in the steering
     experiment: regex precision at each pattern's code's recall, topic steering with one
     clamped feature, loss cost. ``tokens``/``strings``: the search stories (BOS first);
     ``topic_of_row``: each story's corpus topic index; ``train_tokens``: blocks of training
-    stories to fit on; ``heldout``: blocks for reconstruction metrics and loss."""
+    stories to fit on; ``heldout``: blocks for reconstruction metrics and loss;
+    ``prompts``: (eval prompts, sweep prompts) of the code steering."""
+    from codelens import steering as st
     from codelens.analysis import regex_labels
     from codelens.data.stories import PATTERNS, TOPICS
-    from codelens.experiments import steering as st
 
+    eval_prompts, sweep_prompts = prompts
     settings = {**DEFAULT_SETTINGS, **(getattr(exp, "baselines", None) or {})}
     sites = list(model.codebooks)
     held = cache_activations(base, heldout, sites, batch_size=32)
@@ -344,12 +321,10 @@ def steering_comparison(
         ],
         dtype=torch.float64,
     )
-    plain_gen = st.generate_texts(
-        base, st.EVAL_PROMPTS, exp.samples, exp.new_tokens, exp.seed + 100
-    )
+    plain_gen = st.generate_texts(base, eval_prompts, exp.samples, exp.new_tokens, exp.seed + 100)
     plain_texts = st.continuation_texts(base.tokenizer, plain_gen)
     sweep_gen = st.generate_texts(
-        base, st.SWEEP_PROMPTS, exp.sweep_samples, exp.new_tokens, exp.seed + 200
+        base, sweep_prompts, exp.sweep_samples, exp.new_tokens, exp.seed + 200
     )
     plain = {
         "perplexity": st.perplexity(base, plain_gen),
@@ -396,7 +371,15 @@ def steering_comparison(
             del values
         values = encode_all(base, method.features, tokens, topic_mask)
         topics = steer_with_features(
-            base, method.features, values, topic_labels, topic_recalls, classifier, exp, plain
+            base,
+            method.features,
+            values,
+            topic_labels,
+            topic_recalls,
+            classifier,
+            exp,
+            plain,
+            prompts,
         )
         row["steering_success"] = sum(steered(r) for r in topics) / len(topics)
         detail["steering"] = topics

@@ -481,6 +481,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
             topic_of_row=topic_of_row,
             train_tokens=pack_to_tensor(train_texts, tokenizer, 128, blocks),
             heldout=heldout,
+            prompts=(EVAL_PROMPTS, SWEEP_PROMPTS),
         )
         lap("baselines s", t)
     timings["total s"] = time.perf_counter() - started

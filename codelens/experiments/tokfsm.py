@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from codelens.analysis import best_neurons_for_labels, code_firing, codes_for_classes
+from codelens.baselines import LinearFeatures, iter_activations, swap_hooks
 from codelens.data.fsm import (
     FSMConfig,
     TokFSM,
@@ -364,6 +365,32 @@ def swap_state_codes(
     return swap_rows(totals, n)
 
 
+@torch.no_grad()
+def feature_swaps(
+    model: Any, trials: SwapTrials, variants: dict[str, list[LinearFeatures]]
+) -> list[dict[str, Any]]:
+    """The state swaps of `swap_trials` with features instead of codes (the same trials)."""
+    sites = sorted({f.site for feats in variants.values() for f in feats})
+    totals = {name: {"success": 0.0, "jsd_target": 0.0} for name in variants}
+    n = 0
+    for p, (rows, refs) in trials.by_position.items():
+        prompt, reference = trials.tokens[rows, : p + 1], trials.tokens[refs, : p + 1]
+        last = torch.zeros_like(reference, dtype=torch.bool)
+        last[:, -1] = True
+        (ref,) = iter_activations(
+            model, reference, sites, token_mask=last, batch_size=len(reference)
+        )
+        for name, feats in variants.items():
+            hooks = [h for f in feats for h in swap_hooks(f, ref[f.site])]
+            with model.hooks(fwd_hooks=hooks):
+                logits = model(prompt)
+            success, jsd = trials.score(logits, rows, refs, p)
+            totals[name]["success"] += success
+            totals[name]["jsd_target"] += jsd
+        n += len(rows)
+    return swap_rows(totals, n)
+
+
 def _paste_last(reference_ids: Int[Tensor, "batch pos G k"]):
     def paste(ids: Tensor, hook: Any) -> Tensor:
         ids = ids.clone()
@@ -430,7 +457,7 @@ def baseline_comparison(
     for method in methods:
         values = bl.encode_all(base, method.features, tokens, at_end)
         precision = bl.precision_at_recalls(values, labels, recalls)
-        swaps = bl.feature_swaps(base, trials, {v: method.at(s) for v, s in variants.items()})
+        swaps = feature_swaps(base, trials, {v: method.at(s) for v, s in variants.items()})
         cost = bl.splice_loss_cost(base, method.features, tokens)
         rows.append(
             {
@@ -457,7 +484,7 @@ def baseline_comparison(
             {"method": f"{label} (base model)", "state_precision": precision["mean_precision"]}
         )
         details[label] = precision
-    patch = bl.feature_swaps(
+    patch = feature_swaps(
         base, trials, {v: bl.identity_features(base, s) for v, s in variants.items()}
     )
     rows.append(
