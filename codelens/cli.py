@@ -38,6 +38,12 @@ def _experiment(module_name: str, args: argparse.Namespace) -> None:
     if any(v is not None for v in fsm.values()):
         fsm = {key: value for key, value in fsm.items() if value is not None}
         exp = dataclasses.replace(exp, fsm={**exp.fsm, **fsm})
+    if getattr(args, "seeds", None):
+        from codelens.experiments.seeds import run_seeds
+
+        run_seeds(module, exp, args.seeds)
+        print(f"per seed: {Path(exp.run_dir)}/seed-*/report.md; over seeds: seeds.md, seeds.json")
+        return
     report = module.run_experiment(exp)
     print(module.summary_line(report))
     print(f"report: {Path(exp.run_dir) / 'report.md'} (also report.json, report.html)")
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     fsm.add_argument("--quick", action="store_true", help="small FSM, a few minutes on a CPU")
     fsm.add_argument("--run-dir", help="where to write models and the report")
     fsm.add_argument("--seed", type=int, help="training and sampling seed")
+    fsm.add_argument("--seeds", type=int, nargs="+", help="run once per seed; mean and range")
     fsm.add_argument("--states", dest="n_states", type=int, help="FSM states (another FSM)")
     fsm.add_argument("--successors", dest="n_successors", type=int, help="successors per state")
     fsm.add_argument("--fsm-seed", type=int, help="seed of the FSM's transition table")
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     steer.add_argument("--quick", action="store_true", help="small corpus and model, for CI")
     steer.add_argument("--run-dir", help="where to write models and the report")
     steer.add_argument("--seed", type=int, help="corpus, training and sampling seed")
+    steer.add_argument("--seeds", type=int, nargs="+", help="run once per seed; mean and range")
     steer.set_defaults(run=functools.partial(_experiment, "steering"))
 
     browse = commands.add_parser("browse", help="write a static HTML code browser")
