@@ -109,7 +109,9 @@ class CodebookSite(HookPoint):
     def __call__(self, x: Tensor) -> Tensor:
         x = super().__call__(x)
         groups = self.codebook.n_groups
-        if x.shape[-2:] == (groups, self.codebook.d):
+        # Sites see [batch, pos, features] (or [batch, pos, groups, d]); by the shape alone, a
+        # one-token flat input with one group would pass for a grouped one.
+        if x.ndim == 4 and x.shape[-2:] == (groups, self.codebook.d):
             return self.codebook(x)
         grouped = rearrange(x, "... (g d) -> ... g d", g=groups)
         return rearrange(self.codebook(grouped), "... g d -> ... (g d)")

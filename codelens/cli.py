@@ -38,6 +38,12 @@ def _experiment(module_name: str, args: argparse.Namespace) -> None:
     if any(v is not None for v in fsm.values()):
         fsm = {key: value for key, value in fsm.items() if value is not None}
         exp = dataclasses.replace(exp, fsm={**exp.fsm, **fsm})
+    if getattr(args, "seeds", None):
+        from codelens.experiments.seeds import run_seeds
+
+        run_seeds(module, exp, args.seeds)
+        print(f"per seed: {Path(exp.run_dir)}/seed-*/report.md; over seeds: seeds.md, seeds.json")
+        return
     report = module.run_experiment(exp)
     print(module.summary_line(report))
     print(f"report: {Path(exp.run_dir) / 'report.md'} (also report.json, report.html)")
@@ -66,6 +72,47 @@ def _browse(args: argparse.Namespace) -> None:
         raise SystemExit(f"{model_dir} has no codebooks to browse")
     out = browse(model, tokens, args.output, title=f"codelens: {path}")
     print(f"code browser for {tokens.shape[0]} x {tokens.shape[1]} tokens written to {out}")
+
+
+def _circuit(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from codelens.circuits.study import run_study
+    from codelens.circuits.tasks import fsm_next_state_task
+    from codelens.data.fsm import FSMConfig, TokFSM
+    from codelens.model import HookedCodebookTransformer
+
+    stage = Path(args.run_dir)
+    config = stage / "config.json"
+    if not (config.is_file() and (stage / "final").is_dir()):
+        raise SystemExit(f"{stage} is not a training run directory (config.json and final/)")
+    fsm_settings = json.loads(config.read_text()).get("data", {}).get("fsm")
+    if fsm_settings is None:
+        raise SystemExit(f"{stage} was not trained on TokFSM data: no task to build")
+    torch.set_num_threads(args.threads)
+    model = HookedCodebookTransformer.from_pretrained(stage / "final")
+    task = fsm_next_state_task(TokFSM(FSMConfig(**fsm_settings)), args.pairs, seed=args.seed)
+    levels = ("components", "codes") if args.level == "both" else (args.level,)
+    if "codes" in levels and not model.codebooks:
+        levels = ("components",)
+    methods = tuple(args.methods.split(","))
+    out = Path(args.out or stage / "circuits")
+    report = run_study(
+        model,
+        task,
+        out,
+        levels=levels,
+        methods=methods,
+        tau=args.tau,
+        steps=args.steps,
+        compare_tl=args.compare_tl,
+    )
+    from codelens.circuits.study import markdown
+
+    print(markdown(report))
+    print(f"report: {out / 'report.md'} (also report.json, report.html, circuits/*.json)")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -113,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     fsm.add_argument("--quick", action="store_true", help="small FSM, a few minutes on a CPU")
     fsm.add_argument("--run-dir", help="where to write models and the report")
     fsm.add_argument("--seed", type=int, help="training and sampling seed")
+    fsm.add_argument("--seeds", type=int, nargs="+", help="run once per seed; mean and range")
     fsm.add_argument("--states", dest="n_states", type=int, help="FSM states (another FSM)")
     fsm.add_argument("--successors", dest="n_successors", type=int, help="successors per state")
     fsm.add_argument("--fsm-seed", type=int, help="seed of the FSM's transition table")
@@ -122,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     steer.add_argument("--quick", action="store_true", help="small corpus and model, for CI")
     steer.add_argument("--run-dir", help="where to write models and the report")
     steer.add_argument("--seed", type=int, help="corpus, training and sampling seed")
+    steer.add_argument("--seeds", type=int, nargs="+", help="run once per seed; mean and range")
     steer.set_defaults(run=functools.partial(_experiment, "steering"))
 
     browse = commands.add_parser("browse", help="write a static HTML code browser")
@@ -131,6 +180,27 @@ def main(argv: list[str] | None = None) -> None:
     browse.add_argument("--text", help="corpus file for a model directory (txt, jsonl, parquet)")
     browse.add_argument("--block-len", type=int, default=128, help="tokens per sequence (--text)")
     browse.set_defaults(run=_browse)
+
+    circuit = commands.add_parser(
+        "circuit", help="find circuits (ACDC, EAP, EAP-IG, fast path) in a TokFSM run"
+    )
+    circuit.add_argument(
+        "run_dir", metavar="RUN", help="a TokFSM training run directory (config.json, final/)"
+    )
+    circuit.add_argument("--level", choices=("components", "codes", "both"), default="both")
+    circuit.add_argument(
+        "--methods", default="acdc,eap,eap-ig,fast", help="comma-separated: acdc,eap,eap-ig,fast"
+    )
+    circuit.add_argument("--tau", type=float, default=0.02, help="ACDC / selection threshold")
+    circuit.add_argument("--steps", type=int, default=5, help="integrated-gradient steps")
+    circuit.add_argument("--pairs", type=int, default=64, help="clean/corrupted prompt pairs")
+    circuit.add_argument("--seed", type=int, default=0, help="seed of the prompt pairs")
+    circuit.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    circuit.add_argument(
+        "--compare-tl", action="store_true", help="also rank-correlate with TL's attribution_patch"
+    )
+    circuit.add_argument("-o", "--out", help="output directory (default: RUN/circuits)")
+    circuit.set_defaults(run=_circuit)
 
     convert = commands.add_parser(
         "convert", help="write a codelens checkpoint of the paper authors' released model"

@@ -27,6 +27,7 @@ PACKAGES = (
     "datasets",
     "huggingface-hub",
     "numpy",
+    "scikit-learn",
 )
 
 

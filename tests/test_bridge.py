@@ -71,3 +71,16 @@ def test_cached_generation_equals_full_forward_argmax(arch):
     )
     assert out.shape == (4, 23)
     assert torch.equal(out[:, 3:], model(out)[:, 2:-1].argmax(-1))
+
+
+def test_code_shapes_keep_their_group_axis_for_one_token_forwards(arch):
+    # Cached generation runs one-token forwards: [1, 1, d_model] must not pass for grouped.
+    model = tiny_model(arch, CodebookConfig(n_codes=20, k=2))
+    shapes = []
+    hooks = [
+        (f"{site}.hook_codes", lambda ids, hook: shapes.append(ids.shape))
+        for site in model.codebooks
+    ]
+    with model.hooks(fwd_hooks=hooks):
+        model.generate(torch.tensor([[10, 1]]), max_new_tokens=2, do_sample=False, verbose=False)
+    assert shapes and all(len(shape) == 4 and shape[-1] == 2 for shape in shapes)

@@ -389,3 +389,14 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert sum(r["precision"] >= r["base_neuron_precision"] for r in found) >= 3, found
     for name in ("report.md", "report.json", "report.html"):
         assert (tmp_path / name).is_file()
+    circuit = report["circuit"]["levels"]
+    assert circuit["components"]["methods"]["fast"]["faithfulness"] > 0.5, circuit
+    assert (tmp_path / "circuits" / "circuits" / "codes-eap-ig.json").is_file()
+    table = {r["method"]: r for r in report["baselines"]["rows"]}
+    assert list(table)[0] == "codes"
+    assert table["codes"]["regex_precision"] == pytest.approx(
+        sum(r["precision"] for r in found) / len(found)
+    )
+    for r in table.values():
+        assert 0 <= r["regex_precision"] <= 1 and 0 <= r["steering_success"] <= 1, r
+    assert "Codes against baselines" in (tmp_path / "report.md").read_text()

@@ -46,6 +46,18 @@ def test_quick_pipeline_meets_its_thresholds(tmp_path, monkeypatch):
     assert swaps["MLP, all layers"]["success_rate"] >= 0.7
     assert swaps["clean"]["success_rate"] <= 0.4  # without a swap the model stays with s
     assert swaps["MLP, all layers"]["trials"] == QUICK.transitions == 500
+    rows = {row["method"]: row for row in report["baselines"]["rows"]}
+    names = list(rows)
+    assert names[0] == "codes: attn+mlp k=1 C=200/800"
+    assert [n.split(" ")[0] for n in names[1:5]] == ["SAE", "SAE", "PCA", "ICA"]
+    for row in rows.values():
+        assert 0 <= row.get("state_precision", 0) <= 1 and 0 <= row.get("swap_success", 0) <= 1
+    assert rows[names[0]]["state_precision"] == pytest.approx(
+        sum(r["precision"] for r in codes["per_state"]) / len(codes["per_state"])
+    )
+    assert abs(rows["PCA (full basis)"]["loss_cost"]) < 1e-3  # a full basis loses nothing
+    assert rows["activation patching at the sites (upper bound)"]["swap_success"] >= 0.9
+    assert "Codes against baselines" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize("n_states, n_successors, seed", [(12, 3, 7)])
@@ -54,6 +66,7 @@ def test_pipeline_holds_on_another_fsm(tmp_path, monkeypatch, n_states, n_succes
     exp = QUICK.with_run_dir(str(tmp_path))
     exp.fsm = dict(exp.fsm, n_states=n_states, n_successors=n_successors, seed=seed)
     exp.codebook_models = {"k1": dict(QUICK.codebook_models["attn+mlp k=1 C=200/800"])}
+    exp.baselines = None  # measured by the test above
     report = run_experiment(exp)
     assert report["models"]["no codebook"]["table1"]["transition_accuracy"] >= 0.9
     assert report["models"]["k1"]["table1"]["transition_accuracy"] >= 0.85

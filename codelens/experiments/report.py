@@ -85,9 +85,30 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {row['intervention']} | {row['trials']} | {_pct(row['success_rate'])} | "
                 f"{row['jsd_to_target']:.3f} |"
             )
+    if "baselines" in report:
+        lines += ["", *baselines_markdown(report["baselines"])]
     lines += ["", "## Timings (s)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
+
+
+def baselines_markdown(section: dict[str, Any]) -> list[str]:
+    """The codes-against-baselines table of a TokFSM report."""
+    from codelens.experiments.baselines import table_markdown
+
+    return [
+        "## Codes against baselines",
+        "",
+        f"Precision: mean over the {section['states']} states with a code of the best "
+        f"feature's precision at the recall of {section['recall_of']}'s best code for the "
+        "state (the first codebook model; later codebook models at their own codes' recall). "
+        "Baselines are fitted on the model without codebooks at the codebook sites; swap "
+        "success: all sites swapped; loss cost: loss with every site replaced by its "
+        "reconstruction minus the base model's; compute: fitting, with activation caching. "
+        f"Best SAE by state precision: {section['best_sae']}.",
+        "",
+        *table_markdown(section["rows"]),
+    ]
 
 
 def write_report(report: dict[str, Any], run_dir: Path, curves: list[Path] = ()) -> None:

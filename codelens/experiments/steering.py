@@ -56,6 +56,7 @@ from codelens.data.stories import (
 )
 from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokenizer
 from codelens.environment import check_cached_generation, describe, stack
+from codelens.experiments.baselines import DEFAULT_SETTINGS, steering_comparison
 from codelens.experiments.report import _atomic_write
 from codelens.experiments.stages import train_stage
 from codelens.model import HookedCodebookTransformer, attn_site
@@ -96,6 +97,9 @@ class SteeringExperiment:
     min_topic_recall: float = 0.05  # a topic code must fire on this share of its topic's tokens
     topic_skip: int = 16  # tokens of each story left out of topic code search (before the topic)
     max_perplexity_ratio: float = 2.0  # fluency guard when picking a steering option
+    circuit_pairs: int = 16  # story pairs for the topic circuit (0: no circuit)
+    circuit_tau: float = 0.05  # ACDC threshold of the topic circuit's fast path
+    baselines: dict[str, Any] | None = dataclasses.field(default_factory=dict)  # None: skip
     seed: int = 0
     threads: int | None = 1
 
@@ -172,6 +176,7 @@ QUICK = SteeringExperiment(
     new_tokens=40,
     candidates=4,
     sweep_samples=3,
+    baselines={"steps": 300, "sae_ks": ["matched", 16], "train_blocks": 256},
 )
 
 
@@ -460,8 +465,9 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     steering = steer_topics(model, base, classifier, candidates, swaps, exp)
     for row, found in zip(steering["topics"], candidates, strict=True):
         row["candidates"] = found
-    lap("steering s", t)
-    timings["total s"] = time.perf_counter() - started
+    t = lap("steering s", t)
+    circuit = topic_circuit(model, tokenizer, exp) if exp.circuit_pairs else None
+    t = lap("topic circuit s", t)
     report = {
         "experiment": dataclasses.asdict(exp),
         "environment": stack(),
@@ -470,8 +476,47 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         "steering": steering,
         "timings": timings,
     }
+    if circuit is not None:
+        report["circuit"] = circuit
+    if exp.baselines is not None:
+        blocks = {**DEFAULT_SETTINGS, **exp.baselines}["train_blocks"]
+        report["baselines"] = steering_comparison(
+            base,
+            model,
+            classifier,
+            exp,
+            report,
+            tokens=tokens,
+            strings=token_strings(tokenizer, tokens),
+            topic_of_row=topic_of_row,
+            train_tokens=pack_to_tensor(train_texts, tokenizer, 128, blocks),
+            heldout=heldout,
+            prompts=(EVAL_PROMPTS, SWEEP_PROMPTS),
+        )
+        lap("baselines s", t)
+    timings["total s"] = time.perf_counter() - started
     write_report(report, run_dir)
     return report
+
+
+def topic_circuit(model: HookedCodebookTransformer, tokenizer: Any, exp: SteeringExperiment):
+    """The circuit that tells the first steered topic from the second, written to
+    ``circuits/`` in the run directory: EAP-IG and the fast path on components, EAP-IG on
+    codes (a code graph of tens of thousands of edges costs the fast path thousands of
+    forwards: ~2,100 for 58,000 edges on the quick model)."""
+    from codelens.circuits.study import run_study
+    from codelens.circuits.tasks import story_topic_task
+
+    task = story_topic_task(
+        tokenizer, exp.topics[0], exp.topics[1], exp.circuit_pairs, seed=exp.seed + 3
+    )
+    return run_study(
+        model,
+        task,
+        Path(exp.run_dir) / "circuits",
+        methods={"components": ("eap-ig", "fast"), "codes": ("eap-ig",)},
+        tau=exp.circuit_tau,
+    )
 
 
 # ---------------------------------------------------------------------------- the report
@@ -552,8 +597,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"{' / '.join(_pct(c['recall']) for c in codes)} | {_pct(r['before'])} | "
             f"{_pct(r['after'])} | {r['perplexity']:.2f} | {r['perplexity_ratio']:.2f} |"
         )
+    if "baselines" in report:
+        lines += ["", *baselines_markdown(report["baselines"])]
     lines += ["", "## Examples", "", f"- unsteered: {steering['unsteered_example']!r}"]
     lines += [f"- {r['topic']}: {r['example']!r}" for r in steering["topics"] if "example" in r]
+    if "circuit" in report:
+        from codelens.circuits.study import markdown as circuit_markdown
+
+        section = circuit_markdown(report["circuit"]).replace("\n## ", "\n### ")
+        lines += ["", section.replace("# Circuits:", "## Topic circuit:", 1).rstrip()]
+        lines += ["", "Circuits, curves and graphs: `circuits/` (report.html, circuits/*.json)."]
     lines += ["", "## Timings (s)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
@@ -576,6 +629,11 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
         for r in found
     ]
     page.add(precision_recall(codes, neurons), heading="regex features: codes vs neurons")
+    if "circuit" in report:
+        from codelens.circuits.study import figures
+
+        for heading, figure in figures(report["circuit"], run_dir / "circuits"):
+            page.add(figure, heading=f"topic circuit: {heading}")
     for path in sorted(run_dir.glob("*/metrics.jsonl")):
         page.add(training_curves(path), heading=f"training: {path.parent.name}")
     page.save(run_dir / "report.html")
@@ -597,3 +655,42 @@ def summary_line(report: dict[str, Any]) -> str:
         f"{base_wins}/{len(regex)}); loss ratio {report['heldout_loss']['ratio']:.3f}; "
         f"{report['timings']['total s']:.0f}s"
     )
+
+
+def baselines_markdown(section: dict[str, Any]) -> list[str]:
+    """The codes-against-baselines table of a steering report."""
+    from codelens.experiments.baselines import table_markdown
+
+    return [
+        "## Codes against baselines",
+        "",
+        "Baselines are fitted on the model without codebooks at the codebook sites. Regex "
+        "precision: mean over the patterns with a code of the best feature's precision at "
+        "the code's recall. Topics steered: share of the steered topics reaching >= 80% on "
+        "topic from <= 15% with perplexity <= 2x; a baseline steers the model without "
+        "codebooks by clamping the feature that best classifies the topic's tokens (at the "
+        "topic code's recall) at every position, at the strength the sweep picks. Loss "
+        "cost: held-out loss with every site replaced by its reconstruction minus the base "
+        "model's (codes: the codebook model's minus the base model's); compute: fitting "
+        f"(codes: codebook training). Best SAE: {section['best_sae']}.",
+        "",
+        *table_markdown(section["rows"]),
+    ]
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """Topics steered, regex wins over neurons, loss ratio (for `--seeds`)."""
+    from codelens.experiments.baselines import steered
+
+    rows, regex = report["steering"]["topics"], report["regex"]
+    out = {
+        "topics steered": sum(steered(r) for r in rows),
+        "regex codes >= 30 points over neurons": sum(
+            r.get("precision_gain", -1) >= 0.3 for r in regex
+        ),
+        "held-out loss ratio": report["heldout_loss"]["ratio"],
+    }
+    for r in rows:
+        if "after" in r:
+            out[f"{r['topic']}: on topic after"] = r["after"]
+    return out

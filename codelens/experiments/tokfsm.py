@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from codelens.analysis import best_neurons_for_labels, code_firing, codes_for_classes
+from codelens.baselines import LinearFeatures, iter_activations, swap_hooks
 from codelens.data.fsm import (
     FSMConfig,
     TokFSM,
@@ -60,6 +61,7 @@ class FSMExperiment:
     transitions: int = 500
     seed: int = 0
     threads: int | None = 1  # small models: one thread avoids OpenMP oversubscription stalls
+    baselines: dict[str, Any] | None = dataclasses.field(default_factory=dict)  # None: skip
 
     def with_run_dir(self, run_dir: str) -> FSMExperiment:
         return dataclasses.replace(self, run_dir=run_dir)
@@ -122,6 +124,7 @@ QUICK = FSMExperiment(
     eval_sequences=256,
     generations=256,
     transitions=500,
+    baselines={"steps": 300, "sae_ks": ["matched", 16], "train_sequences": 1024},
 )
 
 
@@ -276,11 +279,26 @@ def _intervention_variants(model: HookedCodebookTransformer) -> dict[str, list[s
     return {k: v for k, v in variants.items() if v}
 
 
-@torch.no_grad()
-def swap_state_codes(
-    model: HookedCodebookTransformer, fsm: TokFSM, exp: FSMExperiment
-) -> list[dict[str, Any]]:
-    """Replace state s's codes by state t's at the token completing s; did the model follow t?"""
+@dataclass
+class SwapTrials:
+    """State pairs to swap: at position p, row ``rows[i]`` (in state s) takes the codes or
+    features of row ``refs[i]`` (in state t, with other successors) at the same position."""
+
+    tokens: Tensor
+    state: Tensor
+    by_position: dict[int, tuple[Tensor, Tensor]]
+    successors: Tensor  # [n_states, 10]: first-digit distribution of each state's successors
+
+    def score(self, logits: Tensor, rows: Tensor, refs: Tensor, p: int) -> tuple[float, float]:
+        """Summed successes (closer to t's successors than s's) and JSD to t, over pairs."""
+        probs = logits[:, -1, :10].float().softmax(-1)
+        q_s, q_t = self.successors[self.state[rows, p]], self.successors[self.state[refs, p]]
+        to_t, to_s = _jsd(probs, q_t), _jsd(probs, q_s)
+        return float((to_t < to_s).float().sum()), float(to_t.sum())
+
+
+def swap_trials(fsm: TokFSM, exp: FSMExperiment) -> SwapTrials:
+    """Draw ``exp.transitions`` state pairs with different successors (seeded by exp.seed)."""
     gen = torch.Generator().manual_seed(exp.seed + 17)
     tokens, states = fsm.sample(max(4 * fsm.n_states, exp.eval_sequences), generator=gen)
     state, digit = fsm.token_states(tokens, states)
@@ -303,26 +321,14 @@ def swap_state_codes(
             f"found only {found} state pairs with different successors; this FSM has too "
             "few states to tell apart"
         )
-    variants = _intervention_variants(model)
-    totals = {name: {"success": 0.0, "jsd_target": 0.0} for name in ["clean", *variants]}
-    n = 0
-    for p, pairs in trials.items():
-        rows = torch.tensor([r for r, _ in pairs])
-        refs = torch.tensor([r for _, r in pairs])
-        prompt, reference = tokens[rows, : p + 1], tokens[refs, : p + 1]
-        q_s, q_t = succ[state[rows, p]], succ[state[refs, p]]
-        names = [f"{s}.hook_codes" for s in model.codebooks]
-        _, ref_cache = model.run_with_cache(reference, names_filter=names)
-        outcomes = {"clean": model(prompt)}
-        for name, sites in variants.items():
-            hooks = [(f"{s}.hook_codes", _paste_last(ref_cache[f"{s}.hook_codes"])) for s in sites]
-            outcomes[name] = model.run_with_hooks(prompt, fwd_hooks=hooks)
-        for name, logits in outcomes.items():
-            probs = logits[:, -1, :10].float().softmax(-1)
-            to_t, to_s = _jsd(probs, q_t), _jsd(probs, q_s)
-            totals[name]["success"] += float((to_t < to_s).float().sum())
-            totals[name]["jsd_target"] += float(to_t.sum())
-        n += len(pairs)
+    by_position = {
+        p: (torch.tensor([r for r, _ in pairs]), torch.tensor([r for _, r in pairs]))
+        for p, pairs in trials.items()
+    }
+    return SwapTrials(tokens, state, by_position, succ)
+
+
+def swap_rows(totals: dict[str, dict[str, float]], n: int) -> list[dict[str, Any]]:
     return [
         {
             "intervention": name,
@@ -334,6 +340,57 @@ def swap_state_codes(
     ]
 
 
+@torch.no_grad()
+def swap_state_codes(
+    model: HookedCodebookTransformer, fsm: TokFSM, exp: FSMExperiment
+) -> list[dict[str, Any]]:
+    """Replace state s's codes by state t's at the token completing s; did the model follow t?"""
+    trials = swap_trials(fsm, exp)
+    variants = _intervention_variants(model)
+    totals = {name: {"success": 0.0, "jsd_target": 0.0} for name in ["clean", *variants]}
+    n = 0
+    names = [f"{s}.hook_codes" for s in model.codebooks]
+    for p, (rows, refs) in trials.by_position.items():
+        prompt, reference = trials.tokens[rows, : p + 1], trials.tokens[refs, : p + 1]
+        _, ref_cache = model.run_with_cache(reference, names_filter=names)
+        outcomes = {"clean": model(prompt)}
+        for name, sites in variants.items():
+            hooks = [(f"{s}.hook_codes", _paste_last(ref_cache[f"{s}.hook_codes"])) for s in sites]
+            outcomes[name] = model.run_with_hooks(prompt, fwd_hooks=hooks)
+        for name, logits in outcomes.items():
+            success, jsd = trials.score(logits, rows, refs, p)
+            totals[name]["success"] += success
+            totals[name]["jsd_target"] += jsd
+        n += len(rows)
+    return swap_rows(totals, n)
+
+
+@torch.no_grad()
+def feature_swaps(
+    model: Any, trials: SwapTrials, variants: dict[str, list[LinearFeatures]]
+) -> list[dict[str, Any]]:
+    """The state swaps of `swap_trials` with features instead of codes (the same trials)."""
+    sites = sorted({f.site for feats in variants.values() for f in feats})
+    totals = {name: {"success": 0.0, "jsd_target": 0.0} for name in variants}
+    n = 0
+    for p, (rows, refs) in trials.by_position.items():
+        prompt, reference = trials.tokens[rows, : p + 1], trials.tokens[refs, : p + 1]
+        last = torch.zeros_like(reference, dtype=torch.bool)
+        last[:, -1] = True
+        (ref,) = iter_activations(
+            model, reference, sites, token_mask=last, batch_size=len(reference)
+        )
+        for name, feats in variants.items():
+            hooks = [h for f in feats for h in swap_hooks(f, ref[f.site])]
+            with model.hooks(fwd_hooks=hooks):
+                logits = model(prompt)
+            success, jsd = trials.score(logits, rows, refs, p)
+            totals[name]["success"] += success
+            totals[name]["jsd_target"] += jsd
+        n += len(rows)
+    return swap_rows(totals, n)
+
+
 def _paste_last(reference_ids: Int[Tensor, "batch pos G k"]):
     def paste(ids: Tensor, hook: Any) -> Tensor:
         ids = ids.clone()
@@ -341,6 +398,114 @@ def _paste_last(reference_ids: Int[Tensor, "batch pos G k"]):
         return ids
 
     return paste
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+@torch.no_grad()
+def baseline_comparison(
+    base: HookedCodebookTransformer,
+    coded: dict[str, HookedCodebookTransformer],
+    fsm: TokFSM,
+    exp: FSMExperiment,
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """Codes against SAEs, PCA, ICA and the base model's neurons (see
+    `codelens.experiments.baselines`), at the recall of the first codebook model's
+    best code per state; one row per method."""
+    from codelens.experiments import baselines as bl
+
+    settings = {**bl.DEFAULT_SETTINGS, **(exp.baselines or {})}
+    first = next(iter(coded))
+    per_state = report["models"][first]["state_codes"]["per_state"]
+    states = torch.tensor([r["state"] for r in per_state])
+    recalls = torch.tensor([r["recall"] for r in per_state], dtype=torch.float64)
+
+    gen = torch.Generator().manual_seed(exp.seed + 23)
+    train_tokens, train_states = fsm.sample(settings["train_sequences"], generator=gen)
+    train_mask = fsm.token_states(train_tokens, train_states)[1] >= 0
+    gen = torch.Generator().manual_seed(exp.seed + 13)  # the state analysis' tokens
+    tokens, seq_states = fsm.sample(exp.eval_sequences, generator=gen)
+    state, digit = fsm.token_states(tokens, seq_states)
+    at_end = digit == fsm.n_digits - 1
+    labels = state[at_end][:, None] == states[None, :]
+    sites = list(coded[first].codebooks)
+    heldout = bl.cache_activations(base, tokens, sites, token_mask=digit >= 0, batch_size=64)
+
+    methods = bl.fit_baselines(
+        base, coded[first], train_tokens, train_mask, heldout, settings, exp.seed
+    )
+    trials = swap_trials(fsm, exp)
+    variants = _intervention_variants(coded[first])
+    rows: list[dict[str, Any]] = []
+    base_loss = report["models"]["no codebook"]["table1"]["loss"]
+    for name in coded:
+        entry = report["models"][name]
+        swaps = {r["intervention"]: r["success_rate"] for r in entry["interventions"]}
+        rows.append(
+            {
+                "method": f"codes: {name}" + ("" if name == first else " (at its own recall)"),
+                "state_precision": sum(r["precision"] for r in entry["state_codes"]["per_state"])
+                / max(1, len(entry["state_codes"]["per_state"])),
+                "swap_success": swaps.get("all sites"),
+                "loss_cost": entry["table1"]["loss"] - base_loss,
+                "seconds": report["timings"].get(f"{name} training s"),
+            }
+        )
+    details: dict[str, Any] = {}
+    for method in methods:
+        values = bl.encode_all(base, method.features, tokens, at_end)
+        precision = bl.precision_at_recalls(values, labels, recalls)
+        swaps = feature_swaps(base, trials, {v: method.at(s) for v, s in variants.items()})
+        cost = bl.splice_loss_cost(base, method.features, tokens)
+        rows.append(
+            {
+                "method": method.name,
+                "state_precision": precision["mean_precision"],
+                "swap_success": next(
+                    r["success_rate"] for r in swaps if r["intervention"] == "all sites"
+                ),
+                "loss_cost": cost["loss_cost"],
+                "seconds": method.seconds,
+            }
+        )
+        details[method.name] = {
+            "metrics": method.metrics,
+            "swaps": swaps,
+            "loss": cost,
+            **precision,
+        }
+    for label, hook in NEURON_HOOKS.items():
+        names = [f"blocks.{layer}.{hook}" for layer in range(base.cfg.n_layers)]
+        values = bl.encode_all(base, bl.identity_features(base, names), tokens, at_end)
+        precision = bl.precision_at_recalls(values, labels, recalls)
+        rows.append(
+            {"method": f"{label} (base model)", "state_precision": precision["mean_precision"]}
+        )
+        details[label] = precision
+    patch = feature_swaps(
+        base, trials, {v: bl.identity_features(base, s) for v, s in variants.items()}
+    )
+    rows.append(
+        {
+            "method": "activation patching at the sites (upper bound)",
+            "swap_success": next(
+                r["success_rate"] for r in patch if r["intervention"] == "all sites"
+            ),
+        }
+    )
+    details["activation patching"] = {"swaps": patch}
+    sae_rows = [r for r in rows if r["method"].startswith("SAE")]
+    best = max(sae_rows, key=lambda r: r["state_precision"])
+    return {
+        "recall_of": first,
+        "states": len(per_state),
+        "settings": settings,
+        "best_sae": best["method"],
+        "rows": rows,
+        "details": details,
+    }
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -376,6 +541,11 @@ def run_experiment(exp: FSMExperiment) -> dict[str, Any]:
             entry["interventions"] = swap_state_codes(model, fsm, exp)
         report["models"][name] = entry
         report["timings"][f"{name} analysis s"] = time.perf_counter() - stage_start
+    if exp.baselines is not None and len(models) > 1:
+        stage_start = time.perf_counter()
+        coded = {name: m for name, m in models.items() if m.codebooks}
+        report["baselines"] = baseline_comparison(baseline.model, coded, fsm, exp, report)
+        report["timings"]["baselines s"] = time.perf_counter() - stage_start
     report["timings"]["total s"] = time.perf_counter() - started
     write_report(report, run_dir)
     return report
@@ -386,3 +556,19 @@ def summary_line(report: dict[str, Any]) -> str:
     for name, entry in report["models"].items():
         parts.append(f"{name}: transition acc {100 * entry['table1']['transition_accuracy']:.1f}%")
     return "; ".join(parts)
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """Per model: loss, transition accuracy, state-code precision, all-site swap success."""
+    out = {}
+    for name, entry in report["models"].items():
+        out[f"{name}: loss"] = entry["table1"]["loss"]
+        out[f"{name}: transition accuracy"] = entry["table1"]["transition_accuracy"]
+        if "state_codes" in entry:
+            out[f"{name}: mean best code precision"] = entry["state_codes"][
+                "mean_best_code_precision"
+            ]
+            for row in entry["interventions"]:
+                if row["intervention"] == "all sites":
+                    out[f"{name}: swap success, all sites"] = row["success_rate"]
+    return out

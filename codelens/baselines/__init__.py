@@ -1,0 +1,54 @@
+"""Baselines for codes on the same tasks: sparse autoencoders, PCA, ICA and neurons.
+
+All run natively on the TransformerLens 4 bridge through the model's own hooks (SAELens
+needs TransformerLens < 4). Activations come from `cache_activations`; every baseline is
+a `LinearFeatures` dictionary, so the code that scores, steers and swaps codes scores,
+steers and swaps these features too.
+"""
+
+from codelens.baselines.activations import cache_activations, iter_activations, site_width
+from codelens.baselines.directions import ica_features, pca_features
+from codelens.baselines.features import (
+    LinearFeatures,
+    ProjectionFeatures,
+    neurons,
+    splice_hooks,
+    steer_hooks,
+    swap_hooks,
+    zero_hooks,
+)
+from codelens.baselines.loss_score import ce_loss_score, lm_loss, spliced
+from codelens.baselines.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    TrainStats,
+    auxk_loss,
+    sae_metrics,
+    train_sae,
+)
+from codelens.baselines.saving import load_features
+
+__all__ = [
+    "LinearFeatures",
+    "ProjectionFeatures",
+    "SAEConfig",
+    "SparseAutoencoder",
+    "TrainStats",
+    "auxk_loss",
+    "cache_activations",
+    "ce_loss_score",
+    "ica_features",
+    "iter_activations",
+    "lm_loss",
+    "load_features",
+    "neurons",
+    "pca_features",
+    "sae_metrics",
+    "site_width",
+    "splice_hooks",
+    "spliced",
+    "steer_hooks",
+    "swap_hooks",
+    "train_sae",
+    "zero_hooks",
+]

@@ -1,0 +1,170 @@
+"""Activations at codebook sites, cached in batches through the model's own hooks.
+
+A site is a hook name: ``blocks.{l}.attn.hook_z`` (the heads' outputs before W_O, seen by
+hooks as ``[batch, pos, heads, d_head]``), ``blocks.{l}.hook_mlp_out`` or any other hook
+whose activation is one vector per token (``mlp.hook_post`` neurons, ``hook_resid_post``).
+``head`` picks one head of a ``hook_z`` site; without it the heads are concatenated into
+one ``heads * d_head`` vector, the layout W_O reads.
+
+With codebooks installed the site hooks still see the activation before quantisation, so
+the same code caches a plain model and a codebook model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from einops import rearrange
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+
+def site_view(x: Tensor, head: int | None = None) -> Float[Tensor, "... d"]:
+    """A site activation as one vector per token: heads concatenated, or one ``head``."""
+    if head is not None:
+        if x.ndim < 4:
+            raise ValueError(f"head={head} needs a per-head activation, got shape {tuple(x.shape)}")
+        if not 0 <= head < x.shape[-2]:
+            raise ValueError(f"head must be in [0, {x.shape[-2]}), got {head}")
+        return x[..., head, :]
+    if x.ndim >= 4:
+        return rearrange(x, "... h d -> ... (h d)")
+    return x
+
+
+def site_width(model: Any, site: str, head: int | None = None) -> int:
+    """Width of one token's vector at ``site`` (runs the model on one token to see it)."""
+    check_sites(model, [site])
+    seen: dict[str, int] = {}
+
+    def look(x: Tensor, hook: Any) -> None:
+        seen["d"] = site_view(x, head).shape[-1]
+
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else 0
+    with torch.no_grad(), model.hooks(fwd_hooks=[(site, look)]):
+        model(torch.tensor([[bos or 0]], device=_device(model)))
+    return seen["d"]
+
+
+def check_sites(model: Any, sites: Sequence[str]) -> None:
+    """Raise a clear error for a hook name the model does not have."""
+    if isinstance(sites, str):
+        raise ValueError("sites must be a list of hook names, not one string")
+    if not sites:
+        raise ValueError("no sites given")
+    missing = [s for s in sites if s not in model.hook_dict]
+    if missing:
+        raise ValueError(
+            f"the model has no hook points {missing}; e.g. blocks.0.attn.hook_z, "
+            "blocks.0.hook_mlp_out"
+        )
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def iter_activations(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    sites: Sequence[str],
+    *,
+    heads: dict[str, int] | None = None,
+    batch_size: int = 32,
+    token_mask: Bool[Tensor, "batch pos"] | None = None,
+) -> Iterator[dict[str, Float[Tensor, "n d"]]]:
+    """Per batch of sequences, ``{site: [kept tokens, d]}`` on the CPU, float32.
+
+    Capture hooks go on with ``model.hooks`` and come off after every batch, also when
+    the forward pass or the consumer raises. ``token_mask`` keeps only the tokens marked
+    true (drop BOS, padding); ``heads`` picks one head per ``hook_z`` site.
+    """
+    tokens = _check_tokens(tokens)
+    check_sites(model, sites)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if token_mask is not None:
+        token_mask = torch.as_tensor(token_mask)
+        if token_mask.shape != tokens.shape or token_mask.dtype != torch.bool:
+            raise ValueError(
+                f"token_mask must be a bool tensor of the tokens' shape {tuple(tokens.shape)}, "
+                f"got {token_mask.dtype} {tuple(token_mask.shape)}"
+            )
+    heads = heads or {}
+    device = _device(model)
+    raw: dict[str, Tensor] = {}
+
+    def capture(x: Tensor, hook: Any, site: str) -> None:
+        raw[site] = x.detach()
+
+    hooks = [(s, lambda x, hook, s=s: capture(x, hook, s)) for s in sites]
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start : start + batch_size]
+        raw.clear()
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):  # off again before the yield
+            model(batch.to(device))
+        out: dict[str, Tensor] = {}
+        for site in sites:
+            value = site_view(raw[site], heads.get(site))
+            if value.shape[:2] != batch.shape:
+                raise ValueError(
+                    f"{site} has shape {tuple(raw[site].shape)}: not one vector per token"
+                )
+            value = value.float().cpu()
+            if token_mask is not None:
+                out[site] = value[token_mask[start : start + batch_size]]
+            else:
+                out[site] = value.reshape(-1, value.shape[-1])
+        raw.clear()
+        yield out
+
+
+def cache_activations(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    sites: Sequence[str],
+    *,
+    heads: dict[str, int] | None = None,
+    batch_size: int = 32,
+    token_mask: Bool[Tensor, "batch pos"] | None = None,
+    memory_budget_mb: float = 2048.0,
+) -> dict[str, Float[Tensor, "N d"]]:
+    """``{site: [N, d]}`` for all (kept) tokens, written into preallocated tensors.
+
+    Raises before running the model if the result would exceed ``memory_budget_mb``;
+    stream with `iter_activations` for more.
+    """
+    tokens = _check_tokens(tokens)
+    n = int(token_mask.sum()) if token_mask is not None else tokens.numel()
+    widths = {s: site_width(model, s, (heads or {}).get(s)) for s in sites}
+    needed = 4 * n * sum(widths.values()) / 2**20
+    if needed > memory_budget_mb:
+        raise ValueError(
+            f"caching {n} tokens x {sum(widths.values())} dims needs {needed:.0f} MB, over "
+            f"memory_budget_mb={memory_budget_mb}: use fewer tokens or iter_activations"
+        )
+    out = {s: torch.empty(n, d) for s, d in widths.items()}
+    row = 0
+    for block in iter_activations(
+        model, tokens, sites, heads=heads, batch_size=batch_size, token_mask=token_mask
+    ):
+        rows = next(iter(block.values())).shape[0]
+        for site, value in block.items():
+            out[site][row : row + rows] = value
+        row += rows
+    return out
+
+
+def _check_tokens(tokens: Any) -> Tensor:
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise ValueError(
+            f"tokens must be a non-empty [batch, pos] tensor, got {tuple(tokens.shape)}"
+        )
+    if tokens.is_floating_point() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    return tokens

@@ -1,0 +1,53 @@
+"""Circuit discovery over components and codes, through `HookedCodebookTransformer`.
+
+Build a `Graph` (``level="codes"`` splits codebook sites into their active codes), a
+`Patcher` for a clean batch and its ablation, then run `acdc`, `eap`, `eap_ig` or
+`fast_path`; judge the `Circuit` with `faithfulness`, `completeness` and
+`faithfulness_curve`. See docs/circuits.md.
+"""
+
+from codelens.circuits.evaluate import (
+    FRACTIONS,
+    Curve,
+    completeness,
+    faithfulness,
+    faithfulness_curve,
+)
+from codelens.circuits.figure import circuit_figure, curves_figure
+from codelens.circuits.graph import Graph, active_codes, build_graph
+from codelens.circuits.methods import (
+    METHODS,
+    acdc,
+    attribution_scores,
+    discover,
+    eap,
+    eap_ig,
+    fast_path,
+)
+from codelens.circuits.metrics import KLDivergence, LogitDifference
+from codelens.circuits.patching import Patcher
+from codelens.circuits.result import Circuit
+
+__all__ = [
+    "FRACTIONS",
+    "METHODS",
+    "Circuit",
+    "Curve",
+    "Graph",
+    "KLDivergence",
+    "LogitDifference",
+    "Patcher",
+    "acdc",
+    "active_codes",
+    "attribution_scores",
+    "build_graph",
+    "circuit_figure",
+    "completeness",
+    "curves_figure",
+    "discover",
+    "eap",
+    "eap_ig",
+    "faithfulness",
+    "faithfulness_curve",
+    "fast_path",
+]

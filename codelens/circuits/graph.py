@@ -1,0 +1,212 @@
+"""The computational graph that circuits live in: senders write to the residual stream,
+receivers read from it, and an edge is one sender's write as seen by one receiver.
+
+Senders, in topological order: the embeddings (``embed``), each attention head
+(``a{l}.h{h}``) and each MLP (``m{l}``). At a codebook site a graph built with
+``level="codes"`` replaces the head or MLP by its codes, one sender per code that is
+active on the data (``a{l}.h{h}:{code}``, ``m{l}.g{g}:{code}``): a site's output is
+exactly the sum of its active codes, so each code's write is a separate edge.
+
+Receivers: each head's query, key and value inputs separately (``a{l}.h{h}<q>``), each
+MLP's input (``m{l}``) and the logits (``logits``). An edge runs from every sender to
+every receiver that comes after it in the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from einops import rearrange
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+Level = Literal["components", "codes"]
+LEVELS = ("components", "codes")
+QKV = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class CodeSite:
+    """The codes of one codebook site that are senders of a code-level graph.
+
+    ``columns[g, c]`` is the sender column of code ``c`` of group ``g``; codes that
+    are not senders (never active on the data) map to the graph's spare column, which
+    no edge uses, so they are always kept as they are.
+    """
+
+    hook: str
+    kind: Literal["attn", "mlp"]
+    layer: int
+    columns: Int[Tensor, "groups codes_plus_one"]
+
+
+@dataclass
+class Graph:
+    """Senders, receivers and which (receiver, sender) pairs are edges.
+
+    ``valid[r, s]`` is True where sender ``s`` writes before receiver ``r`` reads.
+    Build one with `build_graph`.
+    """
+
+    n_layers: int
+    n_heads: int
+    level: Level
+    senders: list[str]
+    sender_stage: Int[Tensor, " S"]
+    receivers: list[str]
+    receiver_stage: Int[Tensor, " R"]
+    component_columns: dict[str, tuple[int, int]] = field(default_factory=dict)
+    code_sites: dict[str, CodeSite] = field(default_factory=dict)
+
+    @property
+    def valid(self) -> Bool[Tensor, "R S"]:
+        return self.sender_stage[None, :] < self.receiver_stage[:, None]
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid.sum())
+
+    def edge_names(self) -> list[str]:
+        """Every edge as ``"sender->receiver"``, in (receiver, sender) order."""
+        r, s = self.valid.nonzero(as_tuple=True)
+        return [
+            f"{self.senders[j]}->{self.receivers[i]}"
+            for i, j in zip(r.tolist(), s.tolist(), strict=True)
+        ]
+
+    def edge_index(self) -> dict[str, tuple[int, int]]:
+        """Edge name -> (receiver row, sender column)."""
+        r, s = self.valid.nonzero(as_tuple=True)
+        return {
+            f"{self.senders[j]}->{self.receivers[i]}": (i, j)
+            for i, j in zip(r.tolist(), s.tolist(), strict=True)
+        }
+
+    def receiver_rows(self, name: str) -> slice:
+        """Rows of a receiver block: ``"a{l}<q>"`` (queries), ``"m{l}"``, ``"logits"``."""
+        return self._receiver_blocks[name]
+
+    @property
+    def _receiver_blocks(self) -> dict[str, slice]:
+        blocks: dict[str, slice] = {}
+        row = 0
+        for layer in range(self.n_layers):
+            for kind in QKV:
+                blocks[f"a{layer}<{kind}>"] = slice(row, row + self.n_heads)
+                row += self.n_heads
+            blocks[f"m{layer}"] = slice(row, row + 1)
+            row += 1
+        blocks["logits"] = slice(row, row + 1)
+        return blocks
+
+
+def build_graph(
+    model,
+    level: Level = "components",
+    active_codes: dict[str, Bool[Tensor, "groups codes"]] | None = None,
+) -> Graph:
+    """The graph of ``model``; ``level="codes"`` needs ``active_codes`` (site -> which
+    codes fire on the data, see `active_codes`) and splits codebook sites into codes."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or n_heads
+    if n_kv != n_heads:
+        raise ValueError(
+            f"grouped-query attention ({n_kv} key/value heads for {n_heads} query heads) "
+            "is not supported: circuits need one key and one value input per head"
+        )
+    sites = dict(getattr(model, "codebooks", {}))
+    if level == "codes":
+        if not sites:
+            raise ValueError("a code-level graph needs a model with codebooks")
+        if active_codes is None:
+            raise ValueError("a code-level graph needs active_codes (see circuits.active_codes)")
+        missing = set(sites) - set(active_codes)
+        if missing:
+            raise ValueError(f"active_codes lacks the codebook sites {sorted(missing)}")
+    senders: list[str] = ["embed"]
+    stages: list[int] = [0]
+    component_columns: dict[str, tuple[int, int]] = {"embed": (0, 1)}
+    code_specs: list[tuple[str, str, int, Tensor, int]] = []
+    for layer in range(n_layers):
+        for kind, hook, stage in (
+            ("attn", f"blocks.{layer}.attn.hook_z", 2 * layer + 1),
+            ("mlp", f"blocks.{layer}.hook_mlp_out", 2 * layer + 2),
+        ):
+            start = len(senders)
+            if level == "codes" and hook in sites:
+                active = active_codes[hook].to("cpu", torch.bool)
+                cb = sites[hook]
+                if active.shape != (cb.n_groups, cb.n_codes):
+                    raise ValueError(
+                        f"active_codes[{hook!r}] has shape {tuple(active.shape)}, "
+                        f"expected {(cb.n_groups, cb.n_codes)}"
+                    )
+                groups, codes = active.nonzero(as_tuple=True)
+                for g, c in zip(groups.tolist(), codes.tolist(), strict=True):
+                    if kind == "attn":
+                        senders.append(f"a{layer}.h{g}:{c}")
+                    elif cb.n_groups == 1:
+                        senders.append(f"m{layer}:{c}")
+                    else:
+                        senders.append(f"m{layer}.g{g}:{c}")
+                    stages.append(stage)
+                code_specs.append((hook, kind, layer, active, start))
+            else:
+                names = (
+                    [f"a{layer}.h{h}" for h in range(n_heads)] if kind == "attn" else [f"m{layer}"]
+                )
+                senders += names
+                stages += [stage] * len(names)
+                component_columns[hook] = (start, len(senders))
+    spare = len(senders)
+    code_sites = {}
+    for hook, kind, layer, active, start in code_specs:
+        columns = torch.full((active.shape[0], active.shape[1] + 1), spare, dtype=torch.long)
+        flat = active.nonzero(as_tuple=True)
+        columns[flat] = torch.arange(start, start + int(active.sum()))
+        code_sites[hook] = CodeSite(hook, kind, layer, columns)  # last column: EMPTY_SLOT
+    receivers: list[str] = []
+    receiver_stage: list[int] = []
+    for layer in range(n_layers):
+        for kind in QKV:
+            receivers += [f"a{layer}.h{h}<{kind}>" for h in range(n_heads)]
+            receiver_stage += [2 * layer + 1] * n_heads
+        receivers.append(f"m{layer}")
+        receiver_stage.append(2 * layer + 2)
+    receivers.append("logits")
+    receiver_stage.append(2 * n_layers + 1)
+    return Graph(
+        n_layers=n_layers,
+        n_heads=n_heads,
+        level=level,
+        senders=senders,
+        sender_stage=torch.tensor(stages),
+        receivers=receivers,
+        receiver_stage=torch.tensor(receiver_stage),
+        component_columns=component_columns,
+        code_sites=code_sites,
+    )
+
+
+@torch.no_grad()
+def active_codes(model, *tokens: Int[Tensor, "batch pos"]) -> dict[str, Bool[Tensor, "G C"]]:
+    """Which codes of each codebook site fire anywhere on ``tokens`` (one forward each)."""
+    sites = dict(getattr(model, "codebooks", {}))
+    if not sites:
+        raise ValueError("the model has no codebooks")
+    names = [f"{site}.hook_codes" for site in sites]
+    found = {
+        site: torch.zeros(cb.n_groups, cb.n_codes, dtype=torch.bool) for site, cb in sites.items()
+    }
+    for batch in tokens:
+        _, cache = model.run_with_cache(batch, names_filter=names)
+        for site, cb in sites.items():
+            ids = rearrange(cache[f"{site}.hook_codes"], "... g k -> g (... k)").cpu()
+            group = torch.arange(cb.n_groups)[:, None].expand_as(ids)
+            keep = ids >= 0
+            found[site][group[keep], ids[keep]] = True
+    return found

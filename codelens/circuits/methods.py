@@ -1,0 +1,273 @@
+"""Circuit discovery: exact ACDC, edge attribution patching (EAP), EAP with integrated
+gradients, and the fast path (attribution proposes, exact patching verifies).
+
+Every method runs through one `Patcher`, so they search the same graph under the same
+ablation, and each returns a `Circuit` with its forwards, backwards and wall time.
+
+ACDC's criterion is a *damage*: the KL divergence itself when the metric is a distance,
+otherwise ``|m(full model) - m(circuit)|``; an edge is removed when removing it adds
+less than ``tau`` to the damage. Attribution scores estimate ``m(ablated) - m(full)``
+per edge from gradients of the metric with respect to the edge mask; a circuit is the
+edges whose ``|score| >= tau`` (or the ``n_edges`` best).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from codelens.circuits.patching import Metric, Patcher
+from codelens.circuits.result import Circuit
+
+METHODS = ("acdc", "eap", "eap-ig", "fast")
+
+
+def _name(metric: Metric) -> str:
+    return getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__))
+
+
+class _Damage:
+    """How far a masked run is from the full model's behaviour (one forward per call)."""
+
+    def __init__(self, patcher: Patcher, metric: Metric):
+        self.patcher, self.metric = patcher, metric
+        self.is_distance = bool(getattr(metric, "is_distance", False))
+        with torch.no_grad():
+            self.full = float(metric(patcher.clean_logits))
+
+    @torch.no_grad()
+    def __call__(self, mask: Tensor) -> float:
+        value = float(self.metric(self.patcher.run(mask)))
+        return value if self.is_distance else abs(value - self.full)
+
+
+def _edge_order(patcher: Patcher) -> list[tuple[int, int]]:
+    """Edges in ACDC's order: receivers in reverse topological order, each receiver's
+    senders latest first."""
+    valid = patcher.graph.valid
+    order = []
+    for r in reversed(range(valid.shape[0])):
+        order += [(r, s) for s in reversed(valid[r].nonzero().flatten().tolist())]
+    return order
+
+
+def _acdc_sweep(
+    patcher: Patcher, damage: _Damage, mask: Tensor, edges, tau: float, scores: Tensor
+) -> Tensor:
+    current = damage(mask)
+    for r, s in edges:
+        mask[r, s] = 1.0
+        new = damage(mask)
+        scores[r, s] = new - current
+        if new - current < tau:
+            current = new
+        else:
+            mask[r, s] = 0.0
+    return mask
+
+
+def acdc(patcher: Patcher, metric: Metric, tau: float) -> Circuit:
+    """Exact ACDC: try removing every edge, one forward each, in reverse topological order."""
+    started, forwards = time.perf_counter(), patcher.forwards
+    damage = _Damage(patcher, metric)
+    scores = torch.zeros(patcher.full_mask().shape)
+    mask = _acdc_sweep(patcher, damage, patcher.empty_mask(), _edge_order(patcher), tau, scores)
+    kept = (mask.cpu() == 0) & patcher.graph.valid
+    return Circuit.from_tensors(
+        patcher.graph,
+        kept,
+        scores,
+        "acdc",
+        {"tau": tau, "metric": _name(metric)},
+        forwards=patcher.forwards - forwards,
+        backwards=0,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _gradient(patcher: Patcher, metric: Metric, alpha: float) -> Tensor:
+    return _gradient_at(patcher, metric, patcher.full_mask() * alpha)
+
+
+def _gradient_at(patcher: Patcher, metric: Metric, mask: Tensor) -> Tensor:
+    """d metric / d mask at ``mask`` (one forward and backward), zero off the edges."""
+    mask = mask.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        value = metric(patcher.run(mask))
+        (grad,) = torch.autograd.grad(value, mask)
+    return grad.detach().cpu() * patcher.graph.valid
+
+
+def attribution_scores(patcher: Patcher, metric: Metric, steps: int = 1) -> Tensor:
+    """Per-edge estimate of ``m(edge ablated) - m(full)``.
+
+    ``steps=1``: EAP, the gradient at the full model (one forward and backward).
+    ``steps>1``: integrated gradients along the path from the full model to every
+    edge ablated (midpoint rule, one forward and backward per step); the scores then
+    sum to ``m(every edge ablated) - m(full)`` as steps grow.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps == 1 and getattr(metric, "is_distance", False):
+        raise ValueError(
+            "EAP needs a task metric: a distance from the full model (KL) has zero gradient "
+            "there; use eap-ig (steps > 1) or a task metric such as LogitDifference"
+        )
+    if steps == 1:
+        return _gradient(patcher, metric, 0.0)
+    total = torch.zeros(patcher.full_mask().shape)
+    for i in range(steps):
+        total += _gradient(patcher, metric, (i + 0.5) / steps)
+    return total / steps
+
+
+def _select(scores: Tensor, valid: Tensor, tau: float, n_edges: int | None) -> Tensor:
+    magnitude = scores.abs().masked_fill(~valid, -1.0)
+    if n_edges is None:
+        return (magnitude >= tau) & valid
+    if not 0 <= n_edges <= int(valid.sum()):
+        raise ValueError(f"n_edges must be in [0, {int(valid.sum())}], got {n_edges}")
+    kept = torch.zeros_like(valid)
+    kept.view(-1)[magnitude.view(-1).topk(n_edges).indices] = True
+    return kept
+
+
+def eap(
+    patcher: Patcher,
+    metric: Metric,
+    tau: float = 0.0,
+    n_edges: int | None = None,
+    steps: int = 1,
+) -> Circuit:
+    """Edge attribution patching (``steps=1``) or EAP-IG (``steps>1``)."""
+    started, forwards = time.perf_counter(), patcher.forwards
+    scores = attribution_scores(patcher, metric, steps)
+    kept = _select(scores, patcher.graph.valid, tau, n_edges)
+    method = "eap" if steps == 1 else "eap-ig"
+    settings = {"tau": tau, "n_edges": n_edges, "steps": steps, "metric": _name(metric)}
+    used = patcher.forwards - forwards
+    return Circuit.from_tensors(
+        patcher.graph,
+        kept,
+        scores,
+        method,
+        settings,
+        forwards=used,
+        backwards=used,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def eap_ig(patcher: Patcher, metric: Metric, steps: int = 10, **kwargs) -> Circuit:
+    """EAP with integrated gradients over the edge masks (see `attribution_scores`)."""
+    if steps < 2:
+        raise ValueError(f"eap-ig needs steps >= 2, got {steps}")
+    return eap(patcher, metric, steps=steps, **kwargs)
+
+
+def fast_path(
+    patcher: Patcher,
+    metric: Metric,
+    tau: float,
+    *,
+    attribution_metric: Metric | None = None,
+    screen: float | None = None,
+) -> Circuit:
+    """ACDC in which attribution decides which edges need an exact forward.
+
+    The sweep visits edges in ACDC's order. Before each receiver, one forward and
+    backward at the current circuit give every incoming edge's attribution: the
+    first-order change of the task metric if that edge alone were removed now. An edge
+    with ``|attribution| >= screen`` (default ``tau / 2``, in units of the task metric)
+    is a candidate and gets ACDC's exact test (one forward). The edges between two
+    candidates are tested as one run: removed together in one forward if together they
+    add less than ``tau`` to the damage, otherwise split in two, down to single edges
+    that get ACDC's test. No edge is removed without an exact forward that includes it,
+    so top-k code choices that flip when an upstream edge is patched (invisible to the
+    straight-through gradient at codebook sites) are still caught.
+
+    ``attribution_metric`` must be a task metric; it defaults to ``metric`` (then
+    ``metric`` must not be a distance such as KL, which has no useful gradient).
+    """
+    started, forwards = time.perf_counter(), patcher.forwards
+    attr_metric = attribution_metric or metric
+    if getattr(attr_metric, "is_distance", False):
+        raise ValueError(
+            "the fast path screens edges with a task metric's gradient; pass "
+            "attribution_metric (e.g. a LogitDifference) when the metric is KL"
+        )
+    screen = tau / 2 if screen is None else screen
+    damage = _Damage(patcher, metric)
+    valid = patcher.graph.valid
+    mask = patcher.empty_mask()
+    scores = torch.zeros(valid.shape)
+    state = {"current": damage(mask)}
+
+    def sweep(r: int, senders: list[int]) -> None:
+        """ACDC on ``senders`` of receiver ``r``, in order, removing runs of them at once
+        while a run adds less than ``tau``; a run that adds more is split in two."""
+        if not senders:
+            return
+        mask[r, senders] = 1.0
+        new = damage(mask)
+        increase = new - state["current"]
+        if increase < tau:
+            state["current"] = new
+            scores[r, senders] = increase / len(senders)
+            return
+        mask[r, senders] = 0.0
+        if len(senders) == 1:
+            scores[r, senders] = increase
+            return
+        half = len(senders) // 2
+        sweep(r, senders[:half])
+        sweep(r, senders[half:])
+
+    backwards = 0
+    for r in reversed(range(valid.shape[0])):
+        senders = list(reversed(valid[r].nonzero().flatten().tolist()))
+        if not senders:
+            continue
+        attribution = _gradient_at(patcher, attr_metric, mask)[r].abs()
+        backwards += 1
+        run: list[int] = []
+        for s in senders:
+            if float(attribution[s]) < screen:
+                run.append(s)
+                continue
+            sweep(r, run)
+            sweep(r, [s])
+            run = []
+        sweep(r, run)
+    kept = (mask.cpu() == 0) & valid
+    settings = {
+        "tau": tau,
+        "screen": screen,
+        "metric": _name(metric),
+        "attribution_metric": _name(attr_metric),
+    }
+    return Circuit.from_tensors(
+        patcher.graph,
+        kept,
+        scores,
+        "fast",
+        settings,
+        forwards=patcher.forwards - forwards,
+        backwards=backwards,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def discover(patcher: Patcher, method: str, metric: Metric, tau: float, **kwargs) -> Circuit:
+    """Run one of `METHODS` by name."""
+    if method == "acdc":
+        return acdc(patcher, metric, tau, **kwargs)
+    if method == "eap":
+        return eap(patcher, metric, tau=tau, **kwargs)
+    if method == "eap-ig":
+        return eap_ig(patcher, metric, tau=tau, **kwargs)
+    if method == "fast":
+        return fast_path(patcher, metric, tau, **kwargs)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
