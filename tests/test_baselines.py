@@ -296,6 +296,10 @@ def test_fit_baselines_and_feature_swaps_on_a_codebook_model(tokens):
     assert methods[0].name == "SAE matched L0 (20 latents/token)"  # 2 layers x (8 + 2)
     assert [f.config.steps for f in methods[1].features] == [20] * 4  # retrained in full
     assert [f.config.k for f in methods[1].features] == [4] * 4
+    section = {"settings": bl.check_settings(settings), "sweep_score": "state precision"}
+    lines = bl.sweep_lines(section | {"sae_sweep": sweep.as_dict()})
+    assert lines[1] == "### SAE L0 sweep" and "10 steps each" in lines[3]
+    assert lines[-2].startswith("| 2 | 8.0 | 0.0 |") and lines[-1].startswith("| 4 (best) | 16.0 |")
     for m in methods:
         assert [f.site for f in m.features] == sites and m.seconds > 0
         assert set(m.metrics) == set(sites)
