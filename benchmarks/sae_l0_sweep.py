@@ -81,6 +81,7 @@ def main() -> None:
         ce_tokens=data.tokens,
     )
     cpu = time.process_time() - cpu
+    best_score = data.state_precision(base, best.features)  # after retraining, if any
     sweep_wall = sum(p.summary["seconds"] for p in sweep.points)
     result = {
         "run_dir": str(args.run_dir),
@@ -95,6 +96,7 @@ def main() -> None:
         "best-k retraining s": best.seconds - sweep_wall,
         "sweep and retraining CPU s": cpu,
         "best_sae": best.name,
+        "best_state_precision": best_score,
         "best_metrics": best.metrics,
         "sae_sweep": sweep.as_dict(),
     }
@@ -108,7 +110,8 @@ def main() -> None:
         "",
         f"Caching {caching:.1f} s; sweep {sweep_wall:.1f} s; retraining the best k with "
         f"{data.settings['steps']} steps {result['best-k retraining s']:.1f} s; sweep and "
-        f"retraining {cpu:.1f} CPU s; {args.threads} thread(s). Best: {best.name}.",
+        f"retraining {cpu:.1f} CPU s; {args.threads} thread(s). Best: {best.name}, state "
+        f"precision {100 * best_score:.1f}% as trained with {data.settings['steps']} steps.",
         *bl.sweep_lines(section),
     ]
     args.out.mkdir(parents=True)
