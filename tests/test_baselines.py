@@ -291,9 +291,18 @@ def test_fit_baselines_and_feature_swaps_on_a_codebook_model(tokens):
     assert sweep.best_k == 4 and [p.k for p in sweep.points] == [2, 4]
     assert all(0 <= p.summary["explained_variance"] <= 1 for p in sweep.points)
     assert all("ce_loss_score" in p.summary for p in sweep.points)
-    names = [m.name.split(" (")[0] for m in methods]
-    assert names == ["SAE matched L0", "SAE best L0: k=4 of [2, 4]", "PCA", "ICA"]
-    assert methods[0].name == "SAE matched L0 (20 latents/token)"  # 2 layers x (8 + 2)
+    names = [m.name for m in methods]
+    assert names == [
+        "SAE matched L0",
+        "SAE best L0 (sweep)",
+        "PCA (full basis)",
+        "ICA (full basis)",
+    ]
+    assert methods[0].row()["latents_per_token"] == 20  # 2 layers x (8 + 2)
+    assert (
+        methods[1].row()["latents_per_token"] == 16 and "latents_per_token" not in methods[2].row()
+    )
+    assert bl.best_sae(sweep, settings) == "k=4 per site, the best of k in [2, 4]"
     assert [f.config.steps for f in methods[1].features] == [20] * 4  # retrained in full
     assert [f.config.k for f in methods[1].features] == [4] * 4
     section = {"settings": bl.check_settings(settings), "sweep_score": "state precision"}
@@ -310,6 +319,9 @@ def test_fit_baselines_and_feature_swaps_on_a_codebook_model(tokens):
     assert _no_hooks(base)
     lines = bl.table_markdown([{"method": "x", "state_precision": 0.5}, {"method": "y"}])
     assert lines[2] == "| x | 50.0 |" and lines[3] == "| y | n/a |"
+    lines = bl.table_markdown([{"method": "x", "latents_per_token": 8, "loss_cost": 0.5}])
+    assert lines[0] == "| method | SAE latents/token | loss cost (nats) |"
+    assert lines[2] == "| x | 8 | 0.500 |"
 
 
 def test_seed_summary_mean_and_range():

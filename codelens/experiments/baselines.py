@@ -78,6 +78,13 @@ class Baseline:
     def at(self, sites: list[str]) -> list[LinearFeatures]:
         return [f for f in self.features if f.site in sites]
 
+    def row(self) -> dict[str, Any]:
+        """The table row's start: the name, and an SAE's latents per token (all sites)."""
+        ks = [getattr(getattr(f, "config", None), "k", None) for f in self.features]
+        if self.features and all(isinstance(k, int) for k in ks):
+            return {"method": self.name, "latents_per_token": sum(ks)}
+        return {"method": self.name}
+
 
 def codebook_sites(model: Any) -> list[str]:
     return list(model.codebooks)
@@ -162,11 +169,8 @@ def best_l0_sae(
         metrics = next(p for p in sweep.points if p.k == sweep.best_k).per_site
     else:
         features, metrics = train_saes(acts, heldout, lambda s: sweep.best_k, settings, seed)
-    name = (
-        f"SAE best L0: k={sweep.best_k} of {list(settings['sweep_ks'])} "
-        f"({sum(_k(f) for f in features)} latents/token)"
-    )
-    return Baseline(name, features, time.perf_counter() - started, metrics), sweep
+    best = Baseline("SAE best L0 (sweep)", features, time.perf_counter() - started, metrics)
+    return best, sweep
 
 
 def fit_baselines(
@@ -199,8 +203,7 @@ def fit_baselines(
     features, metrics = train_saes(
         acts, heldout, lambda s: matched_k(codebook_model, s), settings, seed
     )
-    name = f"SAE matched L0 ({sum(_k(f) for f in features)} latents/token)"
-    out = [Baseline(name, features, caching + time.perf_counter() - started, metrics)]
+    out = [Baseline("SAE matched L0", features, caching + time.perf_counter() - started, metrics)]
 
     best, sweep = best_l0_sae(base, acts, heldout, settings, seed, score=score, ce_tokens=ce_tokens)
     best.seconds += caching
@@ -220,10 +223,6 @@ def fit_baselines(
             )
         )
     return out, sweep
-
-
-def _k(features: LinearFeatures) -> int:
-    return features.config.k  # type: ignore[attr-defined]
 
 
 def encode_batch_size(
@@ -515,7 +514,7 @@ def steering_comparison(
         ),
     ]
     for method in candidates:
-        row: dict[str, Any] = {"method": method.name}
+        row = method.row()
         detail: dict[str, Any] = {"metrics": method.metrics}
         if regex is not None:
             values = encode_all(base, method.features, tokens, mask)
@@ -545,7 +544,7 @@ def steering_comparison(
         details[method.name] = detail
     return {
         "settings": settings,
-        "best_sae": methods[1].name,
+        "best_sae": best_sae(sweep, settings),
         "sweep_score": "regex precision" if regex is not None else "topic precision",
         "sae_sweep": sweep.as_dict(),
         "rows": rows,
@@ -556,6 +555,7 @@ def steering_comparison(
 # ---------------------------------------------------------------------------- the table
 
 COLUMNS = (
+    ("latents_per_token", "SAE latents/token", 1),
     ("state_precision", "state precision %", 100),
     ("regex_precision", "regex precision %", 100),
     ("steering_success", "topics steered %", 100),
@@ -563,6 +563,11 @@ COLUMNS = (
     ("loss_cost", "loss cost (nats)", 1),
     ("seconds", "compute (s)", 1),
 )
+
+
+def best_sae(sweep: L0Sweep, settings: dict[str, Any]) -> str:
+    """The best-L0 row in words: its k and the grid it was chosen from."""
+    return f"k={sweep.best_k} per site, the best of k in {list(settings['sweep_ks'])}"
 
 
 def sweep_markdown(sweep: dict[str, Any], score_label: str) -> list[str]:
@@ -615,8 +620,8 @@ def table_markdown(rows: list[dict[str, Any]], columns: tuple = COLUMNS) -> list
             value = r.get(key)
             if value is None:
                 cells.append("n/a")
-            elif isinstance(value, str):
-                cells.append(value)
+            elif isinstance(value, str | int):
+                cells.append(str(value))
             elif scale == 100:
                 cells.append(f"{100 * value:.1f}")
             else:

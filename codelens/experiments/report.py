@@ -105,7 +105,7 @@ def baselines_markdown(section: dict[str, Any]) -> list[str]:
         "Baselines are fitted on the model without codebooks at the codebook sites; swap "
         "success: all sites swapped; loss cost: loss with every site replaced by its "
         "reconstruction minus the base model's; compute: fitting, with activation caching. "
-        f"Best SAE (the L0 sweep's best k): {section['best_sae']}.",
+        f"SAE best L0: {section['best_sae']} (the L0 sweep below).",
         "",
         *table_markdown(section["rows"]),
         *sweep_lines(section),

@@ -672,7 +672,8 @@ def baselines_markdown(section: dict[str, Any]) -> list[str]:
         "topic code's recall) at every position, at the strength the sweep picks. Loss "
         "cost: held-out loss with every site replaced by its reconstruction minus the base "
         "model's (codes: the codebook model's minus the base model's); compute: fitting "
-        f"(codes: codebook training). Best SAE: {section['best_sae']}.",
+        f"(codes: codebook training). SAE best L0: {section['best_sae']} (the L0 sweep "
+        "below).",
         "",
         *table_markdown(section["rows"]),
         *sweep_lines(section),

@@ -510,7 +510,7 @@ def baseline_comparison(
         cost = bl.splice_loss_cost(base, method.features, tokens)
         rows.append(
             {
-                "method": method.name,
+                **method.row(),
                 "state_precision": precision["mean_precision"],
                 "swap_success": next(
                     r["success_rate"] for r in swaps if r["intervention"] == "all sites"
@@ -549,7 +549,7 @@ def baseline_comparison(
         "recall_of": first,
         "states": int(recalls.numel()),
         "settings": data.settings,
-        "best_sae": methods[1].name,
+        "best_sae": bl.best_sae(sweep, data.settings),
         "sweep_score": "state precision",
         "sae_sweep": sweep.as_dict(),
         "rows": rows,
