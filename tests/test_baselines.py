@@ -403,7 +403,8 @@ def test_run_seeds_reuses_a_finished_seed_and_refuses_another_experiment(tmp_pat
     summary = run_seeds(module, Exp(str(tmp_path)), [3, 5])
     assert seen == [5]  # seed 3 was read back, not rerun
     assert summary["headline"]["v"] == {"mean": 17.5, "min": 5.0, "max": 30.0}
-    assert "3: abc1234" in (tmp_path / "seeds.md").read_text()
+    summary_md = (tmp_path / "seeds.md").read_text()
+    assert "3: abc1234" in summary_md and "different commits" in summary_md
     with pytest.raises(ValueError, match="settings differ: steps"):
         run_seeds(module, Exp(str(tmp_path), steps=20), [3])
     assert seen == [5]

@@ -108,6 +108,14 @@ def markdown(summary: dict[str, Any]) -> str:
         "codelens commit per seed: "
         + ", ".join(f"{s}: {c or 'unknown'}" for s, c in summary.get("commits", {}).items())
         + ".",
+    ]
+    if len(set(summary.get("commits", {}).values())) > 1:
+        lines += [
+            "",
+            "**The seeds ran at different commits**: a default changed between them would "
+            "make their rows differ for that reason too.",
+        ]
+    lines += [
         "",
         "| measure | value |",
         "|---|---|",
