@@ -148,11 +148,11 @@ class CodebookLayer(HookedRootModule):
         with torch.no_grad():
             lead = x.shape[:-2]
             # LayerNorm scales each row by a positive number, which leaves its ranking
-            # alone, and subtracts its mean, which is the same as centring every code
+            # alone, and subtracts its mean, which is the same as centring every code:
             # (x - mean(x)) . c == x . (c - mean(c)). Without an affine or a distance,
-            # the codes are centred instead: no pass over the activations.
+            # when there are fewer codes than tokens, the codes are centred instead.
             centre = self.layer_norm and self.ln_weight is None and self.similarity != "euclidean"
-            centre = centre and not search_index
+            centre = centre and not search_index and self.n_codes < math.prod(lead)
             if self.layer_norm and not centre:  # in the input's own layout: no transposed copy
                 x = F.layer_norm(x, (self.d,))
                 if self.ln_weight is not None:  # [G, d] broadcasts over [..., G, d]
