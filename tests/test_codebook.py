@@ -70,7 +70,7 @@ def test_vector_argmax_equals_argmax(trial):
             scores[torch.rand(scores.shape, generator=gen) < share] = value
     scores[0, 0] = -torch.inf  # a row of one repeated value
     ids = torch.empty(3, 64, dtype=torch.long)
-    codebook._vector_argmax(scores.clone(), ids)
+    codebook._vector_argmax(scores.clone(), ids, torch.arange(37, 74, dtype=torch.float))
     assert torch.equal(ids, scores.argmax(-1))
 
 
