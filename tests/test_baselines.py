@@ -334,6 +334,44 @@ def test_run_seeds_runs_each_seed_in_its_own_directory(tmp_path):
         run_seeds(module, Exp(str(tmp_path)), [1, 1])
 
 
+def test_run_seeds_reuses_a_finished_seed_and_refuses_another_experiment(tmp_path):
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    from codelens.experiments.seeds import run_seeds
+
+    @dataclasses.dataclass
+    class Exp:
+        run_dir: str
+        seed: int = 0
+        steps: int = 10
+
+    seen = []
+
+    def run_experiment(exp):
+        seen.append(exp.seed)
+        return {"timings": {"total s": 1.0}, "value": float(exp.seed)}
+
+    module = SimpleNamespace(run_experiment=run_experiment, headline=lambda r: {"v": r["value"]})
+    done = tmp_path / "seed-3"
+    done.mkdir()
+    finished = {
+        "experiment": {"run_dir": "/elsewhere", "seed": 3, "steps": 10},
+        "environment": {"codelens commit": "abc1234"},
+        "timings": {"total s": 2.0},
+        "value": 30.0,
+    }
+    (done / "report.json").write_text(json.dumps(finished))
+    summary = run_seeds(module, Exp(str(tmp_path)), [3, 5])
+    assert seen == [5]  # seed 3 was read back, not rerun
+    assert summary["headline"]["v"] == {"mean": 17.5, "min": 5.0, "max": 30.0}
+    assert "3: abc1234" in (tmp_path / "seeds.md").read_text()
+    with pytest.raises(ValueError, match="settings differ: steps"):
+        run_seeds(module, Exp(str(tmp_path), steps=20), [3])
+    assert seen == [5]
+
+
 def test_steered_and_feature_columns():
     from codelens.experiments import baselines as bl
 

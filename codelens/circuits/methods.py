@@ -186,7 +186,10 @@ def fast_path(
     add less than ``tau`` to the damage, otherwise split in two, down to single edges
     that get ACDC's test. No edge is removed without an exact forward that includes it,
     so top-k code choices that flip when an upstream edge is patched (invisible to the
-    straight-through gradient at codebook sites) are still caught.
+    straight-through gradient at codebook sites) are still caught. The result is an
+    ACDC circuit, not necessarily exhaustive ACDC's: on code graphs many of ACDC's decisions
+    sit within a few percent of ``tau``, and one flipped decision changes the rest of its
+    path (``benchmarks/acdc_stability.py``, docs/circuits.md).
 
     ``attribution_metric`` must be a task metric; it defaults to ``metric`` (then
     ``metric`` must not be a distance such as KL, which has no useful gradient).

@@ -1,6 +1,9 @@
 """Run an experiment on several seeds and report each measure's mean and range.
 
-Each seed runs the whole pipeline into ``{run_dir}/seed-{s}`` with its own report; the
+Each seed runs the whole pipeline into ``{run_dir}/seed-{s}`` with its own report; a seed
+whose directory already holds the finished report of the same experiment is read back, not
+rerun, so seeds can run in separate processes (``--seeds 1`` each, then all of them once
+more to summarise) or resume after an interruption. The
 summary (``seeds.json``, ``seeds.md`` in ``run_dir``) gives, per measure, the mean, the
 minimum and the maximum over seeds: the experiment's headline numbers
 (``module.headline(report)``) and every cell of the codes-against-baselines table.
@@ -26,12 +29,32 @@ def run_seeds(module: ModuleType, exp: Any, seeds: Sequence[int]) -> dict[str, A
     reports = {}
     for seed in seeds:
         run = dataclasses.replace(exp, seed=seed, run_dir=str(Path(exp.run_dir) / f"seed-{seed}"))
-        reports[seed] = module.run_experiment(run)
+        reports[seed] = _finished_report(run) or module.run_experiment(run)
     summary = summarise(module, reports)
     run_dir = Path(exp.run_dir)
     _atomic_write(run_dir / "seeds.json", json.dumps(summary, indent=2))
     _atomic_write(run_dir / "seeds.md", markdown(summary))
     return summary
+
+
+def _finished_report(run: Any) -> dict[str, Any] | None:
+    """The report already in ``run.run_dir`` if it is of exactly this experiment (its
+    directory aside); an error if it is of another, so no result is mixed or overwritten."""
+    path = Path(run.run_dir) / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(dataclasses.asdict(run)))
+    recorded = dict(report.get("experiment", {}))
+    wanted.pop("run_dir"), recorded.pop("run_dir", None)
+    differ = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
+    if differ:
+        raise ValueError(
+            f"{path} is the report of another experiment (settings differ: {', '.join(differ)}); "
+            "move it away or choose another run directory"
+        )
+    print(f"seed {run.seed}: reusing the finished report in {run.run_dir}")
+    return report
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -54,6 +77,9 @@ def summarise(module: ModuleType, reports: dict[int, dict[str, Any]]) -> dict[st
     n = len(reports)
     return {
         "seeds": list(reports),
+        "commits": {
+            seed: r.get("environment", {}).get("codelens commit") for seed, r in reports.items()
+        },
         "wall_seconds": _spread([r["timings"]["total s"] for r in reports.values()]),
         "headline": {k: _spread(v) for k, v in headline.items() if len(v) == n},
         "baselines": {
@@ -79,6 +105,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"# Over seeds {summary['seeds']}: mean (min to max)",
         "",
         f"Wall time per seed: {_cell(summary['wall_seconds'], 1)} s.",
+        "codelens commit per seed: "
+        + ", ".join(f"{s}: {c or 'unknown'}" for s, c in summary.get("commits", {}).items())
+        + ".",
         "",
         "| measure | value |",
         "|---|---|",
