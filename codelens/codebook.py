@@ -29,6 +29,9 @@ ARGMAX_CHUNK_MB = 4.0
 """CPU score chunk, in MiB, for `_vector_argmax`: small enough to stay in the cache
 between the score product and its passes."""
 
+VECTOR_ARGMAX_MAX_THREADS = 1
+"""Most intra-op threads with which k = 1 uses `_vector_argmax` (see there)."""
+
 
 class CodebookLayer(HookedRootModule):
     """Replace each ``[..., G, d]`` activation by the combination of its top-k codes.
@@ -339,28 +342,41 @@ class _StraightThrough(torch.autograd.Function):
 
 _scratch = threading.local()
 
+
+def _scores_scratch(numel: int, like: Tensor) -> Tensor:
+    """A flat buffer for one score chunk.
+
+    On CPU a fresh allocation this large comes as new pages from the OS, and faulting
+    them in costs about as much as the score product itself; so the buffer is kept
+    per thread and reused (CPU chunks are at most ``SCRATCH_MB``, see
+    `CodebookLayer.top_k`). Accelerators' caching allocators already reuse memory.
+    """
+    if like.device.type != "cpu":
+        return torch.empty(numel, dtype=like.dtype, device=like.device)
+    buffer = getattr(_scratch, "scores", None)
+    if buffer is None or buffer.dtype != like.dtype or buffer.numel() < numel:
+        buffer = _scratch.scores = torch.empty(numel, dtype=like.dtype)
+    return buffer[:numel]
+
+
 _VECTOR_ARGMAX_MAX_CODES = 2**21
 """Codes per group up to which `_vector_argmax`'s float sums of code ids stay exact."""
 
 
-VECTOR_ARGMAX_MAX_THREADS = 1
-"""Most intra-op threads with which k = 1 uses `_vector_argmax` (see there)."""
-
-
-def _vector_argmax_applies(scores: Tensor, n_codes: int) -> bool:
+def _vector_argmax_applies(like: Tensor, n_codes: int) -> bool:
     """Whether `_vector_argmax` is the faster exact argmax here: CPU, float32/64, few
     enough codes, and at most ``VECTOR_ARGMAX_MAX_THREADS`` threads.
 
     On an accelerator the plain argmax is already parallel, and the tie check would
     cost a device-to-host sync. With several CPU threads, each of its passes over each
     small chunk is a parallel region that waits for every thread: on a CPU shared with
-    other jobs, 2 threads ran the fsm shapes 1.3-2.5x slower with it than with one
-    argmax per large chunk (docs/speed.md).
+    other jobs, 2 threads were slower with it than with one argmax per large chunk
+    (docs/speed.md).
     """
     return (
         torch.get_num_threads() <= VECTOR_ARGMAX_MAX_THREADS
-        and scores.device.type == "cpu"
-        and scores.dtype in (torch.float32, torch.float64)
+        and like.device.type == "cpu"
+        and like.dtype in (torch.float32, torch.float64)
         and n_codes <= _VECTOR_ARGMAX_MAX_CODES
     )
 
@@ -393,19 +409,3 @@ def _vector_argmax(
         out[other] = scores[other].argmax(-1)  # the first of the marked maxima
         if nan_ids is not None:
             out[nan_rows] = nan_ids
-
-
-def _scores_scratch(numel: int, like: Tensor) -> Tensor:
-    """A flat buffer for one score chunk.
-
-    On CPU a fresh allocation this large comes as new pages from the OS, and faulting
-    them in costs about as much as the score product itself; so the buffer is kept
-    per thread and reused (CPU chunks are at most ``SCRATCH_MB``, see
-    `CodebookLayer.top_k`). Accelerators' caching allocators already reuse memory.
-    """
-    if like.device.type != "cpu":
-        return torch.empty(numel, dtype=like.dtype, device=like.device)
-    buffer = getattr(_scratch, "scores", None)
-    if buffer is None or buffer.dtype != like.dtype or buffer.numel() < numel:
-        buffer = _scratch.scores = torch.empty(numel, dtype=like.dtype)
-    return buffer[:numel]
