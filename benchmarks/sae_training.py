@@ -2,8 +2,10 @@
 
 Builds a random-weight model of each experiment's full shape with its codebooks, caches
 the base model's activations at every codebook site for the tokens the experiment fits
-on, and trains the experiment's SAEs (each k of the baseline settings, one SAE per site)
-with the settings `codelens.experiments.baselines` uses. Training cost does not depend on
+on, and trains the experiment's SAEs (one per site: at the codes' L0 with the full steps,
+and each k of the L0 sweep with the sweep's steps) with the settings
+`codelens.experiments.baselines` uses; the sweep's best k is trained once more with the
+full steps. Training cost does not depend on
 what the weights learned, only on shapes and steps, so random weights measure it.
 Prints seconds per model (all sites) and per SAE, one thread as the experiments run: wall
 seconds, and CPU seconds (what the run takes on an idle core; on a shared machine the wall
@@ -53,7 +55,7 @@ def measure(name: str, config: dict, codebook: dict, vocab: int, n_seq: int, seq
         acts = cache_activations(model, tokens, sites, batch_size=64)
     caching = time.perf_counter() - started
     s = DEFAULT_SETTINGS
-    for k in s["sae_ks"]:
+    for k in ["matched", *s["sweep_ks"]]:
         per_sae, cpu = [], []
         for site in sites:
             d = acts[site].shape[1]
@@ -61,7 +63,7 @@ def measure(name: str, config: dict, codebook: dict, vocab: int, n_seq: int, seq
             sae_config = SAEConfig(
                 n_latents=s["expansion"] * d,
                 k=config_k,
-                steps=s["steps"],
+                steps=s["steps"] if k == "matched" else s["sweep_steps"],
                 batch_size=s["batch_size"],
                 lr=s["lr"],
             )
@@ -73,6 +75,7 @@ def measure(name: str, config: dict, codebook: dict, vocab: int, n_seq: int, seq
                 {
                     "model": name,
                     "sae k": k,
+                    "steps": sae_config.steps,
                     "sites": len(sites),
                     "tokens": acts[sites[0]].shape[0],
                     "caching s": round(caching, 1),

@@ -271,10 +271,44 @@ def test_fit_baselines_and_feature_swaps_on_a_codebook_model(tokens):
     train = torch.randint(0, 10, (16, 12), generator=torch.Generator().manual_seed(1))
     sites = list(coded.codebooks)
     heldout = cache_activations(base, tokens, sites)
-    settings = {"sae_ks": ["matched", 4], "steps": 20, "batch_size": 64, "ica_tokens": 200}
-    methods = bl.fit_baselines(base, coded, train, None, heldout, settings, seed=0)
-    assert [m.name.split(" (")[0] for m in methods] == ["SAE matched L0", "SAE k=4", "PCA", "ICA"]
-    assert methods[0].name == "SAE matched L0 (20 latents/token)"  # 2 layers x (8 + 2)
+    settings = {
+        "sweep_ks": [2, 4],
+        "sweep_steps": 10,
+        "steps": 20,
+        "batch_size": 64,
+        "ica_tokens": 200,
+    }
+    scored = []
+
+    def score(features):  # prefers k=4: the sweep must pick it and retrain it
+        scored.append([f.config.k for f in features])
+        return float(features[0].config.k == 4)
+
+    methods, sweep = bl.fit_baselines(
+        base, coded, train, None, heldout, settings, seed=0, score=score, ce_tokens=tokens
+    )
+    assert scored == [[2] * 4, [4] * 4]  # one SAE per site per k, sites in order
+    assert sweep.best_k == 4 and [p.k for p in sweep.points] == [2, 4]
+    assert all(0 <= p.summary["explained_variance"] <= 1 for p in sweep.points)
+    assert all("ce_loss_score" in p.summary for p in sweep.points)
+    names = [m.name for m in methods]
+    assert names == [
+        "SAE matched L0",
+        "SAE best L0 (sweep)",
+        "PCA (full basis)",
+        "ICA (full basis)",
+    ]
+    assert methods[0].row()["latents_per_token"] == 20  # 2 layers x (8 + 2)
+    assert (
+        methods[1].row()["latents_per_token"] == 16 and "latents_per_token" not in methods[2].row()
+    )
+    assert bl.best_sae(sweep, settings) == "k=4 per site, the best of k in [2, 4]"
+    assert [f.config.steps for f in methods[1].features] == [20] * 4  # retrained in full
+    assert [f.config.k for f in methods[1].features] == [4] * 4
+    section = {"settings": bl.check_settings(settings), "sweep_score": "state precision"}
+    lines = bl.sweep_lines(section | {"sae_sweep": sweep.as_dict()})
+    assert lines[1] == "### SAE L0 sweep" and "10 steps each" in lines[3]
+    assert lines[-2].startswith("| 2 | 8.0 | 0.0 |") and lines[-1].startswith("| 4 (best) | 16.0 |")
     for m in methods:
         assert [f.site for f in m.features] == sites and m.seconds > 0
         assert set(m.metrics) == set(sites)
@@ -285,6 +319,9 @@ def test_fit_baselines_and_feature_swaps_on_a_codebook_model(tokens):
     assert _no_hooks(base)
     lines = bl.table_markdown([{"method": "x", "state_precision": 0.5}, {"method": "y"}])
     assert lines[2] == "| x | 50.0 |" and lines[3] == "| y | n/a |"
+    lines = bl.table_markdown([{"method": "x", "latents_per_token": 8, "loss_cost": 0.5}])
+    assert lines[0] == "| method | SAE latents/token | loss cost (nats) |"
+    assert lines[2] == "| x | 8 | 0.500 |"
 
 
 def test_seed_summary_mean_and_range():

@@ -400,3 +400,5 @@ def test_quick_pipeline_end_to_end(tmp_path):
     for r in table.values():
         assert 0 <= r["regex_precision"] <= 1 and 0 <= r["steering_success"] <= 1, r
     assert "Codes against baselines" in (tmp_path / "report.md").read_text()
+    assert [p["k"] for p in report["baselines"]["sae_sweep"]["points"]] == [4, 16]
+    assert "### SAE L0 sweep" in (tmp_path / "report.md").read_text()

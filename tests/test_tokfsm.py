@@ -58,6 +58,11 @@ def test_quick_pipeline_meets_its_thresholds(tmp_path, monkeypatch):
     assert abs(rows["PCA (full basis)"]["loss_cost"]) < 1e-3  # a full basis loses nothing
     assert rows["activation patching at the sites (upper bound)"]["swap_success"] >= 0.9
     assert "Codes against baselines" in (tmp_path / "report.md").read_text()
+    sweep = report["baselines"]["sae_sweep"]
+    assert [p["k"] for p in sweep["points"]] == [4, 16] and sweep["best_k"] in (4, 16)
+    assert names[1:3] == ["SAE matched L0", "SAE best L0 (sweep)"]
+    assert rows[names[2]]["latents_per_token"] == 2 * 2 * sweep["best_k"]  # 2 layers x 2 sites
+    assert "### SAE L0 sweep" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize("n_states, n_successors, seed", [(12, 3, 7)])

@@ -27,12 +27,15 @@ from codelens.baselines.sae import (
     train_sae,
 )
 from codelens.baselines.saving import load_features
+from codelens.baselines.sweep import L0Sweep, SweepPoint, sweep_l0
 
 __all__ = [
+    "L0Sweep",
     "LinearFeatures",
     "ProjectionFeatures",
     "SAEConfig",
     "SparseAutoencoder",
+    "SweepPoint",
     "TrainStats",
     "auxk_loss",
     "cache_activations",
@@ -49,6 +52,7 @@ __all__ = [
     "spliced",
     "steer_hooks",
     "swap_hooks",
+    "sweep_l0",
     "train_sae",
     "zero_hooks",
 ]

@@ -12,8 +12,12 @@ then measured by the same code as the codes:
 - loss cost: next-token loss with every site replaced by its reconstruction, minus the
   base model's (for codes: the codebook model's loss minus the base model's).
 
-SAE rows: k matched to the codes' L0 at each site (groups x k), and the other ``sae_ks``;
-"best" is the one of highest state precision. PCA and ICA use a full basis (d
+SAE rows: k matched to the codes' L0 at each site (groups x k), and the SAE at its best
+L0: an L0 sweep (`codelens.baselines.sweep`) trains TopK SAEs for each k of
+``sweep_ks`` at every site with ``sweep_steps`` Adam steps, scores each k by the task's
+precision (the caller's ``score``) and keeps the best; if ``sweep_steps`` is below
+``steps`` the best k is trained again with ``steps``. Only these two SAE rows get the
+full treatment (swaps or steering, loss cost). PCA and ICA use a full basis (d
 components), so they cost no loss: they test whether a rotation of the activations finds
 the states, not compression.
 """
@@ -21,10 +25,12 @@ the states, not compression.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from codelens.analysis import best_neurons_for_labels
@@ -38,13 +44,17 @@ from codelens.baselines import (
     neurons,
     pca_features,
     sae_metrics,
+    site_width,
     splice_hooks,
     steer_hooks,
     train_sae,
 )
+from codelens.baselines.sweep import L0Sweep, sweep_l0
 
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "sae_ks": ["matched", 32],
+    "sweep_ks": [4, 8, 16, 32, 64, 128],  # the L0 sweep's grid of TopK k (per site)
+    "sweep_steps": 300,  # Adam steps per sweep point (the best k is retrained with steps)
+    "ce_sequences": 64,  # held-out sequences for each sweep point's CE loss score
     "expansion": 4,  # SAE latents per input dimension
     "steps": 800,
     "batch_size": 512,
@@ -68,6 +78,13 @@ class Baseline:
     def at(self, sites: list[str]) -> list[LinearFeatures]:
         return [f for f in self.features if f.site in sites]
 
+    def row(self) -> dict[str, Any]:
+        """The table row's start: the name, and an SAE's latents per token (all sites)."""
+        ks = [getattr(getattr(f, "config", None), "k", None) for f in self.features]
+        if self.features and all(isinstance(k, int) for k in ks):
+            return {"method": self.name, "latents_per_token": sum(ks)}
+        return {"method": self.name}
+
 
 def codebook_sites(model: Any) -> list[str]:
     return list(model.codebooks)
@@ -79,52 +96,119 @@ def matched_k(codebook_model: Any, site: str) -> int:
     return cb.n_groups * cb.k
 
 
+def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The defaults updated by ``settings``; a clear error for an unknown key."""
+    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise ValueError(
+            f"unknown baseline settings {unknown} (sae_ks became sweep_ks: the L0 sweep's "
+            f"grid); known: {sorted(DEFAULT_SETTINGS)}"
+        )
+    return {**DEFAULT_SETTINGS, **settings}
+
+
+def sae_config(settings: dict[str, Any], d: int, k: int, seed: int, steps: int) -> SAEConfig:
+    return SAEConfig(
+        n_latents=settings["expansion"] * d,
+        k=k,
+        steps=steps,
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        seed=seed,
+    )
+
+
+def train_saes(
+    acts: dict[str, Tensor],
+    heldout: dict[str, Tensor],
+    k_of: Callable[[str], int],
+    settings: dict[str, Any],
+    seed: int,
+) -> tuple[list[LinearFeatures], dict[str, dict[str, float]]]:
+    """One SAE per site with ``k_of(site)`` latents per token, ``settings['steps']`` steps."""
+    features, metrics = [], {}
+    for site, x in acts.items():
+        config = sae_config(settings, x.shape[1], k_of(site), seed, settings["steps"])
+        sae, stats = train_sae(x, site, config)
+        features.append(sae)
+        metrics[site] = {
+            **sae_metrics(sae, heldout[site]),
+            "train_seconds": stats.seconds,
+            "train_cpu_seconds": stats.cpu_seconds,
+            "train_dead_fraction": stats.dead_fraction,
+        }
+    return features, metrics
+
+
+def best_l0_sae(
+    model: Any,
+    acts: dict[str, Float[Tensor, "N d"]],
+    heldout: dict[str, Float[Tensor, "M d"]],
+    settings: dict[str, Any],
+    seed: int,
+    *,
+    score: Callable[[list[LinearFeatures]], float],
+    ce_tokens: Int[Tensor, "batch pos"],
+) -> tuple[Baseline, L0Sweep]:
+    """The L0 sweep over ``settings['sweep_ks']`` on ``acts`` (``sweep_steps`` steps per
+    point), and the SAE at its best k with ``steps`` steps (the sweep's own when the two
+    are equal). The baseline's seconds cover the sweep and the retraining."""
+    settings = check_settings(settings)
+    started = time.perf_counter()
+    sweep = sweep_l0(
+        acts,
+        settings["sweep_ks"],
+        lambda s, k: sae_config(settings, acts[s].shape[1], k, seed, settings["sweep_steps"]),
+        score,
+        heldout=heldout,
+        model=model,
+        ce_tokens=ce_tokens[: settings["ce_sequences"]],
+    )
+    if settings["sweep_steps"] == settings["steps"]:
+        features: list[LinearFeatures] = list(sweep.best)
+        metrics = next(p for p in sweep.points if p.k == sweep.best_k).per_site
+    else:
+        features, metrics = train_saes(acts, heldout, lambda s: sweep.best_k, settings, seed)
+    best = Baseline("SAE best L0 (sweep)", features, time.perf_counter() - started, metrics)
+    return best, sweep
+
+
 def fit_baselines(
     base: Any,
     codebook_model: Any,
-    train_tokens: Tensor,
-    train_mask: Tensor | None,
-    heldout: dict[str, Tensor],
+    train_tokens: Int[Tensor, "batch pos"],
+    train_mask: Bool[Tensor, "batch pos"] | None,
+    heldout: dict[str, Float[Tensor, "N d"]],
     settings: dict[str, Any],
     seed: int,
-) -> list[Baseline]:
-    """SAEs (one per k of ``settings['sae_ks']``), PCA and ICA at the codebook sites of
-    ``codebook_model``, fitted on ``base``'s activations of ``train_tokens``.
+    *,
+    score: Callable[[list[LinearFeatures]], float],
+    ce_tokens: Int[Tensor, "batch pos"],
+) -> tuple[list[Baseline], L0Sweep]:
+    """SAEs at the codes' L0 and at the best L0 of a sweep, PCA and ICA at the codebook
+    sites of ``codebook_model``, fitted on ``base``'s activations of ``train_tokens``.
 
-    ``heldout`` holds activations per site for the reconstruction metrics. Each method's
-    seconds include the activation caching they all share.
+    ``heldout`` holds activations per site for the reconstruction metrics; ``score``
+    rates one sweep point's SAEs (higher better); ``ce_tokens``: where each point's CE
+    loss score is measured. Each method's seconds include the activation caching they
+    all share; the best-L0 SAE's include the whole sweep.
     """
-    settings = {**DEFAULT_SETTINGS, **settings}
+    settings = check_settings(settings)
     sites = codebook_sites(codebook_model)
     started = time.perf_counter()
     acts = cache_activations(base, train_tokens, sites, token_mask=train_mask, batch_size=64)
     caching = time.perf_counter() - started
-    out = []
-    for k in settings["sae_ks"]:
-        started = time.perf_counter()
-        features, metrics = [], {}
-        for site in sites:
-            k_site = matched_k(codebook_model, site) if k == "matched" else int(k)
-            d = acts[site].shape[1]
-            config = SAEConfig(
-                n_latents=settings["expansion"] * d,
-                k=k_site,
-                steps=settings["steps"],
-                batch_size=settings["batch_size"],
-                lr=settings["lr"],
-                seed=seed,
-            )
-            sae, stats = train_sae(acts[site], site, config)
-            features.append(sae)
-            metrics[site] = {
-                **sae_metrics(sae, heldout[site]),
-                "train_seconds": stats.seconds,
-                "train_cpu_seconds": stats.cpu_seconds,
-                "train_dead_fraction": stats.dead_fraction,
-            }
-        label = "matched L0" if k == "matched" else f"k={k}"
-        name = f"SAE {label} ({sum(_k(f) for f in features)} latents/token)"
-        out.append(Baseline(name, features, caching + time.perf_counter() - started, metrics))
+
+    started = time.perf_counter()
+    features, metrics = train_saes(
+        acts, heldout, lambda s: matched_k(codebook_model, s), settings, seed
+    )
+    out = [Baseline("SAE matched L0", features, caching + time.perf_counter() - started, metrics)]
+
+    best, sweep = best_l0_sae(base, acts, heldout, settings, seed, score=score, ce_tokens=ce_tokens)
+    best.seconds += caching
+    out.append(best)
+
     for method, fit in (("PCA", pca_features), ("ICA", ica_features)):
         started = time.perf_counter()
         kwargs = {"max_tokens": settings["ica_tokens"]} if method == "ICA" else {}
@@ -138,21 +222,81 @@ def fit_baselines(
                 metrics,
             )
         )
-    return out
+    return out, sweep
 
 
-def _k(features: LinearFeatures) -> int:
-    return features.config.k  # type: ignore[attr-defined]
+def encode_batch_size(
+    n_kept: int,
+    seq_len: int,
+    n_features: int,
+    width: int,
+    memory_budget_mb: float,
+    itemsize: int = 4,
+    max_batch: int = 64,
+) -> int:
+    """Sequences per batch for `encode_all`: the result (``n_kept`` x ``n_features`` of
+    ``itemsize`` bytes) plus one batch's float32 site activations (``width`` summed over
+    sites) and features must fit ``memory_budget_mb``. Raises if not even one sequence
+    fits."""
+    budget = memory_budget_mb * 2**20
+    result = n_kept * n_features * itemsize
+    per_sequence = 4 * seq_len * (n_features + width)
+    if result + per_sequence > budget:
+        raise ValueError(
+            f"encoding {n_kept} tokens x {n_features} features needs "
+            f"{(result + per_sequence) / 2**20:.1f} MB with one sequence per batch, over "
+            f"memory_budget_mb={memory_budget_mb}: use fewer tokens or features, or a "
+            "smaller dtype"
+        )
+    return int(min(max_batch, (budget - result) // per_sequence))
 
 
 @torch.no_grad()
-def encode_all(model: Any, features: list[LinearFeatures], tokens: Tensor, mask: Tensor) -> Tensor:
-    """``[kept tokens, total features]``: every site's features side by side."""
-    sites = [f.site for f in features]
-    parts = []
-    for block in iter_activations(model, tokens, sites, token_mask=mask, batch_size=64):
-        parts.append(torch.cat([f.encode(block[f.site]) for f in features], dim=1))
-    return torch.cat(parts)
+def encode_all(
+    model: Any,
+    features: list[LinearFeatures],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"],
+    *,
+    memory_budget_mb: float = 1024.0,
+    dtype: torch.dtype = torch.float32,
+) -> Float[Tensor, "n F"]:
+    """``[kept tokens, total features]``: every site's features side by side, in ``dtype``.
+
+    Written into one preallocated tensor while sequences stream through the model in
+    batches (`encode_batch_size`), so what this holds (the result and one batch's
+    activations and features) stays within ``memory_budget_mb``, as `cache_activations`
+    bounds caching; raises before running the model if it cannot.
+    """
+    if not features:
+        raise ValueError("no features given")
+    tokens, mask = torch.as_tensor(tokens), torch.as_tensor(mask)
+    if tokens.ndim != 2 or mask.shape != tokens.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"tokens must be [batch, pos] with a bool mask of the same shape, got "
+            f"{tuple(tokens.shape)} and {mask.dtype} {tuple(mask.shape)}"
+        )
+    n_features = sum(f.n_features for f in features)
+    sites = list(dict.fromkeys(f.site for f in features))
+    width = sum(next(f.d_in for f in features if f.site == s) for s in sites)
+    batch_size = encode_batch_size(
+        int(mask.sum()),
+        tokens.shape[1],
+        n_features,
+        width,
+        memory_budget_mb,
+        torch.empty((), dtype=dtype).element_size(),
+    )
+    out = torch.empty(int(mask.sum()), n_features, dtype=dtype)
+    row = 0
+    for block in iter_activations(model, tokens, sites, token_mask=mask, batch_size=batch_size):
+        rows = next(iter(block.values())).shape[0]
+        column = 0
+        for f in features:
+            out[row : row + rows, column : column + f.n_features] = f.encode(block[f.site])
+            column += f.n_features
+        row += rows
+    return out
 
 
 def precision_at_recalls(
@@ -177,8 +321,6 @@ def splice_loss_cost(
 
 def identity_features(model: Any, sites: list[str]) -> list[LinearFeatures]:
     """Every dimension of each site as a feature (for swaps: plain activation patching)."""
-    from codelens.baselines import site_width
-
     return [neurons(s, site_width(model, s)) for s in sites]
 
 
@@ -293,10 +435,9 @@ def steering_comparison(
     from codelens.data.stories import PATTERNS, TOPICS
 
     eval_prompts, sweep_prompts = prompts
-    settings = {**DEFAULT_SETTINGS, **(getattr(exp, "baselines", None) or {})}
+    settings = check_settings(getattr(exp, "baselines", None) or {})
     sites = list(model.codebooks)
     held = cache_activations(base, heldout, sites, batch_size=32)
-    methods = fit_baselines(base, model, train_tokens, None, held, settings, exp.seed)
 
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False
@@ -320,6 +461,18 @@ def steering_comparison(
             for r in report["steering"]["topics"]
         ],
         dtype=torch.float64,
+    )
+
+    def score(features: list[LinearFeatures]) -> float:
+        """Regex precision; topic precision where no pattern has a code."""
+        if regex is not None:
+            values = encode_all(base, features, tokens, mask)
+            return float(precision_at_recalls(values, regex, regex_recalls)["mean_precision"])
+        values = encode_all(base, features, tokens, topic_mask)
+        return float(precision_at_recalls(values, topic_labels, topic_recalls)["mean_precision"])
+
+    methods, sweep = fit_baselines(
+        base, model, train_tokens, None, held, settings, exp.seed, score=score, ce_tokens=heldout
     )
     plain_gen = st.generate_texts(base, eval_prompts, exp.samples, exp.new_tokens, exp.seed + 100)
     plain_texts = st.continuation_texts(base.tokenizer, plain_gen)
@@ -361,7 +514,7 @@ def steering_comparison(
         ),
     ]
     for method in candidates:
-        row: dict[str, Any] = {"method": method.name}
+        row = method.row()
         detail: dict[str, Any] = {"metrics": method.metrics}
         if regex is not None:
             values = encode_all(base, method.features, tokens, mask)
@@ -389,14 +542,20 @@ def steering_comparison(
             detail["loss"] = cost
         rows.append(row)
         details[method.name] = detail
-    sae_rows = [r for r in rows if r["method"].startswith("SAE")]
-    best = max(sae_rows, key=lambda r: (r.get("regex_precision") or 0, r["steering_success"]))
-    return {"settings": settings, "best_sae": best["method"], "rows": rows, "details": details}
+    return {
+        "settings": settings,
+        "best_sae": best_sae(sweep, settings),
+        "sweep_score": "regex precision" if regex is not None else "topic precision",
+        "sae_sweep": sweep.as_dict(),
+        "rows": rows,
+        "details": details,
+    }
 
 
 # ---------------------------------------------------------------------------- the table
 
 COLUMNS = (
+    ("latents_per_token", "SAE latents/token", 1),
     ("state_precision", "state precision %", 100),
     ("regex_precision", "regex precision %", 100),
     ("steering_success", "topics steered %", 100),
@@ -404,6 +563,48 @@ COLUMNS = (
     ("loss_cost", "loss cost (nats)", 1),
     ("seconds", "compute (s)", 1),
 )
+
+
+def best_sae(sweep: L0Sweep, settings: dict[str, Any]) -> str:
+    """The best-L0 row in words: its k and the grid it was chosen from."""
+    return f"k={sweep.best_k} per site, the best of k in {list(settings['sweep_ks'])}"
+
+
+def sweep_markdown(sweep: dict[str, Any], score_label: str) -> list[str]:
+    """Markdown lines of the L0 sweep: one row per k, the chosen one marked."""
+    lines = [
+        f"| k per site | latents/token | {score_label} % | explained variance | "
+        "CE loss score | dead % | training s (CPU s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in sweep["points"]:
+        m = p["summary"]
+        ce = f"{m['ce_loss_score']:.3f}" if "ce_loss_score" in m else "n/a"
+        mark = " (best)" if p["k"] == sweep["best_k"] else ""
+        lines.append(
+            f"| {p['k']}{mark} | {m['l0']:.1f} | {100 * p['score']:.1f} | "
+            f"{m['explained_variance']:.3f} | {ce} | {100 * m['dead_fraction']:.1f} | "
+            f"{m['train_seconds']:.1f} ({m['train_cpu_seconds']:.1f}) |"
+        )
+    return lines
+
+
+def sweep_lines(section: dict[str, Any]) -> list[str]:
+    """The L0 sweep table, for reports that have one."""
+    if "sae_sweep" not in section:
+        return []
+    return [
+        "",
+        "### SAE L0 sweep",
+        "",
+        f"TopK SAEs at every codebook site for each k, {section['settings']['sweep_steps']} "
+        f"steps each, scored by {section['sweep_score']} (the best k, ties to the smaller, "
+        "is the best-L0 row above). Explained variance, dead share and CE loss score (each "
+        "site's SAE spliced in alone) are means over sites; latents/token and training "
+        "seconds sum over sites.",
+        "",
+        *sweep_markdown(section["sae_sweep"], section["sweep_score"]),
+    ]
 
 
 def table_markdown(rows: list[dict[str, Any]], columns: tuple = COLUMNS) -> list[str]:
@@ -419,8 +620,8 @@ def table_markdown(rows: list[dict[str, Any]], columns: tuple = COLUMNS) -> list
             value = r.get(key)
             if value is None:
                 cells.append("n/a")
-            elif isinstance(value, str):
-                cells.append(value)
+            elif isinstance(value, str | int):
+                cells.append(str(value))
             elif scale == 100:
                 cells.append(f"{100 * value:.1f}")
             else:

@@ -94,7 +94,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def baselines_markdown(section: dict[str, Any]) -> list[str]:
     """The codes-against-baselines table of a TokFSM report."""
-    from codelens.experiments.baselines import table_markdown
+    from codelens.experiments.baselines import sweep_lines, table_markdown
 
     return [
         "## Codes against baselines",
@@ -105,9 +105,10 @@ def baselines_markdown(section: dict[str, Any]) -> list[str]:
         "Baselines are fitted on the model without codebooks at the codebook sites; swap "
         "success: all sites swapped; loss cost: loss with every site replaced by its "
         "reconstruction minus the base model's; compute: fitting, with activation caching. "
-        f"Best SAE by state precision: {section['best_sae']}.",
+        f"SAE best L0: {section['best_sae']} (the L0 sweep below).",
         "",
         *table_markdown(section["rows"]),
+        *sweep_lines(section),
     ]
 
 

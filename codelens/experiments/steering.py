@@ -56,7 +56,7 @@ from codelens.data.stories import (
 )
 from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokenizer
 from codelens.environment import check_cached_generation, describe, stack
-from codelens.experiments.baselines import DEFAULT_SETTINGS, steering_comparison
+from codelens.experiments.baselines import check_settings, steering_comparison
 from codelens.experiments.report import _atomic_write
 from codelens.experiments.stages import train_stage
 from codelens.model import HookedCodebookTransformer, attn_site
@@ -176,7 +176,7 @@ QUICK = SteeringExperiment(
     new_tokens=40,
     candidates=4,
     sweep_samples=3,
-    baselines={"steps": 300, "sae_ks": ["matched", 16], "train_blocks": 256},
+    baselines={"steps": 300, "sweep_ks": [4, 16], "sweep_steps": 300, "train_blocks": 256},
 )
 
 
@@ -479,7 +479,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     if circuit is not None:
         report["circuit"] = circuit
     if exp.baselines is not None:
-        blocks = {**DEFAULT_SETTINGS, **exp.baselines}["train_blocks"]
+        blocks = check_settings(exp.baselines)["train_blocks"]
         report["baselines"] = steering_comparison(
             base,
             model,
@@ -659,7 +659,7 @@ def summary_line(report: dict[str, Any]) -> str:
 
 def baselines_markdown(section: dict[str, Any]) -> list[str]:
     """The codes-against-baselines table of a steering report."""
-    from codelens.experiments.baselines import table_markdown
+    from codelens.experiments.baselines import sweep_lines, table_markdown
 
     return [
         "## Codes against baselines",
@@ -672,9 +672,11 @@ def baselines_markdown(section: dict[str, Any]) -> list[str]:
         "topic code's recall) at every position, at the strength the sweep picks. Loss "
         "cost: held-out loss with every site replaced by its reconstruction minus the base "
         "model's (codes: the codebook model's minus the base model's); compute: fitting "
-        f"(codes: codebook training). Best SAE: {section['best_sae']}.",
+        f"(codes: codebook training). SAE best L0: {section['best_sae']} (the L0 sweep "
+        "below).",
         "",
         *table_markdown(section["rows"]),
+        *sweep_lines(section),
     ]
 
 

@@ -124,7 +124,7 @@ QUICK = FSMExperiment(
     eval_sequences=256,
     generations=256,
     transitions=500,
-    baselines={"steps": 300, "sae_ks": ["matched", 16], "train_sequences": 1024},
+    baselines={"steps": 300, "sweep_ks": [4, 16], "sweep_steps": 300, "train_sequences": 1024},
 )
 
 
@@ -403,6 +403,61 @@ def _paste_last(reference_ids: Int[Tensor, "batch pos G k"]):
 # ---------------------------------------------------------------------------- baselines
 
 
+@dataclass
+class BaselineData:
+    """What the baselines are fitted on and scored with in the TokFSM experiment."""
+
+    settings: dict[str, Any]
+    train_tokens: Tensor  # rollouts to fit on
+    train_mask: Tensor  # their tokens that belong to a state
+    tokens: Tensor  # the state analysis' rollouts
+    at_end: Tensor  # their tokens completing a state
+    labels: Tensor  # [tokens at_end, states with a code]: token completes the state
+    recalls: Tensor  # each state's best code's recall
+    heldout: dict[str, Tensor]  # base activations of ``tokens`` per codebook site
+
+    def state_precision(self, base: Any, features: list[LinearFeatures]) -> float:
+        """Mean state precision of ``features`` at the codes' recall (the sweep's score)."""
+        from codelens.experiments import baselines as bl
+
+        values = bl.encode_all(base, features, self.tokens, self.at_end)
+        return float(bl.precision_at_recalls(values, self.labels, self.recalls)["mean_precision"])
+
+
+def baseline_data(
+    base: HookedCodebookTransformer,
+    coded: HookedCodebookTransformer,
+    fsm: TokFSM,
+    exp: FSMExperiment,
+    report: dict[str, Any],
+    name: str,
+) -> BaselineData:
+    """Training rollouts, the state analysis' rollouts and labels, and the recall of
+    ``name``'s best code per state (from ``report``), for `baseline_comparison`."""
+    from codelens.experiments import baselines as bl
+
+    settings = bl.check_settings(exp.baselines or {})
+    per_state = report["models"][name]["state_codes"]["per_state"]
+    states = torch.tensor([r["state"] for r in per_state])
+    gen = torch.Generator().manual_seed(exp.seed + 23)
+    train_tokens, train_states = fsm.sample(settings["train_sequences"], generator=gen)
+    gen = torch.Generator().manual_seed(exp.seed + 13)  # the state analysis' tokens
+    tokens, seq_states = fsm.sample(exp.eval_sequences, generator=gen)
+    state, digit = fsm.token_states(tokens, seq_states)
+    at_end = digit == fsm.n_digits - 1
+    sites = list(coded.codebooks)
+    return BaselineData(
+        settings,
+        train_tokens,
+        fsm.token_states(train_tokens, train_states)[1] >= 0,
+        tokens,
+        at_end,
+        state[at_end][:, None] == states[None, :],
+        torch.tensor([r["recall"] for r in per_state], dtype=torch.float64),
+        bl.cache_activations(base, tokens, sites, token_mask=digit >= 0, batch_size=64),
+    )
+
+
 @torch.no_grad()
 def baseline_comparison(
     base: HookedCodebookTransformer,
@@ -416,25 +471,19 @@ def baseline_comparison(
     best code per state; one row per method."""
     from codelens.experiments import baselines as bl
 
-    settings = {**bl.DEFAULT_SETTINGS, **(exp.baselines or {})}
     first = next(iter(coded))
-    per_state = report["models"][first]["state_codes"]["per_state"]
-    states = torch.tensor([r["state"] for r in per_state])
-    recalls = torch.tensor([r["recall"] for r in per_state], dtype=torch.float64)
-
-    gen = torch.Generator().manual_seed(exp.seed + 23)
-    train_tokens, train_states = fsm.sample(settings["train_sequences"], generator=gen)
-    train_mask = fsm.token_states(train_tokens, train_states)[1] >= 0
-    gen = torch.Generator().manual_seed(exp.seed + 13)  # the state analysis' tokens
-    tokens, seq_states = fsm.sample(exp.eval_sequences, generator=gen)
-    state, digit = fsm.token_states(tokens, seq_states)
-    at_end = digit == fsm.n_digits - 1
-    labels = state[at_end][:, None] == states[None, :]
-    sites = list(coded[first].codebooks)
-    heldout = bl.cache_activations(base, tokens, sites, token_mask=digit >= 0, batch_size=64)
-
-    methods = bl.fit_baselines(
-        base, coded[first], train_tokens, train_mask, heldout, settings, exp.seed
+    data = baseline_data(base, coded[first], fsm, exp, report, first)
+    tokens, at_end, labels, recalls = data.tokens, data.at_end, data.labels, data.recalls
+    methods, sweep = bl.fit_baselines(
+        base,
+        coded[first],
+        data.train_tokens,
+        data.train_mask,
+        data.heldout,
+        data.settings,
+        exp.seed,
+        score=lambda features: data.state_precision(base, features),
+        ce_tokens=tokens,
     )
     trials = swap_trials(fsm, exp)
     variants = _intervention_variants(coded[first])
@@ -461,7 +510,7 @@ def baseline_comparison(
         cost = bl.splice_loss_cost(base, method.features, tokens)
         rows.append(
             {
-                "method": method.name,
+                **method.row(),
                 "state_precision": precision["mean_precision"],
                 "swap_success": next(
                     r["success_rate"] for r in swaps if r["intervention"] == "all sites"
@@ -496,13 +545,13 @@ def baseline_comparison(
         }
     )
     details["activation patching"] = {"swaps": patch}
-    sae_rows = [r for r in rows if r["method"].startswith("SAE")]
-    best = max(sae_rows, key=lambda r: r["state_precision"])
     return {
         "recall_of": first,
-        "states": len(per_state),
-        "settings": settings,
-        "best_sae": best["method"],
+        "states": int(recalls.numel()),
+        "settings": data.settings,
+        "best_sae": bl.best_sae(sweep, data.settings),
+        "sweep_score": "state precision",
+        "sae_sweep": sweep.as_dict(),
         "rows": rows,
         "details": details,
     }
