@@ -17,6 +17,7 @@ Peak memory of a large forward is measured in a fresh subprocess (CPU: peak RSS 
 CUDA: max allocated).
 
     python benchmarks/codebook_layer.py [--device cuda] [--threads 2] [--rounds 3] [--repeats 5]
+    python benchmarks/codebook_layer.py --profile fsm_attn --threads 1   # ops of one shape
 """
 
 from __future__ import annotations
@@ -116,6 +117,38 @@ def _training_child(name: str, device: str, threads: int, repeats: int) -> None:
     times = _interleaved_times([_limit(x, layer), forward, forward_backward], device, repeats)
     keys = ("limit", "forward", "forward_backward")
     print(json.dumps({key: [1e3 * t for t in ts] for key, ts in zip(keys, times, strict=True)}))
+
+
+def profile_shape(name: str, device: str, threads: int, calls: int = 10) -> None:
+    """Self time per call of every op in the training forward and forward + backward of
+    one shape (torch.profiler): what the layer spends beyond the limit's product + top-k."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    groups, d, n_codes, k, tokens = TRAINING_SHAPES[name]
+    layer = CodebookLayer(groups, d, n_codes, k, similarity="dot", layer_norm=True)
+    layer = layer.to(device).train()
+    x = torch.randn(tokens, groups, d, device=device, requires_grad=True)
+    upstream = torch.randn(tokens, groups, d, device=device)
+
+    def forward_backward() -> None:
+        out = layer(x)
+        torch.autograd.backward([out, layer.reconstruction_loss], [upstream, None])
+        x.grad = layer.codes.grad = None
+
+    forward_backward()  # warm-up
+    for label, run in (("forward", lambda: layer(x)), ("forward+backward", forward_backward)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                run()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events) / 1e3 / calls
+        print(f"\n{name} {label}, threads={threads}: self CPU {total:.1f} ms per call")
+        print(f"{'op':<48}{'ms/call':>9}{'calls/call':>12}")
+        for event in events[:15]:
+            ms = event.self_cpu_time_total / 1e3 / calls
+            print(f"{event.key[:47]:<48}{ms:>9.2f}{event.count / calls:>12.1f}")
 
 
 def _run_child(code: str) -> dict:
@@ -237,7 +270,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=("training", "inference", "memory"), default=None)
+    parser.add_argument("--profile", choices=tuple(TRAINING_SHAPES), default=None)
     args = parser.parse_args()
+    if args.profile:
+        profile_shape(args.profile, args.device, args.threads)
+        return
     torch.set_num_threads(args.threads)
     print(f"device={args.device} torch={torch.__version__} threads={args.threads}")
     if args.only in (None, "training"):

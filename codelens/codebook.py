@@ -25,6 +25,13 @@ EMPTY_SLOT = -1
 SCRATCH_MB = 64.0
 """Largest CPU score chunk, in MiB; the buffer is kept and reused (see `_scores_scratch`)."""
 
+ARGMAX_CHUNK_MB = 4.0
+"""CPU score chunk, in MiB, for `_vector_argmax`: small enough to stay in the cache
+between the score product and its passes."""
+
+VECTOR_ARGMAX_MAX_THREADS = 1
+"""Most intra-op threads with which k = 1 uses `_vector_argmax` (see there)."""
+
 
 class CodebookLayer(HookedRootModule):
     """Replace each ``[..., G, d]`` activation by the combination of its top-k codes.
@@ -143,7 +150,13 @@ class CodebookLayer(HookedRootModule):
         search_index = self.code_index is not None and not torch.is_grad_enabled()
         with torch.no_grad():
             lead = x.shape[:-2]
-            if self.layer_norm:  # in the input's own layout: no transposed copy
+            # LayerNorm scales each row by a positive number, which leaves its ranking
+            # alone, and subtracts its mean, which is the same as centring every code:
+            # (x - mean(x)) . c == x . (c - mean(c)). Without an affine or a distance,
+            # when there are fewer codes than tokens, the codes are centred instead.
+            centre = self.layer_norm and self.ln_weight is None and self.similarity != "euclidean"
+            centre = centre and not search_index and self.n_codes < math.prod(lead)
+            if self.layer_norm and not centre:  # in the input's own layout: no transposed copy
                 x = F.layer_norm(x, (self.d,))
                 if self.ln_weight is not None:  # [G, d] broadcasts over [..., G, d]
                     x = torch.addcmul(self.ln_bias, x, self.ln_weight)
@@ -154,13 +167,17 @@ class CodebookLayer(HookedRootModule):
             if search_index:
                 grouped.copy_(self.code_index.search(self, flat))
                 return ids.view(*lead, self.n_groups, self.k)
-            weight, bias, alpha = self._score_terms()
+            weight, bias, alpha = self._score_terms(centre)
             chunk = self._chunk_size(flat.element_size(), flat.nbytes)
+            fast_argmax = self.k == 1 and _vector_argmax_applies(flat, self.n_codes)
             if flat.device.type == "cpu":
                 per_token = self.n_groups * self.n_codes * flat.element_size()
-                chunk = min(chunk, int(SCRATCH_MB * 2**20) // per_token)
+                cap_mb = ARGMAX_CHUNK_MB if fast_argmax else SCRATCH_MB
+                chunk = min(chunk, int(cap_mb * 2**20) // per_token)
             chunk = max(1, min(chunk, n_tokens))
             scratch = _scores_scratch(self.n_groups * chunk * self.n_codes, flat)
+            if fast_argmax:
+                marks = torch.arange(self.n_codes, 2 * self.n_codes, dtype=flat.dtype)
             for start in range(0, n_tokens, chunk):
                 stop = min(start + chunk, n_tokens)
                 scores = scratch[: self.n_groups * (stop - start) * self.n_codes]
@@ -169,7 +186,9 @@ class CodebookLayer(HookedRootModule):
                     torch.bmm(flat[:, start:stop], weight, out=scores)
                 else:
                     torch.baddbmm(bias, flat[:, start:stop], weight, alpha=alpha, out=scores)
-                if self.k == 1:  # an argmax is one pass; top-k keeps a heap per row
+                if fast_argmax:
+                    _vector_argmax(scores, grouped[:, start:stop, 0], marks)
+                elif self.k == 1:  # an argmax is one pass; top-k keeps a heap per row
                     grouped[:, start:stop] = scores.argmax(-1, keepdim=True)
                 else:
                     grouped[:, start:stop] = scores.topk(self.k, dim=-1, sorted=True).indices
@@ -229,9 +248,11 @@ class CodebookLayer(HookedRootModule):
             self._any_disabled = (key, bool(self.disabled.any()))
         return self._any_disabled[1]
 
-    def _score_terms(self) -> tuple[Tensor, Tensor | None, float]:
+    def _score_terms(self, centre: bool = False) -> tuple[Tensor, Tensor | None, float]:
         """``scores = bias + alpha * x @ weight`` for the chosen similarity; ``bias`` is
-        None when it would be all zeros (then one bmm, no extra pass over the scores)."""
+        None when it would be all zeros (then one bmm, no extra pass over the scores).
+        ``centre`` subtracts each code's mean (cosine and dot only), which scores the
+        LayerNorm of ``x`` up to a positive factor per token."""
         codes = self.codes.detach()
         mask = None
         if self._has_disabled():
@@ -244,6 +265,8 @@ class CodebookLayer(HookedRootModule):
         else:  # argmin |x - c|^2 == argmax 2 x.c - |c|^2
             squares = codes.pow(2).sum(-1)
             weight, bias, alpha = codes, -squares if mask is None else mask - squares, 2.0
+        if centre:
+            weight = weight - weight.mean(-1, keepdim=True)
         bias = None if bias is None else bias[:, None, :]
         return rearrange(weight, "g c d -> g d c"), bias, alpha
 
@@ -334,3 +357,55 @@ def _scores_scratch(numel: int, like: Tensor) -> Tensor:
     if buffer is None or buffer.dtype != like.dtype or buffer.numel() < numel:
         buffer = _scratch.scores = torch.empty(numel, dtype=like.dtype)
     return buffer[:numel]
+
+
+_VECTOR_ARGMAX_MAX_CODES = 2**21
+"""Codes per group up to which `_vector_argmax`'s float sums of code ids stay exact."""
+
+
+def _vector_argmax_applies(like: Tensor, n_codes: int) -> bool:
+    """Whether `_vector_argmax` is the faster exact argmax here: CPU, float32/64, few
+    enough codes, and at most ``VECTOR_ARGMAX_MAX_THREADS`` threads.
+
+    On an accelerator the plain argmax is already parallel, and the tie check would
+    cost a device-to-host sync. With several CPU threads, each of its passes over each
+    small chunk is a parallel region that waits for every thread: on a CPU shared with
+    other jobs, 2 threads were slower with it than with one argmax per large chunk
+    (docs/speed.md).
+    """
+    return (
+        torch.get_num_threads() <= VECTOR_ARGMAX_MAX_THREADS
+        and like.device.type == "cpu"
+        and like.dtype in (torch.float32, torch.float64)
+        and n_codes <= _VECTOR_ARGMAX_MAX_CODES
+    )
+
+
+def _vector_argmax(
+    scores: Float[Tensor, "G n C"], out: Int[Tensor, "G n"], marks: Float[Tensor, " C"]
+) -> None:
+    """``out = scores.argmax(-1)``, exactly, from vectorised passes; overwrites ``scores``.
+
+    On CPU, ``argmax`` compares one element at a time, while ``amax``, ``eq`` and a
+    matrix-vector product run in SIMD: together about twice as fast on a chunk that
+    stays in the cache. The row maximum marks its position with 1.0 (every other score
+    becomes 0.0); the product of that mask with ``marks`` (``C + c`` for code c) is then
+    exactly ``C + id`` when the row has one maximum, and at least ``2C`` when it has
+    several. Rows with tied maxima take ``argmax`` of their mask (the first maximum, as
+    ``argmax`` picks), and rows with a NaN the plain ``argmax`` of their scores, taken
+    before the mask replaces them (NaN counts as the largest). Reading the two flags
+    costs nothing on CPU, the only device this runs on.
+    """
+    n_codes = scores.shape[-1]
+    best = scores.amax(-1, keepdim=True)
+    nan_rows = best.squeeze(-1).isnan()
+    nan_ids = scores[nan_rows].argmax(-1) if bool(nan_rows.any()) else None
+    torch.eq(scores, best, out=scores)
+    found = torch.matmul(scores, marks)  # C + id where the row has exactly one maximum
+    out.copy_(found)
+    out.sub_(n_codes)
+    other = (found < n_codes) | (found >= 2 * n_codes)  # tied maxima, or NaN (no mark)
+    if bool(other.any()):
+        out[other] = scores[other].argmax(-1)  # the first of the marked maxima
+        if nan_ids is not None:
+            out[nan_rows] = nan_ids

@@ -57,6 +57,65 @@ def test_cpu_scratch_chunks_equal_one_chunk(monkeypatch):
     assert torch.equal(layer.top_k(x[:7]), whole[:7])
 
 
+@pytest.mark.parametrize("trial", range(6))
+def test_vector_argmax_equals_argmax(trial):
+    """The vectorised k=1 argmax gives argmax's ids exactly, with tied maxima (the first
+    wins), NaN (counts as the largest) and infinities."""
+    gen = torch.Generator().manual_seed(trial)
+    scores = torch.randn(3, 64, 37, generator=gen)
+    if trial % 2:
+        scores = scores.mul(2).round()  # many rows with tied maxima
+    for value, share in ((torch.nan, 0.02), (torch.inf, 0.03), (-torch.inf, 0.1)):
+        if trial >= 2:
+            scores[torch.rand(scores.shape, generator=gen) < share] = value
+    scores[0, 0] = -torch.inf  # a row of one repeated value
+    ids = torch.empty(3, 64, dtype=torch.long)
+    codebook._vector_argmax(scores.clone(), ids, torch.arange(37, 74, dtype=torch.float))
+    assert torch.equal(ids, scores.argmax(-1))
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot", "euclidean"])
+def test_k1_vector_argmax_path_equals_plain_argmax(monkeypatch, similarity):
+    """On one thread, k=1 takes the vectorised argmax over small chunks; ids equal the
+    plain argmax over one chunk, also with disabled codes."""
+    torch.manual_seed(0)
+    layer = CodebookLayer(3, 8, 200, 1, similarity=similarity)
+    layer.disable_codes([1, 5, 7], group=1)
+    x = torch.randn(500, 3, 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert codebook._vector_argmax_applies(x, layer.n_codes)
+        monkeypatch.setattr(codebook, "ARGMAX_CHUNK_MB", 3 * 200 * 4 * 30 / 2**20)  # 30 tokens
+        fast = layer.top_k(x)
+        monkeypatch.setattr(codebook, "VECTOR_ARGMAX_MAX_THREADS", 0)
+        assert not codebook._vector_argmax_applies(x, layer.n_codes)
+        plain = layer.top_k(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_layer_norm_scoring_by_centred_codes(similarity, k):
+    """Without an affine, LayerNorm scoring centres the codes instead of normalising the
+    activations: the chosen codes score as high as the best ones under the explicit
+    LayerNorm (computed here in float64), so ids differ at most between near-ties."""
+    torch.manual_seed(0)
+    layer = CodebookLayer(3, 16, 300, k, similarity=similarity, layer_norm=True)
+    x = torch.randn(2000, 3, 16) * 3 + torch.randn(3, 16)  # rows with a large mean
+    ids = layer.top_k(x)
+    normed = F.layer_norm(x.double(), (16,))
+    codes = layer.codes.detach().double()
+    if similarity == "cosine":
+        codes = F.normalize(codes, dim=-1)
+    reference = torch.einsum("ngd,gcd->ngc", normed, codes)
+    best = reference.topk(k, dim=-1).values
+    torch.testing.assert_close(reference.gather(-1, ids), best, rtol=0, atol=1e-5)
+    assert (ids == reference.topk(k, dim=-1).indices).float().mean() > 0.99
+
+
 def test_output_is_combination_of_chosen_codes():
     torch.manual_seed(0)
     for combine in ("sum", "mean"):
