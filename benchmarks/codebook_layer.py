@@ -96,8 +96,8 @@ def _limit(x: torch.Tensor, layer: CodebookLayer):
     return limit
 
 
-def _training_child(name: str, device: str, threads: int, repeats: int) -> None:
-    """Runs in a fresh process: per-repeat ms of limit, forward, forward+backward."""
+def _training_case(name: str, device: str, threads: int):
+    """One shape's layer in training mode, its input, and its forward + backward."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     groups, d, n_codes, k, tokens = TRAINING_SHAPES[name]
@@ -106,13 +106,20 @@ def _training_child(name: str, device: str, threads: int, repeats: int) -> None:
     x = torch.randn(tokens, groups, d, device=device, requires_grad=True)
     upstream = torch.randn(tokens, groups, d, device=device)
 
-    def forward() -> None:
-        layer(x)
-
     def forward_backward() -> None:
         out = layer(x)
         torch.autograd.backward([out, layer.reconstruction_loss], [upstream, None])
         x.grad = layer.codes.grad = None
+
+    return layer, x, forward_backward
+
+
+def _training_child(name: str, device: str, threads: int, repeats: int) -> None:
+    """Runs in a fresh process: per-repeat ms of limit, forward, forward+backward."""
+    layer, x, forward_backward = _training_case(name, device, threads)
+
+    def forward() -> None:
+        layer(x)
 
     times = _interleaved_times([_limit(x, layer), forward, forward_backward], device, repeats)
     keys = ("limit", "forward", "forward_backward")
@@ -124,19 +131,7 @@ def profile_shape(name: str, device: str, threads: int, calls: int = 10) -> None
     one shape (torch.profiler): what the layer spends beyond the limit's product + top-k."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    groups, d, n_codes, k, tokens = TRAINING_SHAPES[name]
-    layer = CodebookLayer(groups, d, n_codes, k, similarity="dot", layer_norm=True)
-    layer = layer.to(device).train()
-    x = torch.randn(tokens, groups, d, device=device, requires_grad=True)
-    upstream = torch.randn(tokens, groups, d, device=device)
-
-    def forward_backward() -> None:
-        out = layer(x)
-        torch.autograd.backward([out, layer.reconstruction_loss], [upstream, None])
-        x.grad = layer.codes.grad = None
-
+    layer, x, forward_backward = _training_case(name, device, threads)
     forward_backward()  # warm-up
     for label, run in (("forward", lambda: layer(x)), ("forward+backward", forward_backward)):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
