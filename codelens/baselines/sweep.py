@@ -110,13 +110,7 @@ def sweep_l0(
             cfg = config(site, k)
             if cfg.kind != "topk" or cfg.k != k:
                 raise ValueError(f"config({site!r}, {k}) must give a TopK SAE with k={k}")
-            sae, stats = train_sae(acts[site], site, cfg)
-            figures = {
-                **sae_metrics(sae, heldout[site]),
-                "train_seconds": stats.seconds,
-                "train_cpu_seconds": stats.cpu_seconds,
-                "train_dead_fraction": stats.dead_fraction,
-            }
+            sae, figures = train_and_measure(acts[site], site, cfg, heldout[site])
             if model is not None:
                 figures["ce_loss_score"] = ce_loss_score(model, ce_tokens, sae)["ce_loss_score"]
             saes.append(sae)
@@ -127,6 +121,19 @@ def sweep_l0(
         if not math.isnan(scores[k]) and pick_best(scores) == k:
             best_saes = saes  # keep only the best so far
     return L0Sweep(points, pick_best(scores), best_saes)
+
+
+def train_and_measure(
+    x: Float[Tensor, "N d"], site: str, config: SAEConfig, heldout: Float[Tensor, "M d"]
+) -> tuple[SparseAutoencoder, dict[str, float]]:
+    """Train one SAE on ``x``; its held-out metrics and training time and dead share."""
+    sae, stats = train_sae(x, site, config)
+    return sae, {
+        **sae_metrics(sae, heldout),
+        "train_seconds": stats.seconds,
+        "train_cpu_seconds": stats.cpu_seconds,
+        "train_dead_fraction": stats.dead_fraction,
+    }
 
 
 def _summary(per_site: dict[str, dict[str, float]]) -> dict[str, float]:

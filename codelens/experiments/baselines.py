@@ -47,9 +47,8 @@ from codelens.baselines import (
     site_width,
     splice_hooks,
     steer_hooks,
-    train_sae,
 )
-from codelens.baselines.sweep import L0Sweep, sweep_l0
+from codelens.baselines.sweep import L0Sweep, sweep_l0, train_and_measure
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "sweep_ks": [4, 8, 16, 32, 64, 128],  # the L0 sweep's grid of TopK k (per site)
@@ -129,14 +128,8 @@ def train_saes(
     features, metrics = [], {}
     for site, x in acts.items():
         config = sae_config(settings, x.shape[1], k_of(site), seed, settings["steps"])
-        sae, stats = train_sae(x, site, config)
+        sae, metrics[site] = train_and_measure(x, site, config, heldout[site])
         features.append(sae)
-        metrics[site] = {
-            **sae_metrics(sae, heldout[site]),
-            "train_seconds": stats.seconds,
-            "train_cpu_seconds": stats.cpu_seconds,
-            "train_dead_fraction": stats.dead_fraction,
-        }
     return features, metrics
 
 
