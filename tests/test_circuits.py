@@ -28,6 +28,7 @@ from codelens.circuits import (
     fast_path,
 )
 from codelens.circuits.planted import planted_model
+from codelens.circuits.result import node_of
 
 CODEBOOK = CodebookConfig(n_codes=16, k=2, mlp_groups=2)
 
@@ -71,6 +72,27 @@ def test_zero_ablating_every_edge_of_one_receiver_equals_zeroing_its_input_sende
         patched = patcher.run(mask)
         expected = model.unembed(model.ln_final(torch.zeros(4, 6, model.cfg.d_model)))
     torch.testing.assert_close(patched, expected)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])  # sequential and parallel attn/MLP
+def test_zero_ablating_every_edge_out_of_a_head_equals_zeroing_the_head(arch):
+    model = tiny_model(arch)
+    clean, _ = pair()
+    graph = build_graph(model)
+    patcher = Patcher(model, graph, clean, ablation="zero")
+    mask = patcher.empty_mask()
+    mask[:, graph.senders.index("a0.h1")] = 1.0
+
+    def zero_head(z, hook):
+        z[:, :, 1] = 0.0
+        return z
+
+    with torch.no_grad():
+        patched = patcher.run(mask)
+        expected = model.run_with_hooks(clean, fwd_hooks=[("blocks.0.attn.hook_z", zero_head)])
+    torch.testing.assert_close(patched, expected)
+    # with parallel attention and MLP, a layer's MLP reads nothing its heads write
+    assert ("a0.h1->m0" in graph.edge_index()) == (arch == "gpt2")
 
 
 def test_hooks_and_flags_are_restored_when_the_forward_raises(monkeypatch):
@@ -158,6 +180,29 @@ def test_fast_path_returns_exactly_the_planted_edges_with_fewer_forwards(
     assert set(fast.edges) == truth
     assert fast.forwards < patcher.graph.n_edges  # exhaustive ACDC: one per edge, plus one
     assert edge_auc(fast, truth) == 1.0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_fast_path_skips_dead_nodes_and_matches_acdc_on_a_random_model(arch):
+    model = tiny_model(arch, seed=1)
+    clean, corrupted = pair(seed=1, shape=(8, 6))
+    with torch.no_grad():
+        wanted, other = model(clean)[:, -1].argmax(-1), model(corrupted)[:, -1].argmax(-1)
+    metric = LogitDifference(wanted, other)
+    patcher = Patcher(model, build_graph(model), clean, corrupted=corrupted)
+    with torch.no_grad():
+        spread = float(metric(patcher.clean_logits) - metric(patcher.run(patcher.full_mask())))
+    tau = 0.02 * abs(spread)
+    exhaustive = acdc(patcher, metric, tau)
+    fast = fast_path(patcher, metric, tau)
+    # a node none of whose outgoing edges survive cannot matter: ACDC measured (about)
+    # nothing for its incoming edges, which the fast path removes without a forward
+    live = {edge.split("->")[0] for edge in exhaustive.edges} | {"logits"}
+    into_dead = [e for e in exhaustive.scores if node_of(e.split("->")[1]) not in live]
+    assert len(into_dead) > 20
+    assert max(abs(exhaustive.scores[e]) for e in into_dead) < 1e-6
+    assert set(fast.edges) == set(exhaustive.edges)
+    assert fast.forwards * 2 < exhaustive.forwards
 
 
 def test_planted_circuit_is_faithful_and_complete(planted_setup, planted):

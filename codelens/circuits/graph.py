@@ -9,11 +9,13 @@ exactly the sum of its active codes, so each code's write is a separate edge.
 
 Receivers: each head's query, key and value inputs separately (``a{l}.h{h}<q>``), each
 MLP's input (``m{l}``) and the logits (``logits``). An edge runs from every sender to
-every receiver that comes after it in the forward pass.
+every receiver that reads the residual stream after it is written (with parallel
+attention and MLP, as in GPT-NeoX, a layer's MLP does not read that layer's heads).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +27,7 @@ from torch import Tensor
 Level = Literal["components", "codes"]
 LEVELS = ("components", "codes")
 QKV = ("q", "k", "v")
+_NODE = re.compile(r"embed|a\d+\.h\d+|m\d+")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,14 @@ class Graph:
             for i, j in zip(r.tolist(), s.tolist(), strict=True)
         }
 
+    def node_columns(self) -> dict[str, list[int]]:
+        """Node -> its sender columns: one for a component, one per code at a code site
+        (``a1.h2:64`` belongs to head ``a1.h2``, ``m0.g1:5`` to MLP ``m0``)."""
+        nodes: dict[str, list[int]] = {}
+        for column, name in enumerate(self.senders):
+            nodes.setdefault(_NODE.match(name).group(0), []).append(column)
+        return nodes
+
     def receiver_rows(self, name: str) -> slice:
         """Rows of a receiver block: ``"a{l}<q>"`` (queries), ``"m{l}"``, ``"logits"``."""
         return self._receiver_blocks[name]
@@ -118,6 +129,8 @@ def build_graph(
             f"grouped-query attention ({n_kv} key/value heads for {n_heads} query heads) "
             "is not supported: circuits need one key and one value input per head"
         )
+    # GPT-NeoX / Pythia: a layer's MLP reads the residual before its attention writes
+    parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
     sites = dict(getattr(model, "codebooks", {}))
     if level == "codes":
         if not sites:
@@ -176,7 +189,7 @@ def build_graph(
             receivers += [f"a{layer}.h{h}<{kind}>" for h in range(n_heads)]
             receiver_stage += [2 * layer + 1] * n_heads
         receivers.append(f"m{layer}")
-        receiver_stage.append(2 * layer + 2)
+        receiver_stage.append(2 * layer + (1 if parallel else 2))
     receivers.append("logits")
     receiver_stage.append(2 * n_layers + 1)
     return Graph(

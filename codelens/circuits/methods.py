@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from codelens.circuits.patching import Metric, Patcher
-from codelens.circuits.result import Circuit
+from codelens.circuits.result import Circuit, node_of
 
 METHODS = ("acdc", "eap", "eap-ig", "fast")
 
@@ -174,20 +174,33 @@ def fast_path(
     *,
     attribution_metric: Metric | None = None,
     screen: float | None = None,
+    keep_above: float | None = None,
 ) -> Circuit:
     """ACDC in which attribution decides which edges need an exact forward.
 
-    The sweep visits edges in ACDC's order. Before each receiver, one forward and
-    backward at the current circuit give every incoming edge's attribution: the
-    first-order change of the task metric if that edge alone were removed now. An edge
-    with ``|attribution| >= screen`` (default ``tau / 2``, in units of the task metric)
-    is a candidate and gets ACDC's exact test (one forward). The edges between two
-    candidates are tested as one run: removed together in one forward if together they
-    add less than ``tau`` to the damage, otherwise split in two, down to single edges
-    that get ACDC's test. No edge is removed without an exact forward that includes it,
-    so top-k code choices that flip when an upstream edge is patched (invisible to the
-    straight-through gradient at codebook sites) are still caught. The result is an
-    ACDC circuit, not necessarily exhaustive ACDC's: on code graphs many of ACDC's decisions
+    The sweep visits edges in ACDC's order, one stage of receivers at a time (a layer's
+    query, key and value inputs, a layer's MLP, the logits). Before each stage, one
+    forward and backward at the current circuit give every incoming edge's attribution:
+    the first-order change of the task metric if that edge alone were removed now. An
+    edge with ``|attribution| >= screen`` (default ``tau / 2``, in units of the task
+    metric) is a candidate and gets ACDC's exact test (one forward). The edges between
+    two candidates are tested as one run: removed together in one forward if together
+    they add less than ``tau`` to the damage, otherwise split in two, down to single
+    edges that get ACDC's test.
+
+    A node whose every outgoing edge is already removed cannot reach the output, so
+    removing its incoming edges changes nothing: ACDC removes them, one forward each.
+    On a component graph they are removed here without a forward (exactly ACDC's
+    decision); at a code site a patched input could still switch the site to a code that
+    is not a node of the graph, so they are removed as one verified run.
+
+    No edge is removed without an exact forward that includes it (except those of such
+    dead components), so top-k code choices that flip when an upstream edge is patched
+    (invisible to the straight-through gradient at codebook sites) are still caught.
+    ``keep_above`` (off by default) keeps an edge whose ``|attribution|`` reaches it
+    without testing it; this saves the forwards of the strongest edges at the risk of
+    keeping an edge whose removal the gradient overestimates. The result is an ACDC
+    circuit, not necessarily exhaustive ACDC's: on code graphs many of ACDC's decisions
     sit within a few percent of ``tau``, and one flipped decision changes the rest of its
     path (``benchmarks/acdc_stability.py``, docs/circuits.md).
 
@@ -202,57 +215,86 @@ def fast_path(
             "attribution_metric (e.g. a LogitDifference) when the metric is KL"
         )
     screen = tau / 2 if screen is None else screen
+    if keep_above is not None and keep_above < screen:
+        raise ValueError(f"keep_above ({keep_above}) must be >= screen ({screen})")
+    graph = patcher.graph
     damage = _Damage(patcher, metric)
-    valid = patcher.graph.valid
+    valid = graph.valid
     mask = patcher.empty_mask()
     scores = torch.zeros(valid.shape)
     state = {"current": damage(mask)}
+    columns = {node: torch.tensor(cols) for node, cols in graph.node_columns().items()}
+    codes = graph.level == "codes"
 
-    def sweep(r: int, senders: list[int]) -> None:
-        """ACDC on ``senders`` of receiver ``r``, in order, removing runs of them at once
-        while a run adds less than ``tau``; a run that adds more is split in two."""
-        if not senders:
+    def sweep(edges: list[tuple[int, int]]) -> None:
+        """ACDC on ``edges``, in order, removing runs of them at once while a run adds
+        less than ``tau``; a run that adds more is split in two."""
+        if not edges:
             return
-        mask[r, senders] = 1.0
+        rows, cols = torch.tensor(edges).T
+        mask[rows, cols] = 1.0
         new = damage(mask)
         increase = new - state["current"]
         if increase < tau:
             state["current"] = new
-            scores[r, senders] = increase / len(senders)
+            scores[rows, cols] = increase / len(edges)
             return
-        mask[r, senders] = 0.0
-        if len(senders) == 1:
-            scores[r, senders] = increase
+        mask[rows, cols] = 0.0
+        if len(edges) == 1:
+            scores[rows, cols] = increase
             return
-        half = len(senders) // 2
-        sweep(r, senders[:half])
-        sweep(r, senders[half:])
+        half = len(edges) // 2
+        sweep(edges[:half])
+        sweep(edges[half:])
+
+    def dead(r: int) -> bool:
+        """Every outgoing edge of receiver ``r``'s node is removed."""
+        cols = columns.get(node_of(graph.receivers[r]))
+        if cols is None:
+            return False
+        out = valid[:, cols]
+        return bool((mask.cpu()[:, cols][out] == 1).all())
 
     backwards = 0
-    for r in reversed(range(valid.shape[0])):
-        senders = list(reversed(valid[r].nonzero().flatten().tolist()))
-        if not senders:
-            continue
-        attribution = _gradient_at(patcher, attr_metric, mask)[r].abs()
-        backwards += 1
-        run: list[int] = []
-        for s in senders:
-            if float(attribution[s]) < screen:
-                run.append(s)
-                continue
-            sweep(r, run)
-            sweep(r, [s])
-            run = []
-        sweep(r, run)
+    for stage in graph.receiver_stage.unique().flip(0).tolist():
+        rows = [
+            r
+            for r in reversed(range(valid.shape[0]))
+            if graph.receiver_stage[r] == stage and valid[r].any()
+        ]
+        is_dead = {r: dead(r) for r in rows}
+        if not codes:
+            for r in rows:
+                if is_dead[r]:
+                    mask[r, valid[r]] = 1.0
+            rows = [r for r in rows if not is_dead[r]]
+        attribution = None
+        if not all(is_dead[r] for r in rows):
+            attribution = _gradient_at(patcher, attr_metric, mask).abs()
+            backwards += 1
+        run: list[tuple[int, int]] = []
+        for r in rows:
+            for s in reversed(valid[r].nonzero().flatten().tolist()):
+                strength = 0.0 if is_dead[r] else float(attribution[r, s])
+                if strength < screen:
+                    run.append((r, s))
+                elif keep_above is not None and strength >= keep_above:
+                    scores[r, s] = strength
+                else:
+                    sweep(run)
+                    sweep([(r, s)])
+                    run = []
+        sweep(run)
     kept = (mask.cpu() == 0) & valid
     settings = {
         "tau": tau,
         "screen": screen,
+        "keep_above": keep_above,
         "metric": _name(metric),
         "attribution_metric": _name(attr_metric),
     }
     return Circuit.from_tensors(
-        patcher.graph,
+        graph,
         kept,
         scores,
         "fast",
