@@ -107,6 +107,7 @@ def _circuit(args: argparse.Namespace) -> None:
         methods=methods,
         tau=args.tau,
         steps=args.steps,
+        keep_above=None if args.keep_above is None else args.keep_above * args.tau,
         compare_tl=args.compare_tl,
     )
     from codelens.circuits.study import markdown
@@ -193,6 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     circuit.add_argument("--tau", type=float, default=0.02, help="ACDC / selection threshold")
     circuit.add_argument("--steps", type=int, default=5, help="integrated-gradient steps")
+    circuit.add_argument(
+        "--keep-above",
+        type=float,
+        metavar="X",
+        help="fast path: keep edges whose attribution is >= X * tau without a forward "
+        "(default: test every edge it keeps)",
+    )
     circuit.add_argument("--pairs", type=int, default=64, help="clean/corrupted prompt pairs")
     circuit.add_argument("--seed", type=int, default=0, help="seed of the prompt pairs")
     circuit.add_argument("--threads", type=int, default=1, help="torch CPU threads")

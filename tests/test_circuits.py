@@ -182,6 +182,16 @@ def test_fast_path_returns_exactly_the_planted_edges_with_fewer_forwards(
     assert edge_auc(fast, truth) == 1.0
 
 
+def test_fast_path_keeps_strong_edges_without_a_forward(planted_setup, planted):
+    _, patcher, truth = planted_setup
+    tested = fast_path(patcher, planted.metric, 0.1)
+    trusted = fast_path(patcher, planted.metric, 0.1, keep_above=0.5)
+    assert set(trusted.edges) == set(tested.edges) == truth
+    assert trusted.forwards < tested.forwards
+    with pytest.raises(ValueError, match="keep_above"):
+        fast_path(patcher, planted.metric, 0.1, keep_above=0.01)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
 def test_fast_path_skips_dead_nodes_and_matches_acdc_on_a_random_model(arch):
     model = tiny_model(arch, seed=1)

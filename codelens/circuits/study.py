@@ -31,12 +31,13 @@ def run_study(
     methods=("acdc", "eap", "eap-ig", "fast"),
     tau: float = 0.02,
     steps: int = 5,
+    keep_above: float | None = None,
     compare_tl: bool = False,
 ) -> dict[str, Any]:
     """Discover and evaluate a circuit per (level, method); write and return the report.
 
     ``methods`` is one tuple for every level, or a dict level -> tuple (e.g. exhaustive
-    ACDC on components only).
+    ACDC on components only). ``keep_above`` is the fast path's (see `fast_path`).
     """
     out = Path(out_dir)
     report: dict[str, Any] = {
@@ -44,6 +45,7 @@ def run_study(
         "pairs": int(task.clean.shape[0]),
         "tau": tau,
         "steps": steps,
+        "keep_above": keep_above,
         "levels": {},
     }
     for level in levels:
@@ -62,8 +64,8 @@ def run_study(
         }
         circuits: dict[str, Circuit] = {}
         for method in methods[level] if isinstance(methods, dict) else methods:
-            kwargs = {"steps": steps} if method == "eap-ig" else {}
-            circuit = discover(patcher, method, task.metric, tau, **kwargs)
+            kwargs = {"eap-ig": {"steps": steps}, "fast": {"keep_above": keep_above}}
+            circuit = discover(patcher, method, task.metric, tau, **kwargs.get(method, {}))
             circuit.save(out / "circuits" / f"{level}-{method}.json")
             circuits[method] = circuit
             curve = faithfulness_curve(patcher, circuit, task.metric)
@@ -177,7 +179,11 @@ def _write(report: dict[str, Any], out: Path) -> None:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as a markdown table per level."""
-    lines = [f"# Circuits: {report['task']}", "", f"{report['pairs']} pairs, tau={report['tau']}."]
+    keep = report.get("keep_above")
+    settings = f"{report['pairs']} pairs, tau={report['tau']}" + (
+        f", fast path keeps without a test above {keep:g}." if keep is not None else "."
+    )
+    lines = [f"# Circuits: {report['task']}", "", settings]
     for level, e in report["levels"].items():
         lines += [
             "",
