@@ -4,7 +4,9 @@ of exhaustive ACDC's to each method's, all measured in one run on the same graph
 Default: the hand-built planted model (offline, seconds). ``--run`` adds a TokFSM
 training run (``codelens fsm`` writes them, e.g. runs/tokfsm-quick/attn-mlp-k-1-C-200-800).
 
-    python benchmarks/circuits.py [--run RUN_DIR] [--level codes] [--tau 0.02]
+    python benchmarks/circuits.py [--run RUN_DIR] [--level codes] [--tau 0.02] [--keep-above 8]
+
+``--keep-above X`` adds a fast path that keeps edges with attribution >= X * tau untested.
 """
 
 from __future__ import annotations
@@ -28,7 +30,17 @@ from codelens.circuits import (
 from codelens.circuits.planted import planted_model
 
 
-def bench(name: str, model, clean, corrupted, metric, level: str, tau: float, steps: int) -> None:
+def bench(
+    name: str,
+    model,
+    clean,
+    corrupted,
+    metric,
+    level: str,
+    tau: float,
+    steps: int,
+    keep: float | None,
+) -> None:
     active = active_codes(model, clean, corrupted) if level == "codes" else None
     graph = build_graph(model, level, active)
     patcher = Patcher(model, graph, clean, corrupted=corrupted)
@@ -39,14 +51,16 @@ def bench(name: str, model, clean, corrupted, metric, level: str, tau: float, st
         f"eap-ig ({steps} steps)": eap_ig(patcher, metric, steps, tau=tau),
         "fast path": fast_path(patcher, metric, tau),
     }
+    if keep is not None:
+        runs[f"fast, keep>={keep:g}tau"] = fast_path(patcher, metric, tau, keep_above=keep * tau)
     base = runs["acdc (exhaustive)"]
     print(
-        f"{'method':<20}{'edges':>7}{'fwd':>7}{'bwd':>6}{'seconds':>9}"
+        f"{'method':<22}{'edges':>7}{'fwd':>7}{'bwd':>6}{'seconds':>9}"
         f"{'fwd ratio':>11}{'time ratio':>11}{'jaccard':>9}{'faithful':>10}"
     )
     for label, c in runs.items():
         print(
-            f"{label:<20}{len(c.edges):>7}{c.forwards:>7}{c.backwards:>6}{c.seconds:>9.2f}"
+            f"{label:<22}{len(c.edges):>7}{c.forwards:>7}{c.backwards:>6}{c.seconds:>9.2f}"
             f"{base.forwards / max(1, c.forwards):>10.1f}x{base.seconds / c.seconds:>10.1f}x"
             f"{c.jaccard(base):>9.3f}{faithfulness(patcher, c, metric):>10.3f}"
         )
@@ -59,6 +73,7 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.02)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--keep-above", type=float, help="also the fast path with keep_above")
     args = parser.parse_args()
     torch.set_num_threads(1)
     planted = planted_model()
@@ -72,6 +87,7 @@ def main() -> None:
             level,
             0.1,
             args.steps,
+            args.keep_above,
         )
     if args.run:
         from codelens.circuits.tasks import fsm_next_state_task
@@ -91,6 +107,7 @@ def main() -> None:
             args.level,
             args.tau,
             args.steps,
+            args.keep_above,
         )
 
 
