@@ -75,45 +75,84 @@ def _browse(args: argparse.Namespace) -> None:
 
 
 def _circuit(args: argparse.Namespace) -> None:
-    import json
-
     import torch
 
-    from codelens.circuits.study import run_study
-    from codelens.circuits.tasks import fsm_next_state_task
-    from codelens.data.fsm import FSMConfig, TokFSM
-    from codelens.model import HookedCodebookTransformer
+    from codelens.circuits.study import markdown, run_study
 
     stage = Path(args.run_dir)
-    config = stage / "config.json"
-    if not (config.is_file() and (stage / "final").is_dir()):
-        raise SystemExit(f"{stage} is not a training run directory (config.json and final/)")
-    fsm_settings = json.loads(config.read_text()).get("data", {}).get("fsm")
-    if fsm_settings is None:
-        raise SystemExit(f"{stage} was not trained on TokFSM data: no task to build")
     torch.set_num_threads(args.threads)
-    model = HookedCodebookTransformer.from_pretrained(stage / "final")
-    task = fsm_next_state_task(TokFSM(FSMConfig(**fsm_settings)), args.pairs, seed=args.seed)
+    if (stage / "report.json").is_file() and (stage / "codebooks" / "final").is_dir():
+        model, task, methods, tau = _steering_circuit_task(stage, args.pairs, args.seed)
+    else:
+        model, task, methods, tau = _fsm_circuit_task(stage, args.pairs, args.seed)
     levels = ("components", "codes") if args.level == "both" else (args.level,)
     if "codes" in levels and not model.codebooks:
         levels = ("components",)
-    methods = tuple(args.methods.split(","))
     out = Path(args.out or stage / "circuits")
+    tau = tau if args.tau is None else args.tau
     report = run_study(
         model,
         task,
         out,
         levels=levels,
-        methods=methods,
-        tau=args.tau,
+        methods=methods if args.methods is None else tuple(args.methods.split(",")),
+        tau=tau,
         steps=args.steps,
-        keep_above=None if args.keep_above is None else args.keep_above * args.tau,
+        keep_above=None if args.keep_above is None else args.keep_above * tau,
         compare_tl=args.compare_tl,
     )
-    from codelens.circuits.study import markdown
-
     print(markdown(report))
     print(f"report: {out / 'report.md'} (also report.json, report.html, circuits/*.json)")
+
+
+def _fsm_circuit_task(stage: Path, pairs: int | None, seed: int | None):
+    """A TokFSM training run: the next-state task, every method, tau 0.02."""
+    import json
+
+    from codelens.circuits.tasks import fsm_next_state_task
+    from codelens.data.fsm import FSMConfig, TokFSM
+    from codelens.model import HookedCodebookTransformer
+
+    config = stage / "config.json"
+    if not (config.is_file() and (stage / "final").is_dir()):
+        raise SystemExit(
+            f"{stage} is not a training run directory (config.json and final/) "
+            "or a steering run directory (report.json and codebooks/final/)"
+        )
+    fsm_settings = json.loads(config.read_text()).get("data", {}).get("fsm")
+    if fsm_settings is None:
+        raise SystemExit(f"{stage} was not trained on TokFSM data: no task to build")
+    model = HookedCodebookTransformer.from_pretrained(stage / "final")
+    task = fsm_next_state_task(
+        TokFSM(FSMConfig(**fsm_settings)),
+        64 if pairs is None else pairs,
+        seed=0 if seed is None else seed,
+    )
+    return model, task, ("acdc", "eap", "eap-ig", "fast"), 0.02
+
+
+def _steering_circuit_task(stage: Path, pairs: int | None, seed: int | None):
+    """A `codelens steer` run: its topic task, the topic circuit's methods and tau."""
+    import json
+
+    from codelens.data.text import load_tokenizer
+    from codelens.experiments.steering import (
+        TOPIC_CIRCUIT_METHODS,
+        SteeringExperiment,
+        topic_task,
+    )
+    from codelens.model import HookedCodebookTransformer
+
+    settings = json.loads((stage / "report.json").read_text()).get("experiment")
+    try:
+        exp = SteeringExperiment(**settings)
+    except TypeError as err:
+        raise SystemExit(
+            f"{stage}/report.json has no steering experiment this codelens reads: {err}"
+        ) from None
+    model = HookedCodebookTransformer.from_pretrained(stage / "codebooks" / "final")
+    task = topic_task(load_tokenizer(stage / "tokenizer"), exp, pairs, seed)
+    return model, task, TOPIC_CIRCUIT_METHODS, exp.circuit_tau
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -183,16 +222,24 @@ def main(argv: list[str] | None = None) -> None:
     browse.set_defaults(run=_browse)
 
     circuit = commands.add_parser(
-        "circuit", help="find circuits (ACDC, EAP, EAP-IG, fast path) in a TokFSM run"
+        "circuit",
+        help="find circuits (ACDC, EAP, EAP-IG, fast path) in a TokFSM or steering run",
     )
     circuit.add_argument(
-        "run_dir", metavar="RUN", help="a TokFSM training run directory (config.json, final/)"
+        "run_dir",
+        metavar="RUN",
+        help="a TokFSM training run directory (config.json, final/) or a `codelens steer` run "
+        "directory (report.json, codebooks/final/: the topic circuit)",
     )
     circuit.add_argument("--level", choices=("components", "codes", "both"), default="both")
     circuit.add_argument(
-        "--methods", default="acdc,eap,eap-ig,fast", help="comma-separated: acdc,eap,eap-ig,fast"
+        "--methods",
+        help="comma-separated from acdc,eap,eap-ig,fast (default: all four for TokFSM; "
+        "the steering run's topic-circuit methods)",
     )
-    circuit.add_argument("--tau", type=float, default=0.02, help="ACDC / selection threshold")
+    circuit.add_argument(
+        "--tau", type=float, help="ACDC / selection threshold (default: 0.02; steering: its own)"
+    )
     circuit.add_argument("--steps", type=int, default=5, help="integrated-gradient steps")
     circuit.add_argument(
         "--keep-above",
@@ -201,8 +248,12 @@ def main(argv: list[str] | None = None) -> None:
         help="fast path: keep edges whose attribution is >= X * tau without a forward "
         "(default: test every edge it keeps)",
     )
-    circuit.add_argument("--pairs", type=int, default=64, help="clean/corrupted prompt pairs")
-    circuit.add_argument("--seed", type=int, default=0, help="seed of the prompt pairs")
+    circuit.add_argument(
+        "--pairs", type=int, help="clean/corrupted prompt pairs (default: 64; steering: its own)"
+    )
+    circuit.add_argument(
+        "--seed", type=int, help="seed of the prompt pairs (default: 0; steering: its own)"
+    )
     circuit.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     circuit.add_argument(
         "--compare-tl", action="store_true", help="also rank-correlate with TL's attribution_patch"

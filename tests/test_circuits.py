@@ -355,9 +355,40 @@ def test_study_writes_circuits_curves_and_figures(tmp_path, planted):
 def test_circuit_command_rejects_what_is_not_a_tokfsm_run(tmp_path):
     from codelens.cli import main
 
-    with pytest.raises(SystemExit, match="not a training run directory"):
+    with pytest.raises(SystemExit, match="not a training run directory .* or a steering run"):
         main(["circuit", str(tmp_path)])
     (tmp_path / "final").mkdir()
     (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "corpus.jsonl"}}))
     with pytest.raises(SystemExit, match="not trained on TokFSM data"):
+        main(["circuit", str(tmp_path)])
+
+
+def test_circuit_command_finds_the_topic_circuit_of_a_steering_run(tmp_path):
+    import dataclasses
+
+    from conftest import ARCHS
+
+    from codelens import HookedCodebookTransformer
+    from codelens.cli import main
+    from codelens.data.stories import generate_stories
+    from codelens.data.text import train_bpe_tokenizer
+    from codelens.experiments.steering import QUICK
+
+    texts = [story.text for story in generate_stories(300, seed=0)]
+    tokenizer = train_bpe_tokenizer(texts, 1024, save_dir=tmp_path / "tokenizer")
+    config = dict(ARCHS["gpt_neox"], vocab_size=len(tokenizer))
+    model = HookedCodebookTransformer.from_config(config, tokenizer, CODEBOOK)
+    model.save_pretrained(tmp_path / "codebooks" / "final")
+    exp = QUICK.with_run_dir(str(tmp_path))
+    (tmp_path / "report.json").write_text(json.dumps({"experiment": dataclasses.asdict(exp)}))
+    main(["circuit", str(tmp_path), "--pairs", "2", "-o", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["task"] == f"stories: {exp.topics[0]} vs {exp.topics[1]} topic words"
+    assert (report["pairs"], report["tau"]) == (2, exp.circuit_tau)
+    assert {level: list(e["methods"]) for level, e in report["levels"].items()} == {
+        "components": ["eap-ig", "fast"],
+        "codes": ["eap-ig"],
+    }
+    (tmp_path / "report.json").write_text(json.dumps({"experiment": {"topics": ["dragon"]}}))
+    with pytest.raises(SystemExit, match="no steering experiment this codelens reads"):
         main(["circuit", str(tmp_path)])
