@@ -247,14 +247,6 @@ def fast_path(
         sweep(edges[:half])
         sweep(edges[half:])
 
-    def dead(r: int) -> bool:
-        """Every outgoing edge of receiver ``r``'s node is removed."""
-        cols = columns.get(node_of(graph.receivers[r]))
-        if cols is None:
-            return False
-        out = valid[:, cols]
-        return bool((mask.cpu()[:, cols][out] == 1).all())
-
     backwards = 0
     for stage in graph.receiver_stage.unique().flip(0).tolist():
         rows = [
@@ -262,7 +254,12 @@ def fast_path(
             for r in reversed(range(valid.shape[0]))
             if graph.receiver_stage[r] == stage and valid[r].any()
         ]
-        is_dead = {r: dead(r) for r in rows}
+        # a node is dead when every outgoing edge is removed (final: they enter later stages)
+        gone = (mask.cpu() == 1) | ~valid
+        is_dead = {}
+        for r in rows:
+            cols = columns.get(node_of(graph.receivers[r]))
+            is_dead[r] = cols is not None and bool(gone[:, cols].all())
         if not codes:
             for r in rows:
                 if is_dead[r]:
