@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from codelens.codebook import EMPTY_SLOT, CodebookLayer
     from codelens.config import CodebookConfig
     from codelens.model import HookedCodebookTransformer
+    from codelens.vocab import Code
 
-__all__ = ["EMPTY_SLOT", "CodebookConfig", "CodebookLayer", "HookedCodebookTransformer"]
+__all__ = ["EMPTY_SLOT", "Code", "CodebookConfig", "CodebookLayer", "HookedCodebookTransformer"]
 __version__ = "0.1.0"
 
 # Where each top-level name lives. They are imported on first use, so that
@@ -26,6 +27,7 @@ _HOMES = {
     "CodebookLayer": "codelens.codebook",
     "CodebookConfig": "codelens.config",
     "HookedCodebookTransformer": "codelens.model",
+    "Code": "codelens.vocab",
 }
 
 

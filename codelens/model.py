@@ -14,16 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from codelens import _bridge, checkpoint, original
 from codelens.codebook import CodebookLayer
 from codelens.config import CodebookConfig
+from codelens.vocab import attn_site, mlp_site
 
 AUTO = "auto"
-
-
-def attn_site(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
-
-
-def mlp_site(layer: int) -> str:
-    return f"blocks.{layer}.hook_mlp_out"
 
 
 class HookedCodebookTransformer(_bridge.SiteAwareBridge):
