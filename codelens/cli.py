@@ -80,6 +80,8 @@ def _circuit(args: argparse.Namespace) -> None:
     from codelens.circuits.study import markdown, run_study
 
     stage = Path(args.run_dir)
+    if args.faithfulness is not None:
+        _check_faithfulness_options(args)
     torch.set_num_threads(args.threads)
     if (stage / "report.json").is_file() and (stage / "codebooks" / "final").is_dir():
         model, task, methods, tau = _steering_circuit_task(stage, args.pairs, args.seed)
@@ -89,6 +91,9 @@ def _circuit(args: argparse.Namespace) -> None:
     if "codes" in levels and not model.codebooks:
         levels = ("components",)
     out = Path(args.out or stage / "circuits")
+    if args.faithfulness is not None:
+        _circuits_at_faithfulness(model, task, levels, args, out)
+        return
     tau = tau if args.tau is None else args.tau
     report = run_study(
         model,
@@ -103,6 +108,58 @@ def _circuit(args: argparse.Namespace) -> None:
     )
     print(markdown(report))
     print(f"report: {out / 'report.md'} (also report.json, report.html, circuits/*.json)")
+
+
+def _faithfulness(text: str) -> float:
+    """``--faithfulness``: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def _check_faithfulness_options(args: argparse.Namespace) -> None:
+    """``--faithfulness`` searches over a ranking: no tau, no ACDC or fast path."""
+    from codelens.circuits.target import RANKINGS
+
+    if args.tau is not None or args.keep_above is not None or args.compare_tl:
+        raise ValueError(
+            "--faithfulness chooses the circuit's size by a search: drop --tau, --keep-above "
+            "and --compare-tl (they belong to the tau study)"
+        )
+    wrong = [m for m in (args.methods or "eap-ig").split(",") if m not in RANKINGS]
+    if wrong:
+        raise ValueError(
+            f"--faithfulness searches over an edge ranking, one of {RANKINGS}; "
+            f"{wrong} select by --tau instead"
+        )
+
+
+def _circuits_at_faithfulness(model, task, levels, args: argparse.Namespace, out: Path) -> None:
+    """``codelens circuit --faithfulness F``: the smallest circuit per level and ranking."""
+    from codelens.circuits.target import find_circuit
+
+    methods = tuple((args.methods or "eap-ig").split(","))
+    print(
+        f"| level | method | edges kept | of | faithfulness (target {args.faithfulness:g}) "
+        "| forwards (+bwd) | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for level in levels:
+        for method in methods:
+            circuit = find_circuit(model, task, level, method, args.faithfulness, steps=args.steps)
+            name = f"{level}-{method}-f{args.faithfulness:g}.json"
+            circuit.save(out / "circuits" / name)
+            s = circuit.settings
+            print(
+                f"| {level} | {method} | {s['n_edges']} | {s['graph_edges']} "
+                f"({100 * s['n_edges'] / s['graph_edges']:.2f}%) | {s['faithfulness']:.3f} "
+                f"| {circuit.forwards} (+{circuit.backwards}) | {circuit.seconds:.1f} |"
+            )
+    print(f"circuits: {out / 'circuits'}/*-f{args.faithfulness:g}.json")
 
 
 def _fsm_circuit_task(stage: Path, pairs: int | None, seed: int | None):
@@ -239,6 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     circuit.add_argument(
         "--tau", type=float, help="ACDC / selection threshold (default: 0.02; steering: its own)"
+    )
+    circuit.add_argument(
+        "--faithfulness",
+        type=_faithfulness,
+        metavar="F",
+        help="instead of a tau, find the fewest top-ranked edges (--methods eap or eap-ig, "
+        "default eap-ig) whose faithfulness reaches F in (0, 1], e.g. 0.8",
     )
     circuit.add_argument("--steps", type=int, default=5, help="integrated-gradient steps")
     circuit.add_argument(

@@ -104,3 +104,37 @@ def test_fsm_command_builds_another_fsm(tmp_path, monkeypatch, capsys):
     assert seen["exp"].fsm == {**tokfsm.FULL.fsm, "n_states": 60, "n_successors": 6}
     main(["fsm", "--quick", "--run-dir", str(tmp_path), "--fsm-seed", "7"])
     assert seen["exp"].fsm == {**tokfsm.QUICK.fsm, "seed": 7}
+
+
+def test_circuit_command_finds_circuits_at_a_target_faithfulness(tmp_path, capsys):
+    from conftest import tiny_model
+
+    from codelens import CodebookConfig
+    from codelens.circuits import Circuit
+
+    run = tmp_path / "run"
+    tiny_model("gpt2", CodebookConfig(n_codes=16, k=2)).save_pretrained(run / "final")
+    (run / "config.json").write_text(json.dumps({"data": {"fsm": {}}}))  # the default FSM
+    out = tmp_path / "out"
+    args = ["circuit", str(run), "--pairs", "4", "-o", str(out), "--faithfulness"]
+    main([*args, "0.8", "--methods", "eap,eap-ig", "--steps", "2"])
+    printed = capsys.readouterr().out
+    for level in ("components", "codes"):
+        for method in ("eap", "eap-ig"):
+            circuit = Circuit.load(out / "circuits" / f"{level}-{method}-f0.8.json")
+            reached = circuit.settings["faithfulness"]
+            assert circuit.method == method and circuit.level == level and reached >= 0.8
+            assert f"| {level} | {method} | {len(circuit.edges)} |" in printed
+    assert not (out / "report.json").exists()  # the tau study did not run
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, bad])
+        assert exit_info.value.code == 2
+        assert "--faithfulness" in capsys.readouterr().err
+    for extra, message in (
+        (["--tau", "0.1"], "drop --tau"),
+        (["--methods", "acdc"], "select by --tau"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*args, "0.8", *extra])
+        assert message in capsys.readouterr().err

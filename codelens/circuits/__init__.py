@@ -3,7 +3,8 @@
 Build a `Graph` (``level="codes"`` splits codebook sites into their active codes), a
 `Patcher` for a clean batch and its ablation, then run `acdc`, `eap`, `eap_ig` or
 `fast_path`; judge the `Circuit` with `faithfulness`, `completeness` and
-`faithfulness_curve`. See docs/circuits.md.
+`faithfulness_curve`. `find_circuit` (or `circuit_at_faithfulness` for any edge ranking)
+returns the fewest top-ranked edges that reach a target faithfulness. See docs/circuits.md.
 """
 
 from codelens.circuits.evaluate import (
@@ -27,10 +28,12 @@ from codelens.circuits.methods import (
 from codelens.circuits.metrics import KLDivergence, LogitDifference
 from codelens.circuits.patching import Patcher
 from codelens.circuits.result import Circuit
+from codelens.circuits.target import RANKINGS, circuit_at_faithfulness, find_circuit
 
 __all__ = [
     "FRACTIONS",
     "METHODS",
+    "RANKINGS",
     "Circuit",
     "Curve",
     "Graph",
@@ -41,6 +44,7 @@ __all__ = [
     "active_codes",
     "attribution_scores",
     "build_graph",
+    "circuit_at_faithfulness",
     "circuit_figure",
     "completeness",
     "curves_figure",
@@ -50,4 +54,5 @@ __all__ = [
     "faithfulness",
     "faithfulness_curve",
     "fast_path",
+    "find_circuit",
 ]
