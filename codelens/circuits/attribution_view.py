@@ -381,7 +381,8 @@ _JS = r"""
       });
       card.appendChild(row);
     }
-    card.style.left = (n.x + 380 > width ? Math.max(0, n.x - 380) : n.x + 14) + "px"; card.style.top = (n.y + 6) + "px";
+    card.style.left = (n.x + 380 > width ? Math.max(0, n.x - 380) : n.x + 14) + "px";
+    card.style.top = (n.y + 6) + "px";
     card.hidden = false;
   }
   function reach(start, next) {
