@@ -274,3 +274,16 @@ def test_bad_inputs_are_refused_early():
         prune_graph(graph, node_threshold=0.0)
     with pytest.raises(ValueError, match="target"):
         validate_graph(model, graph, target=2)
+
+
+@pytest.mark.parametrize("name", ["sum-k2", "mean-euclid-ln"])
+def test_direct_linear_algebra_equals_the_backward_passes(arch, name):
+    """With codebooks at every site the graph uses the closed form; it must agree with
+    batched backward passes through the frozen replay (the general path)."""
+    from codelens.circuits import attribution
+
+    replay = attribution._Replay(_model(arch, name), PROMPT)
+    targets = torch.tensor([1, 2, 3])
+    backward = attribution._backward_edges(replay, targets, batch_size=64)
+    direct = attribution._direct_edges(replay, targets)
+    assert torch.allclose(direct, backward, atol=1e-5 * backward.abs().max())

@@ -432,31 +432,19 @@ def attribution_graph(
     n_sources = n_codes + n_pos
     n_nodes = n_sources + logit_tokens.shape[0]
 
-    def multipliers(batch: int, fill: float, grad: bool):
-        m_embed = torch.full((batch, n_pos), fill, requires_grad=grad)
-        m_codes = {
-            s: torch.full((batch, *t.ids.shape), fill, requires_grad=grad)
-            for s, t in replay.site_terms.items()
-        }
-        return m_embed, m_codes
-
-    def flat_targets(scores: dict[str, Tensor], logits: Tensor) -> Tensor:
-        parts = [scores[s].flatten(1) for s in replay.sites]
-        return torch.cat([*parts, logits[:, logit_tokens]], dim=1)
-
-    with torch.no_grad():
-        bias_targets = flat_targets(*replay.run(*multipliers(1, 0.0, False)))[0]
+    every_site = all(
+        site in replay.site_terms
+        for layer in range(model.cfg.n_layers)
+        for site in (attn_site(layer), mlp_site(layer))
+    )
+    if every_site:
+        edges = _direct_edges(replay, logit_tokens)
+    else:
+        edges = _backward_edges(replay, logit_tokens, batch_size)
     adjacency = torch.zeros(n_nodes, n_nodes)
     target_rows = list(range(n_codes)) + list(range(n_sources, n_nodes))
-    for start in range(0, len(target_rows), batch_size):
-        rows = target_rows[start : start + batch_size]
-        m_embed, m_codes = multipliers(len(rows), 1.0, True)
-        values = flat_targets(*replay.run(m_embed, m_codes))
-        picked = torch.tensor(rows) - torch.tensor([0 if r < n_codes else n_pos for r in rows])
-        values[torch.arange(len(rows)), picked].sum().backward()
-        grads = [m_codes[s].grad.flatten(1) for s in replay.sites] + [m_embed.grad]
-        adjacency[rows, :n_sources] = torch.cat(grads, dim=1)
-
+    adjacency[target_rows, :n_sources] = edges
+    bias_targets = _bias(replay, logit_tokens)
     bias = torch.zeros(n_nodes)
     bias[target_rows] = bias_targets
     full_value = torch.zeros(n_nodes)
@@ -479,6 +467,121 @@ def attribution_graph(
         n_layers=model.cfg.n_layers,
         sites=list(replay.sites),
     )
+
+
+def _multipliers(replay: _Replay, batch: int, fill: float, grad: bool):
+    """Node multipliers (1 = the prompt's writes): embeddings ``[B, pos]``, codes per site."""
+    n_pos = replay.embed.shape[0]
+    m_embed = torch.full((batch, n_pos), fill, requires_grad=grad)
+    m_codes = {
+        s: torch.full((batch, *t.ids.shape), fill, requires_grad=grad)
+        for s, t in replay.site_terms.items()
+    }
+    return m_embed, m_codes
+
+
+def _flat_targets(replay: _Replay, scores: dict, logits: Tensor, logit_tokens: Tensor) -> Tensor:
+    parts = [scores[s].flatten(1) for s in replay.sites]
+    return torch.cat([*parts, logits[:, logit_tokens]], dim=1)
+
+
+def _bias(replay: _Replay, logit_tokens: Tensor) -> Float[Tensor, " targets"]:
+    """Every target's input with no node writing: the replay with all multipliers 0."""
+    with torch.no_grad():
+        scores, logits = replay.run(*_multipliers(replay, 1, 0.0, False))
+    return _flat_targets(replay, scores, logits, logit_tokens)[0]
+
+
+def _backward_edges(
+    replay: _Replay, logit_tokens: Tensor, batch_size: int
+) -> Float[Tensor, "targets sources"]:
+    """Edges by batched backward passes through the replay: ``batch_size`` targets per
+    pass, each in its own batch row. Works with codebooks at any subset of sites."""
+    n_targets = sum(t.ids.numel() for t in replay.site_terms.values()) + len(logit_tokens)
+    rows = []
+    for start in range(0, n_targets, batch_size):
+        picked = torch.arange(start, min(start + batch_size, n_targets))
+        m_embed, m_codes = _multipliers(replay, len(picked), 1.0, True)
+        values = _flat_targets(replay, *replay.run(m_embed, m_codes), logit_tokens)
+        values[torch.arange(len(picked)), picked].sum().backward()
+        grads = [m_codes[s].grad.flatten(1) for s in replay.sites] + [m_embed.grad]
+        rows.append(torch.cat(grads, dim=1))
+    return torch.cat(rows)
+
+
+def _center(x: Tensor, rms: bool) -> Tensor:
+    return x if rms else x - x.mean(-1, keepdim=True)
+
+
+def _direct_edges(replay: _Replay, logit_tokens: Tensor) -> Float[Tensor, "targets sources"]:
+    """Edges by exact linear algebra, for codebooks at every attention and MLP site.
+
+    Every site's output is then its codes, so the only path from a source to a target
+    is the residual stream: ``A[t, s] = r_t(pos_s) . write_s`` for sources written
+    before ``t`` reads, where ``r_t`` is ``t``'s score gradient with respect to the
+    residual stream at its read point. For an attention code that is one vector scaled
+    by the frozen pattern and norm scale of each key position; for an MLP code or a
+    logit it is one vector at its own position. Cost: targets x sources x d_model.
+    """
+    model, rms = replay.model, replay.rms
+    n_pos = replay.embed.shape[0]
+    writes, positions, stages = [], [], []
+    for site in replay.sites:
+        terms, layer = replay.site_terms[site], layer_of(site)
+        if is_attn_site(site):
+            w_o = model.blocks[layer].attn.W_O.detach().float()
+            write = einsum(terms.vectors, w_o, "p h k e, h e d -> p h k d")
+        else:
+            write = _place_groups(terms.vectors)
+        writes.append(write.flatten(0, 2))
+        positions.append(torch.arange(n_pos)[:, None, None].expand(terms.ids.shape).flatten())
+        stage = 2 * layer + (1 if is_attn_site(site) else 2)
+        stages.append(torch.full((terms.ids.numel(),), stage))
+    writes.append(replay.embed)
+    positions.append(torch.arange(n_pos))
+    stages.append(torch.zeros(n_pos, dtype=torch.long))
+    write, pos, stage = torch.cat(writes), torch.cat(positions), torch.cat(stages)
+    rows = []
+    for site in replay.sites:
+        terms, layer = replay.site_terms[site], layer_of(site)
+        block, frozen = model.blocks[layer], replay.frozen[layer]
+        read = terms.read
+        if terms.scale is not None:  # d score / d site input, through the scoring LayerNorm
+            if terms.ln_weight is not None:
+                read = read * terms.ln_weight[:, None, :]
+            read = (read - read.mean(-1, keepdim=True)) / terms.scale[..., None]
+        if is_attn_site(site):
+            w_v = block.attn.W_V.detach().float()
+            n_heads = block.attn.W_O.shape[0]
+            kv = torch.arange(n_heads) // (n_heads // w_v.shape[0])
+            u = einsum(read, w_v[kv], "p h k e, h d e -> p h k d")
+            r = _center(u * block.ln1.w.detach().float(), rms).flatten(0, 2)
+            heads = torch.arange(n_heads)[None, :, None].expand(terms.ids.shape).flatten()
+            queries = torch.arange(n_pos)[:, None, None].expand(terms.ids.shape).flatten()
+            weight = frozen["pattern"][heads, queries][:, pos] / frozen["scale1"][pos, 0]
+            reads_after = stage < 2 * layer + 1
+        else:
+            w_out = block.mlp.W_out.detach().float()
+            hidden = einsum(_place_groups(read), w_out, "p g k d, m d -> p g k m")
+            hidden = hidden * frozen["gain"][:, None, None, :]
+            u = hidden @ block.mlp.W_in.detach().float().T
+            r = _center(u * block.ln2.w.detach().float(), rms)
+            r = (r / frozen["scale2"][:, None, None, :]).flatten(0, 2)
+            queries = torch.arange(n_pos)[:, None, None].expand(terms.ids.shape).flatten()
+            weight = (queries[:, None] == pos[None, :]).float()
+            reads_after = stage < 2 * layer + (1 if replay.parallel else 2)
+        rows.append((r @ write.T) * weight * reads_after[None, :])
+    final = model.W_U.detach().float()[:, logit_tokens].T
+    r = _center(final * model.ln_final.w.detach().float(), rms) / replay.scale_final
+    rows.append((r @ write.T) * (pos == n_pos - 1)[None, :])
+    return torch.cat(rows)
+
+
+def _place_groups(vectors: Float[Tensor, "p G k dg"]) -> Float[Tensor, "p G k d"]:
+    """Group vectors written into their slice of the full MLP output (``d = G * dg``)."""
+    eye = torch.eye(vectors.shape[1], dtype=vectors.dtype)
+    placed = einsum(vectors, eye, "p g k e, g h -> p g k h e")
+    return placed.flatten(-2)
 
 
 # ---------------------------------------------------------------- influence and pruning
