@@ -195,9 +195,10 @@ def test_validation_sees_the_flip_a_frozen_graph_cannot():
     check = validate_graph(planted.model, graph, top_n=3)
     labels = [graph.node_label(i) for i in check.nodes]
     assert set(labels) == {f"m0.g0:{t}@1", f"m1.g0:{t}@1", f"a0.h1:{t}@1"}
-    for label, predicted, measured, flips in zip(
-        labels, check.predicted, check.measured, check.flips, strict=True
+    for label, predicted, measured, held, flips in zip(
+        labels, check.predicted, check.measured, check.measured_held, check.flips, strict=True
     ):
+        assert float(held) == pytest.approx(float(predicted), abs=1e-3 * 5)
         if label.startswith("m0"):  # no direct edge to the logit; m1 flips to its null code
             assert abs(float(predicted)) < 1e-6 and flips == 1 and measured < -1
         else:  # a direct write: the frozen prediction holds

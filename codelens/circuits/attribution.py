@@ -715,14 +715,30 @@ class InterventionCheck:
     moves). ``measured``: the real change, with the code removed from its site's sum
     at its position (`codelens.interventions.ablate_codes`, mode "zero").
     ``flips``: how many code selections downstream changed in that run.
+    ``measured_held``: the real change with every other selection held at its clean
+    value (attention patterns and norm scales still move): what is left of the gap
+    once flips are taken out. ``spearman`` / ``spearman_held``: against ``predicted``.
     """
 
     target: int
     nodes: list[int]
     predicted: Float[Tensor, " n"]
     measured: Float[Tensor, " n"]
+    measured_held: Float[Tensor, " n"]
     flips: Int[Tensor, " n"]
     spearman: float
+    spearman_held: float
+
+    @property
+    def spearman_unflipped(self) -> float | None:
+        """The Spearman over the removals that flipped no selection, where the frozen
+        graph's assumption holds (None with fewer than 3 such removals)."""
+        from scipy.stats import spearmanr
+
+        keep = self.flips == 0
+        if int(keep.sum()) < 3:
+            return None
+        return float(spearmanr(self.predicted[keep].numpy(), self.measured[keep].numpy()).statistic)
 
     @property
     def flipped_runs(self) -> int:
@@ -736,7 +752,8 @@ def validate_graph(
     """Remove each of the ``top_n`` most influential codes (on logit node ``target``,
     0 = the most probable) from the real model and compare the logit change with the
     graph's prediction (Spearman). Selections flipped downstream are what a frozen
-    graph cannot see; `InterventionCheck.flips` counts them."""
+    graph cannot see; `InterventionCheck.flips` counts them, and a second run per code
+    with every other selection held measures the change without them."""
     from scipy.stats import spearmanr
 
     from codelens.interventions import ablate_codes
@@ -759,7 +776,7 @@ def validate_graph(
     with torch.no_grad():
         clean_logits, clean = model.run_with_cache(tokens, names_filter=names)
         base = float(clean_logits[0, -1, token])
-        measured, flips = [], []
+        measured, held, flips = [], [], []
         for index in nodes:
             node = graph.code_nodes[index]
             code = node.code
@@ -771,14 +788,28 @@ def validate_graph(
             measured.append(float(logits[0, -1, token]) - base)
             changed = sum(int((cache[n] != clean[n]).sum()) for n in names)
             flips.append(changed - 1)  # the removed slot itself reads EMPTY_SLOT
+            with model.hooks(fwd_hooks=_held_selections(clean, node)):
+                held.append(float(model(tokens)[0, -1, token]) - base)
     predicted = -graph.adjacency[row, nodes]
-    measured_t = torch.tensor(measured)
-    rho = spearmanr(predicted.numpy(), measured_t.numpy()).statistic
+    measured_t, held_t = torch.tensor(measured), torch.tensor(held)
     return InterventionCheck(
         target=target,
         nodes=nodes,
         predicted=predicted,
         measured=measured_t,
+        measured_held=held_t,
         flips=torch.tensor(flips),
-        spearman=float(rho),
+        spearman=float(spearmanr(predicted.numpy(), measured_t.numpy()).statistic),
+        spearman_held=float(spearmanr(predicted.numpy(), held_t.numpy()).statistic),
     )
+
+
+def _held_selections(clean: dict[str, Tensor], removed: CodeNode) -> list[tuple[str, Any]]:
+    """Hooks that give every site its clean code ids, with ``removed``'s slot emptied."""
+    hooks = []
+    for name, ids in clean.items():
+        ids = ids.clone()
+        if name == codes_hook(removed.code.site):
+            ids[0, removed.position, removed.code.group, removed.slot] = EMPTY_SLOT
+        hooks.append((name, lambda x, hook, ids=ids: ids))
+    return hooks
