@@ -42,7 +42,7 @@ codes; `to_circuit_tracer_json` writes the frontend's graph format.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -437,13 +437,15 @@ def attribution_graph(
         for layer in range(model.cfg.n_layers)
         for site in (attn_site(layer), mlp_site(layer))
     )
-    if every_site:
-        edges = _direct_edges(replay, logit_tokens)
-    else:
-        edges = _backward_edges(replay, logit_tokens, batch_size)
+    blocks = (
+        _direct_edges(replay, logit_tokens)
+        if every_site
+        else _backward_edges(replay, logit_tokens, batch_size)
+    )
     adjacency = torch.zeros(n_nodes, n_nodes)
-    target_rows = list(range(n_codes)) + list(range(n_sources, n_nodes))
-    adjacency[target_rows, :n_sources] = edges
+    target_rows = torch.cat([torch.arange(n_codes), torch.arange(n_sources, n_nodes)])
+    for start, block in blocks:  # rows of targets start, start + 1, ...
+        adjacency[target_rows[start : start + block.shape[0]], :n_sources] = block
     bias_targets = _bias(replay, logit_tokens)
     bias = torch.zeros(n_nodes)
     bias[target_rows] = bias_targets
@@ -494,26 +496,27 @@ def _bias(replay: _Replay, logit_tokens: Tensor) -> Float[Tensor, " targets"]:
 
 def _backward_edges(
     replay: _Replay, logit_tokens: Tensor, batch_size: int
-) -> Float[Tensor, "targets sources"]:
+) -> Iterator[tuple[int, Float[Tensor, "rows sources"]]]:
     """Edges by batched backward passes through the replay: ``batch_size`` targets per
-    pass, each in its own batch row. Works with codebooks at any subset of sites."""
+    pass, each in its own batch row. Works with codebooks at any subset of sites.
+    Yields (first target index, rows); targets are code nodes, then logits."""
     n_targets = sum(t.ids.numel() for t in replay.site_terms.values()) + len(logit_tokens)
-    rows = []
     for start in range(0, n_targets, batch_size):
         picked = torch.arange(start, min(start + batch_size, n_targets))
         m_embed, m_codes = _multipliers(replay, len(picked), 1.0, True)
         values = _flat_targets(replay, *replay.run(m_embed, m_codes), logit_tokens)
         values[torch.arange(len(picked)), picked].sum().backward()
         grads = [m_codes[s].grad.flatten(1) for s in replay.sites] + [m_embed.grad]
-        rows.append(torch.cat(grads, dim=1))
-    return torch.cat(rows)
+        yield start, torch.cat(grads, dim=1)
 
 
 def _center(x: Tensor, rms: bool) -> Tensor:
     return x if rms else x - x.mean(-1, keepdim=True)
 
 
-def _direct_edges(replay: _Replay, logit_tokens: Tensor) -> Float[Tensor, "targets sources"]:
+def _direct_edges(
+    replay: _Replay, logit_tokens: Tensor
+) -> Iterator[tuple[int, Float[Tensor, "rows sources"]]]:
     """Edges by exact linear algebra, for codebooks at every attention and MLP site.
 
     Every site's output is then its codes, so the only path from a source to a target
@@ -522,6 +525,7 @@ def _direct_edges(replay: _Replay, logit_tokens: Tensor) -> Float[Tensor, "targe
     residual stream at its read point. For an attention code that is one vector scaled
     by the frozen pattern and norm scale of each key position; for an MLP code or a
     logit it is one vector at its own position. Cost: targets x sources x d_model.
+    Yields (first target index, rows) per site, then the logits.
     """
     model, rms = replay.model, replay.rms
     n_pos = replay.embed.shape[0]
@@ -541,7 +545,7 @@ def _direct_edges(replay: _Replay, logit_tokens: Tensor) -> Float[Tensor, "targe
     positions.append(torch.arange(n_pos))
     stages.append(torch.zeros(n_pos, dtype=torch.long))
     write, pos, stage = torch.cat(writes), torch.cat(positions), torch.cat(stages)
-    rows = []
+    start = 0
     for site in replay.sites:
         terms, layer = replay.site_terms[site], layer_of(site)
         block, frozen = model.blocks[layer], replay.frozen[layer]
@@ -570,11 +574,11 @@ def _direct_edges(replay: _Replay, logit_tokens: Tensor) -> Float[Tensor, "targe
             queries = torch.arange(n_pos)[:, None, None].expand(terms.ids.shape).flatten()
             weight = (queries[:, None] == pos[None, :]).float()
             reads_after = stage < 2 * layer + (1 if replay.parallel else 2)
-        rows.append((r @ write.T) * weight * reads_after[None, :])
+        yield start, (r @ write.T) * weight * reads_after[None, :]
+        start += r.shape[0]
     final = model.W_U.detach().float()[:, logit_tokens].T
     r = _center(final * model.ln_final.w.detach().float(), rms) / replay.scale_final
-    rows.append((r @ write.T) * (pos == n_pos - 1)[None, :])
-    return torch.cat(rows)
+    yield start, (r @ write.T) * (pos == n_pos - 1)[None, :]
 
 
 def _place_groups(vectors: Float[Tensor, "p G k dg"]) -> Float[Tensor, "p G k d"]:
