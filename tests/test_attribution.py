@@ -16,7 +16,7 @@ from codelens.circuits.attribution import (
     validate_graph,
 )
 from codelens.circuits.planted import N_TOKENS, PAD, planted_model
-from codelens.vocab import block_hook, codes_hook
+from codelens.vocab import Code, block_hook, codes_hook, quantized_hook
 
 CONFIGS = {
     "sum-k2": CodebookConfig(n_codes=16, k=2),
@@ -94,10 +94,11 @@ def test_batching_does_not_change_the_graph():
     assert torch.allclose(one.adjacency, many.adjacency, atol=1e-6)
 
 
-def _frozen_run(model, tokens, clean_cache, removed):
+def _frozen_run(model, tokens, clean_cache, node=None, add=False):
     """The real model with attention patterns, norm scales, MLP gains and every code
-    selection held at ``clean_cache``'s values, and the ``removed`` (site, pos, group,
-    slot) emptied. Returns each site's input and the last position's logits."""
+    selection held at ``clean_cache``'s values, and ``node``'s write removed (its slot
+    emptied) or, with ``add``, added a second time. Returns each site's input and the
+    last position's logits."""
     hooks, seen, n_layers = [], {}, model.cfg.n_layers
     gated = bool(model.cfg.gated_mlp)
     linear = "mlp.hook_pre_linear" if gated else "mlp.hook_pre"
@@ -119,11 +120,16 @@ def _frozen_run(model, tokens, clean_cache, removed):
         hooks.append(record(pre))
         hooks.append((post, lambda x, hook, pre=pre, gain=gain: seen[pre] * gain))
     hooks.append(hold("ln_final.hook_scale"))
-    for site in model.codebooks:
+    for site, cb in model.codebooks.items():
         ids = clean_cache[codes_hook(site)].clone()
-        if removed[0] == site:
-            _, p, g, j = removed
-            ids[0, p, g, j] = -1
+        if node is not None and node.code.site == site:
+            p, g = node.position, node.code.group
+            if add:
+                extra = torch.zeros(ids.shape[1], cb.n_groups, cb.d)
+                extra[p, g] = cb.codes.detach()[g, node.code.id]
+                hooks.append((quantized_hook(site), lambda x, hook, e=extra: x + e))
+            else:
+                ids[0, p, g, node.slot] = -1
         hooks.append((codes_hook(site), lambda x, hook, ids=ids: ids))
         hooks.append(record(site))
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
@@ -132,19 +138,19 @@ def _frozen_run(model, tokens, clean_cache, removed):
 
 
 @pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")
-def test_removing_a_code_changes_its_children_by_exactly_the_edge_weight(arch):
+def test_removing_or_adding_a_write_moves_its_children_by_exactly_the_edge_weight(arch):
     """Checked on the real model frozen by hooks, independently of the graph's replay."""
     model = _model(arch, "sum-k2")
     tokens = PROMPT[None, :8]
     graph = attribution_graph(model, tokens)
     _, clean = model.run_with_cache(tokens)
-    base_inputs, base_logits = _frozen_run(model, tokens, clean, ("", 0, 0, 0))
+    base_inputs, base_logits = _frozen_run(model, tokens, clean)
     assert torch.allclose(base_logits, clean["unembed.hook_out"][0, -1], atol=1e-5)
     checked = 0
     for index in (0, 9, graph.n_codes // 2, graph.n_codes - 20):
         node = graph.code_nodes[index]
-        removed = (node.code.site, node.position, node.code.group, node.slot)
-        inputs, logits = _frozen_run(model, tokens, clean, removed)
+        inputs, logits = _frozen_run(model, tokens, clean, node)
+        added, _ = _frozen_run(model, tokens, clean, node, add=True)
         for child, other in enumerate(graph.code_nodes):
             cb = model.codebook(other.code.site)
             before = base_inputs[other.code.site][other.position]
@@ -155,6 +161,9 @@ def test_removing_a_code_changes_its_children_by_exactly_the_edge_weight(arch):
             vector = cb.codes.detach()[other.code.group, other.code.id]
             change = (after - before) @ vector / vector.norm()
             assert change == pytest.approx(-float(graph.adjacency[child, index]), abs=1e-5)
+            again = added[other.code.site][other.position].reshape(cb.n_groups, cb.d)
+            change = (again[other.code.group] - before) @ vector / vector.norm()
+            assert change == pytest.approx(float(graph.adjacency[child, index]), abs=1e-5)
             checked += bool(graph.adjacency[child, index].abs() > 1e-3)
         change = logits[graph.logit_tokens] - base_logits[graph.logit_tokens]
         assert torch.allclose(change, -graph.adjacency[graph.logit_slice, index], atol=1e-5)
@@ -288,3 +297,22 @@ def test_direct_linear_algebra_equals_the_backward_passes(arch, name):
     backward = torch.cat([b for _, b in attribution._backward_edges(replay, targets, 64)])
     direct = torch.cat([b for _, b in attribution._direct_edges(replay, targets)])
     assert torch.allclose(direct, backward, atol=1e-5 * backward.abs().max())
+
+
+def test_the_tutorial_steers_the_planted_prediction_through_the_codes_it_found():
+    """docs/circuits.md: force the two codes that write to the logit to label 3's codes."""
+    from codelens.interventions import force_codes, intervene
+
+    model = planted_model().model
+    tokens = torch.tensor([PAD, 2])
+    graph = attribution_graph(model, tokens)
+    pruned = prune_graph(graph, node_threshold=0.99, edge_threshold=0.99)
+    writers = [s for t, s in pruned.edge_mask.nonzero().tolist() if t >= graph.logit_slice.start]
+    found = {graph.code_nodes[s].code for s in writers}
+    assert found == {Code("blocks.0.attn.hook_z", 1, 2), Code("blocks.1.hook_mlp_out", 0, 2)}
+    hooks = []
+    for code in found:
+        hooks += force_codes(model, code.site, 3, group=code.group, positions=1, slots="all")
+    with torch.no_grad(), intervene(model, hooks):
+        steered = model(tokens[None])[0, -1]
+    assert int(steered.argmax()) == 3

@@ -80,7 +80,7 @@ def test_viewer_draws_hovers_and_highlights_paths(setup, tmp_path):
     lit_nodes = len(re.findall(r'class="ag-node [a-z]+( ag-on)?"', dom))
     assert lit_nodes == int(match.group(2))  # the rest carry "dim"
     assert 0 < int(match.group(3)) <= len(data["edges"])
-    card = dom[dom.index('id="ag-card"') :]
+    card = dom[dom.index('class="ag-card"') :]
     assert "hidden" not in card[: card.index(">")]
     assert code["label"] in card and "top tokens" in card
     assert f'<span class="tok">{code["top"][0][0]}</span>' in card

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +123,16 @@ def page_html(graph: AttributionGraph, *, title: str = "codelens attribution gra
     keyword arguments as `graph_view_data`."""
     blob = _script_json(graph_view_data(graph, **kw))
     safe = html.escape(title)
+    root = f"ag-{uuid.uuid4().hex[:12]}"  # several graphs in one notebook stay apart
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{safe}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        f'<h1>{safe}</h1>\n<div id="ag-summary"></div>\n'
-        '<div id="ag-wrap"><svg id="ag-svg" xmlns="http://www.w3.org/2000/svg"></svg>'
-        '<div id="ag-card" hidden></div></div>\n<div id="ag-selected"></div>\n'
+        f'<h1>{safe}</h1>\n<div class="ag-root" id="{root}">\n<div class="ag-summary"></div>\n'
+        '<div class="ag-wrap"><svg class="ag-svg" xmlns="http://www.w3.org/2000/svg"></svg>'
+        '<div class="ag-card" hidden></div></div>\n<div class="ag-selected"></div>\n'
         "<noscript>This graph viewer needs JavaScript.</noscript>\n"
-        f'<script type="application/json" id="ag-data">{blob}</script>\n'
-        f"<script>{_JS}</script>\n</body>\n</html>\n"
+        f'<script type="application/json" class="ag-data">{blob}</script>\n'
+        f"<script>{_JS.replace('__ROOT__', root)}</script>\n</div>\n</body>\n</html>\n"
     )
 
 
@@ -267,20 +269,20 @@ _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 16px 24px;
        color: #1d1d1f; background: #fff; }
 h1 { font-size: 1.3em; margin: 0 0 4px; }
-#ag-summary, #ag-selected { color: #444; margin: 6px 0; }
-#ag-wrap { position: relative; overflow: auto; border: 1px solid #e5e7eb; }
-#ag-svg text { font: 11px ui-monospace, monospace; fill: #374151; }
+.ag-summary, .ag-selected { color: #444; margin: 6px 0; }
+.ag-wrap { position: relative; overflow: auto; border: 1px solid #e5e7eb; }
+.ag-svg text { font: 11px ui-monospace, monospace; fill: #374151; }
 .ag-edge { fill: none; stroke-linecap: round; opacity: 0.55; }
 .ag-node { cursor: pointer; stroke: #111827; stroke-width: 0.8; }
 .ag-node.code { fill: #fde68a; } .ag-node.embed { fill: #a7f3d0; }
 .ag-node.logit { fill: #c7d2fe; }
 .dim { opacity: 0.08 !important; }
 .ag-on { stroke-width: 2.4; stroke: #dc2626; }
-#ag-card { position: absolute; background: #fff; border: 1px solid #9ca3af;
+.ag-card { position: absolute; background: #fff; border: 1px solid #9ca3af;
            border-radius: 6px; padding: 6px 8px; font-size: 12px; min-width: 220px;
            max-width: 360px;
            box-shadow: 0 2px 6px rgba(0,0,0,.15); pointer-events: none; }
-#ag-card .tok { font-family: ui-monospace, monospace; background: #f3f4f6;
+.ag-card .tok { font-family: ui-monospace, monospace; background: #f3f4f6;
                 border: 1px solid #d1d5db; border-radius: 3px; padding: 0 2px;
                 white-space: pre; }
 """
@@ -288,9 +290,11 @@ h1 { font-size: 1.3em; margin: 0 0 4px; }
 _JS = r"""
 (function () {
   "use strict";
-  var D = JSON.parse(document.getElementById("ag-data").textContent);
+  var root = document.getElementById("__ROOT__");
+  function part(name) { return root.querySelector("." + name); }
+  var D = JSON.parse(part("ag-data").textContent);
   var NS = "http://www.w3.org/2000/svg";
-  var svg = document.getElementById("ag-svg"), card = document.getElementById("ag-card");
+  var svg = part("ag-svg"), card = part("ag-card");
   var COL = 120, ROW = 70, R = 7, PAD = 40;
   var byId = {}, groups = {}, nodeEl = {}, edgeEl = [];
   D.nodes.forEach(function (n) {
@@ -347,7 +351,7 @@ _JS = r"""
   }
   D.nodes.forEach(function (n) {
     var c = el("circle", {cx: n.x, cy: n.y, r: n.kind === "code" ? R : R + 2,
-                         "class": "ag-node " + n.kind, id: "ag-node-" + n.id});
+                         "class": "ag-node " + n.kind});
     nodeEl[n.id] = c;
     c.addEventListener("mouseenter", function () { showCard(n.id); });
     c.addEventListener("mouseleave", function () { card.hidden = true; });
@@ -357,7 +361,7 @@ _JS = r"""
       t.textContent = n.label;
     }
   });
-  document.getElementById("ag-summary").textContent =
+  part("ag-summary").textContent =
     D.nodes.length + " nodes, " + D.edges.length + " edges (pruned at node " +
     D.thresholds[0] + ", edge " + D.thresholds[1] + "). Hover a node for its card; " +
     "click one to highlight its paths.";
@@ -401,7 +405,7 @@ _JS = r"""
       selected = null;
       Object.keys(nodeEl).forEach(function (k) { nodeEl[k].classList.remove("dim", "ag-on"); });
       edgeEl.forEach(function (p) { p.classList.remove("dim"); });
-      document.getElementById("ag-selected").textContent = "";
+      part("ag-selected").textContent = "";
       return;
     }
     selected = id;
@@ -419,7 +423,7 @@ _JS = r"""
       p.classList.toggle("dim", !lit);
       if (lit) n_edges++;
     });
-    document.getElementById("ag-selected").textContent =
+    part("ag-selected").textContent =
       "selected " + byId[id].label + ": " + Object.keys(on).length + " nodes and " +
       n_edges + " edges on its paths";
   }
