@@ -211,7 +211,7 @@ class _Site:
 
 def _site_terms(model, name: str, x0: Tensor, ids: Tensor) -> _Site:
     cb = model.codebook(name)
-    codes = cb.codes.detach()
+    codes = cb.codes.detach().float().cpu()
     group = torch.arange(cb.n_groups)[:, None]
     chosen = codes[group, ids.clamp(min=0)]  # [pos, G, k, d]
     present = (ids != EMPTY_SLOT).to(codes.dtype)[..., None]
@@ -232,8 +232,8 @@ def _site_terms(model, name: str, x0: Tensor, ids: Tensor) -> _Site:
         read=read,
         offset=offset.to(codes.dtype),
         scale=scale,
-        ln_weight=None if cb.ln_weight is None else cb.ln_weight.detach(),
-        ln_bias=None if cb.ln_bias is None else cb.ln_bias.detach(),
+        ln_weight=None if cb.ln_weight is None else cb.ln_weight.detach().float().cpu(),
+        ln_bias=None if cb.ln_bias is None else cb.ln_bias.detach().float().cpu(),
         real_input=x0,
     )
 
@@ -246,7 +246,10 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
 
 class _Replay:
     """The model with attention, normalisation, MLP gains and selections frozen on one
-    prompt: an affine map from node multipliers to every code score and the logits."""
+    prompt: an affine map from node multipliers to every code score and the logits.
+
+    The prompt runs on the model's device; the replay runs on the CPU in float32,
+    whatever the model's device and dtype (the graph is a CPU tensor)."""
 
     def __init__(self, model, tokens: Int[Tensor, " pos"]) -> None:
         cfg = model.cfg
@@ -296,9 +299,9 @@ class _Replay:
     def _norm(self, module, x: Tensor, scale: Tensor) -> Tensor:
         if not self.rms:
             x = x - x.mean(-1, keepdim=True)
-        x = x / scale * module.w.detach().float()
+        x = x / scale * module.w.detach().float().cpu()
         bias = getattr(module, "b", None)
-        return x if bias is None else x + bias.detach().float()
+        return x if bias is None else x + bias.detach().float().cpu()
 
     def run(
         self, m_embed: Float[Tensor, "B pos"], m_codes: dict[str, Float[Tensor, "B pos G k"]]
@@ -311,26 +314,26 @@ class _Replay:
             block, frozen = model.blocks[layer], self.frozen[layer]
             attn = block.attn
             x = self._norm(block.ln1, resid, frozen["scale1"])
-            w_v = attn.W_V.detach().float()
+            w_v = attn.W_V.detach().float().cpu()
             n_heads = attn.W_O.shape[0]
             kv = torch.arange(n_heads) // (n_heads // w_v.shape[0])
             v = einsum(x, w_v, "b p d, h d e -> b p h e")
             if getattr(attn, "b_V", None) is not None:
-                v = v + attn.b_V.detach().float()
+                v = v + attn.b_V.detach().float().cpu()
             z = einsum(frozen["pattern"], v[:, :, kv], "h q k, b k h e -> b q h e")
             z = self._site(attn_site(layer), z, m_codes, scores)
-            attn_out = einsum(z, attn.W_O.detach().float(), "b p h e, h e d -> b p d")
+            attn_out = einsum(z, attn.W_O.detach().float().cpu(), "b p h e, h e d -> b p d")
             if getattr(attn, "b_O", None) is not None:
-                attn_out = attn_out + attn.b_O.detach().float()
+                attn_out = attn_out + attn.b_O.detach().float().cpu()
             mid = resid if self.parallel else resid + attn_out
             x = self._norm(block.ln2, mid, frozen["scale2"])
             mlp = block.mlp
-            hidden = x @ mlp.W_in.detach().float()
+            hidden = x @ mlp.W_in.detach().float().cpu()
             if getattr(mlp, "b_in", None) is not None:
-                hidden = hidden + mlp.b_in.detach().float()
-            out = (hidden * frozen["gain"]) @ mlp.W_out.detach().float()
+                hidden = hidden + mlp.b_in.detach().float().cpu()
+            out = (hidden * frozen["gain"]) @ mlp.W_out.detach().float().cpu()
             if getattr(mlp, "b_out", None) is not None:
-                out = out + mlp.b_out.detach().float()
+                out = out + mlp.b_out.detach().float().cpu()
             site = mlp_site(layer)
             if site in self.site_terms:
                 grouped = rearrange(
@@ -339,9 +342,9 @@ class _Replay:
                 out = rearrange(self._site(site, grouped, m_codes, scores), "b p g d -> b p (g d)")
             resid = resid + attn_out + out if self.parallel else mid + out
         x = self._norm(model.ln_final, resid[:, -1], self.scale_final)
-        logits = x @ model.W_U.detach().float()
+        logits = x @ model.W_U.detach().float().cpu()
         if getattr(model, "b_U", None) is not None:
-            logits = logits + model.b_U.detach().float()
+            logits = logits + model.b_U.detach().float().cpu()
         return scores, logits
 
     def _site(self, site: str, x: Tensor, m_codes: dict, scores: dict) -> Tensor:
@@ -533,7 +536,7 @@ def _direct_edges(
     for site in replay.sites:
         terms, layer = replay.site_terms[site], layer_of(site)
         if is_attn_site(site):
-            w_o = model.blocks[layer].attn.W_O.detach().float()
+            w_o = model.blocks[layer].attn.W_O.detach().float().cpu()
             write = einsum(terms.vectors, w_o, "p h k e, h e d -> p h k d")
         else:
             write = _place_groups(terms.vectors)
@@ -555,29 +558,29 @@ def _direct_edges(
                 read = read * terms.ln_weight[:, None, :]
             read = (read - read.mean(-1, keepdim=True)) / terms.scale[..., None]
         if is_attn_site(site):
-            w_v = block.attn.W_V.detach().float()
+            w_v = block.attn.W_V.detach().float().cpu()
             n_heads = block.attn.W_O.shape[0]
             kv = torch.arange(n_heads) // (n_heads // w_v.shape[0])
             u = einsum(read, w_v[kv], "p h k e, h d e -> p h k d")
-            r = _center(u * block.ln1.w.detach().float(), rms).flatten(0, 2)
+            r = _center(u * block.ln1.w.detach().float().cpu(), rms).flatten(0, 2)
             heads = torch.arange(n_heads)[None, :, None].expand(terms.ids.shape).flatten()
             queries = torch.arange(n_pos)[:, None, None].expand(terms.ids.shape).flatten()
             weight = frozen["pattern"][heads, queries][:, pos] / frozen["scale1"][pos, 0]
             reads_after = stage < 2 * layer + 1
         else:
-            w_out = block.mlp.W_out.detach().float()
+            w_out = block.mlp.W_out.detach().float().cpu()
             hidden = einsum(_place_groups(read), w_out, "p g k d, m d -> p g k m")
             hidden = hidden * frozen["gain"][:, None, None, :]
-            u = hidden @ block.mlp.W_in.detach().float().T
-            r = _center(u * block.ln2.w.detach().float(), rms)
+            u = hidden @ block.mlp.W_in.detach().float().cpu().T
+            r = _center(u * block.ln2.w.detach().float().cpu(), rms)
             r = (r / frozen["scale2"][:, None, None, :]).flatten(0, 2)
             queries = torch.arange(n_pos)[:, None, None].expand(terms.ids.shape).flatten()
             weight = (queries[:, None] == pos[None, :]).float()
             reads_after = stage < 2 * layer + (1 if replay.parallel else 2)
         yield start, (r @ write.T) * weight * reads_after[None, :]
         start += r.shape[0]
-    final = model.W_U.detach().float()[:, logit_tokens].T
-    r = _center(final * model.ln_final.w.detach().float(), rms) / replay.scale_final
+    final = model.W_U.detach().float().cpu()[:, logit_tokens].T
+    r = _center(final * model.ln_final.w.detach().float().cpu(), rms) / replay.scale_final
     yield start, (r @ write.T) * (pos == n_pos - 1)[None, :]
 
 
