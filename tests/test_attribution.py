@@ -316,3 +316,28 @@ def test_the_tutorial_steers_the_planted_prediction_through_the_codes_it_found()
     with torch.no_grad(), intervene(model, hooks):
         steered = model(tokens[None])[0, -1]
     assert int(steered.argmax()) == 3
+
+
+def test_exact_on_a_briefly_trained_model():
+    """Trained weights (40 Adam steps on a repeating-digit task) rather than random ones."""
+    model = tiny_model("gpt_neox", CodebookConfig(n_codes=16, k=2))
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        half = torch.randint(0, 10, (16, 6), generator=gen)
+        batch = torch.cat([half, half], dim=1)
+        logits = model(batch)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()
+        )
+        losses.append(loss.item())
+        loss = loss + model.reconstruction_loss() + 0.25 * model.commitment_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert losses[-1] < losses[0] - 0.2  # the weights really moved
+    graph = attribution_graph(model, torch.tensor([3, 1, 4, 1, 5, 3, 1, 4, 1]))
+    assert graph.reconstruction_error().max() <= 1e-4
