@@ -11,12 +11,14 @@ selects a node and ``#hover=ID`` opens its card, as a click and a hover do.
 
 `to_circuit_tracer_json` gives the graph in the JSON that circuit-tracer's frontend
 reads (``create_graph_files``: keys ``metadata``, ``qParams``, ``nodes``, ``links``),
-pinned down from its source (decoderesearch/circuit-tracer, v0.4.1). Codes are not
+checked against its ``frontend/graph_models.py`` and ``utils/create_graph_files.py``
+(safety-research/circuit-tracer, commits 196e2ce and 9a7fc2b). Codes are not
 transcoder features; they are mapped as follows. A code at an attention site of layer
 l sits on frontend layer ``2l``, one at an MLP site on ``2l+1``; its feature index is
 ``group * n_codes + id``; logits sit on layer ``2 * n_layers + 1``. Not verified:
-whether the frontend draws feature ids from layers it does not know, and what
-Neuronpedia's upload validator requires beyond these fields.
+whether the frontend draws these graphs, its ``process_token`` escaping of token
+strings (not applied), and what Neuronpedia's upload validator requires beyond these
+fields. The frontend's server also needs a ``graph-metadata.json``, not written here.
 """
 
 from __future__ import annotations
