@@ -418,19 +418,19 @@ def attribution_graph(
     for site in replay.sites:
         terms = replay.site_terms[site]
         cb = model.codebook(site)
-        real_scores = terms.score(terms.real_input[None])[0]
+        if bool((terms.ids == EMPTY_SLOT).any()):
+            raise ValueError(f"{site} has an empty slot on the prompt: remove hooks first")
+        real_scores = terms.score(terms.real_input[None])[0].tolist()
         layer = layer_of(site)
         site_stage = 2 * layer + (1 if is_attn_site(site) else 2)
-        for p, g, j in torch.cartesian_prod(
-            torch.arange(n_pos), torch.arange(cb.n_groups), torch.arange(cb.k)
-        ).tolist():
-            code_id = int(terms.ids[p, g, j])
-            if code_id == EMPTY_SLOT:
-                raise ValueError(f"{site} has an empty slot on the prompt: remove hooks first")
-            code_nodes.append(CodeNode(Code(site, g, code_id), p, j))
-            stage.append(site_stage)
-            activation.append(1.0 / cb.k if cb.combine == "mean" else 1.0)
-            value.append(float(real_scores[p, g, j]))
+        weight = 1.0 / cb.k if cb.combine == "mean" else 1.0
+        for p, groups in enumerate(terms.ids.tolist()):
+            for g, slots in enumerate(groups):
+                for j, code_id in enumerate(slots):
+                    code_nodes.append(CodeNode(Code(site, g, code_id), p, j))
+                    stage.append(site_stage)
+                    activation.append(weight)
+                    value.append(real_scores[p][g][j])
     n_codes = len(code_nodes)
     n_sources = n_codes + n_pos
     n_nodes = n_sources + logit_tokens.shape[0]
