@@ -61,6 +61,7 @@ def test_view_data_holds_the_pruned_graph_and_browser_tokens(setup):
     assert codes[0]["top"][0] == [expected[0][0], expected[0][1]]
 
 
+@pytest.mark.browser
 def test_viewer_draws_hovers_and_highlights_paths(setup, tmp_path):
     chromium = require_chromium()
     model, graph, browser, tok = setup
