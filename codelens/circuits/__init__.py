@@ -5,8 +5,27 @@ Build a `Graph` (``level="codes"`` splits codebook sites into their active codes
 `fast_path`; judge the `Circuit` with `faithfulness`, `completeness` and
 `faithfulness_curve`. `find_circuit` (or `circuit_at_faithfulness` for any edge ranking)
 returns the fewest top-ranked edges that reach a target faithfulness. See docs/circuits.md.
+
+`attribution_graph` builds the exact attribution graph over codes of one prompt
+(`prune_graph`, `validate_graph`, `attribution_page`).
 """
 
+from codelens.circuits.attribution import (
+    AttributionGraph,
+    CodeNode,
+    InterventionCheck,
+    PrunedGraph,
+    attribution_graph,
+    graph_scores,
+    node_influence,
+    prune_graph,
+    validate_graph,
+)
+from codelens.circuits.attribution_view import (
+    attribution_page,
+    save_circuit_tracer_json,
+    to_circuit_tracer_json,
+)
 from codelens.circuits.evaluate import (
     FRACTIONS,
     Curve,
@@ -34,6 +53,18 @@ __all__ = [
     "FRACTIONS",
     "METHODS",
     "RANKINGS",
+    "AttributionGraph",
+    "CodeNode",
+    "InterventionCheck",
+    "PrunedGraph",
+    "attribution_graph",
+    "attribution_page",
+    "graph_scores",
+    "node_influence",
+    "prune_graph",
+    "save_circuit_tracer_json",
+    "to_circuit_tracer_json",
+    "validate_graph",
     "Circuit",
     "Curve",
     "Graph",
