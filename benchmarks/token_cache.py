@@ -63,9 +63,8 @@ def main() -> None:
             f"{token_file.stat().st_size / 2**20:.1f} MiB"
         )
         print(f"first start  (train BPE, tokenise, write the file): {seconds[0]:7.2f} s")
-        print(
-            f"  of which tokenising and writing the token file:   {header['tokenise_seconds']:7.2f} s"
-        )
+        tokenising = header["tokenise_seconds"]
+        print(f"  of which tokenising and writing the token file:   {tokenising:7.2f} s")
         print(f"second start (load tokenizer, hash source, map file): {seconds[1]:7.2f} s")
         print(
             f"saved per start and per rank: {seconds[0] - seconds[1]:.2f} s "
