@@ -77,9 +77,13 @@ def test_second_start_reads_the_cache_and_tokenises_nothing(tmp_path, monkeypatc
     first, tok, _ = trainer.build_data(cfg)
     assert counts.trained == 1 and counts.tokenised > 0
     before = counts.tokenised
+    hashed = []
+    monkeypatch.setattr(token_cache, "sha256_file", lambda path: hashed.append(path))
     again, tok2, _ = trainer.build_data(cfg)  # a resume, or another rank
     assert counts.trained == 1, "the BPE tokenizer was trained again"
     assert counts.tokenised == before, "the corpus was tokenised again"
+    assert not hashed, "the whole corpus was read again to hash it"
+    monkeypatch.undo()
     assert tok2.get_vocab() == tok.get_vocab()
     for step in (0, 3):
         assert torch.equal(first.batch(step), again.batch(step))

@@ -45,14 +45,31 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def source_identity(
-    source: str, *, split: str, text_column: str, config_name: str | None
+    source: str,
+    *,
+    split: str,
+    text_column: str,
+    config_name: str | None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """What names a corpus's content: a local file's sha256 (so an edited file is a new
-    corpus), or a hub dataset's name, config, split and text column."""
+    corpus), or a hub dataset's name, config, split and text column.
+
+    A file's sha256 is remembered in the cache under its path, size and modification
+    time, so a later start does not read the whole corpus again to hash it.
+    """
     path = Path(source).expanduser()
-    if path.is_file():
-        return {"file_sha256": sha256_file(path), "text_column": text_column}
-    return {"hub": source, "config": config_name, "split": split, "text_column": text_column}
+    if not path.is_file():
+        return {"hub": source, "config": config_name, "split": split, "text_column": text_column}
+    stat = path.stat()
+    seen = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = cache_root(cache_dir) / "sources" / f"{sha256_json(seen)}.json"
+    try:
+        digest = json.loads(memo.read_text())["sha256"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        digest = sha256_file(path)
+        atomic_write_json(memo, {**seen, "sha256": digest})
+    return {"file_sha256": digest, "text_column": text_column}
 
 
 def tokenizer_identity(tokenizer: Any) -> str:

@@ -109,6 +109,9 @@ def build_data(config: TrainConfig, tokenizer: Any = None, n_ctx: int | None = N
     from codelens.data import text, token_cache
 
     split, column = data.get("split", "train"), data.get("text_column", "text")
+    block_len = data.get("block_len", 128)
+    if n_ctx is not None and block_len > n_ctx:  # before any tokenising
+        raise ValueError(f"block_len {block_len} exceeds the model's context {n_ctx}")
     texts = text.load_text_dataset(
         data["source"],
         split=split,
@@ -117,7 +120,11 @@ def build_data(config: TrainConfig, tokenizer: Any = None, n_ctx: int | None = N
         config_name=data.get("config_name"),
     )
     source_id = token_cache.source_identity(
-        data["source"], split=split, text_column=column, config_name=data.get("config_name")
+        data["source"],
+        split=split,
+        text_column=column,
+        config_name=data.get("config_name"),
+        cache_dir=data.get("cache_dir"),
     )
     builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if tokenizer is None:
@@ -134,17 +141,13 @@ def build_data(config: TrainConfig, tokenizer: Any = None, n_ctx: int | None = N
     tokens = token_cache.cached_tokens(
         texts,
         tokenizer,
-        data.get("block_len", 128),
+        block_len,
         source_id=source_id,
         cache_dir=data.get("cache_dir"),
         max_blocks=data.get("max_blocks"),
         vocab_size=len(tokenizer),
         builder=builder,
     )
-    if n_ctx is not None and tokens.header["block_len"] > n_ctx:
-        raise ValueError(
-            f"block_len {tokens.header['block_len']} exceeds the model's context {n_ctx}"
-        )
     eval_blocks = data.get("eval_blocks", 16)
     if data.get("streaming"):
         return StreamingBatches(tokens.blocks, config.batch_size, eval_blocks), tokenizer, None
