@@ -179,3 +179,22 @@ def test_streaming_runs_epochs_and_resumes_in_constant_reads():
     blocks.read.clear()
     assert torch.equal(resumed.batch(1000), stream.batch(1000))
     assert len(blocks.read) == 8  # the resumed stream read its batch, not the 4000 before it
+
+
+def test_slow_and_fast_tokenizers_have_identities():
+    docs = ["one two three four five six"] * 50
+    fast = text.train_bpe_tokenizer(docs, 300)
+    other = text.train_bpe_tokenizer(docs + ["seven eight nine ten"] * 50, 300)
+    assert token_cache.tokenizer_identity(fast) != token_cache.tokenizer_identity(other)
+
+    class Slow:  # what the cache reads of a tokenizer without a Rust backend
+        special_tokens_map = {"eos_token": "<|endoftext|>"}
+
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    a, b = Slow({"a": 0, "b": 1}), Slow({"a": 0, "c": 1})
+    assert token_cache.tokenizer_identity(a) != token_cache.tokenizer_identity(b)

@@ -73,14 +73,18 @@ def source_identity(
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
-    """The sha256 of a fast tokenizer's serialised JSON (vocabulary, merges, normaliser)."""
+    """The sha256 of a fast tokenizer's serialised JSON (vocabulary, merges, normaliser);
+    for a slow one, of its class, vocabulary and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(
-            f"the token cache needs a fast (Rust) tokenizer to identify it; got "
-            f"{type(tokenizer).__name__}"
-        )
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    if backend is not None:
+        return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    return sha256_json(
+        {
+            "class": type(tokenizer).__name__,
+            "vocab": tokenizer.get_vocab(),
+            "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        }
+    )
 
 
 @dataclass(frozen=True)
