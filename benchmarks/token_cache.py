@@ -65,7 +65,7 @@ def main() -> None:
         print(f"first start  (train BPE, tokenise, write the file): {seconds[0]:7.2f} s")
         tokenising = header["tokenise_seconds"]
         print(f"  of which tokenising and writing the token file:   {tokenising:7.2f} s")
-        print(f"second start (load tokenizer, hash source, map file): {seconds[1]:7.2f} s")
+        print(f"second start (load tokenizer and source hash, map file): {seconds[1]:6.2f} s")
         print(
             f"saved per start and per rank: {seconds[0] - seconds[1]:.2f} s "
             f"({seconds[0] / seconds[1]:.0f}x faster)"
