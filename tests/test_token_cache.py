@@ -198,3 +198,42 @@ def test_slow_and_fast_tokenizers_have_identities():
 
     a, b = Slow({"a": 0, "b": 1}), Slow({"a": 0, "c": 1})
     assert token_cache.tokenizer_identity(a) != token_cache.tokenizer_identity(b)
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_token_file_and_match_one_process(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from codelens.checkpoint import read_tensors
+    from codelens.training.trainer import train
+
+    def run_config(name: str) -> TrainConfig:
+        cfg = _config(tmp_path, cache_dir=str(tmp_path / f"cache-{name}"))
+        cfg.run_dir, cfg.steps, cfg.batch_size = str(tmp_path / name), 8, 8
+        cfg.codebook, cfg.init_samples, cfg.grad_clip = {"n_codes": 16, "k": 1}, 256, None
+        cfg.eval_every = cfg.checkpoint_every = 0
+        cfg.validate()
+        return cfg
+
+    train(run_config("single"), progress=False)
+    cfg_file = tmp_path / "ddp.json"
+    cfg_file.write_text(json.dumps(run_config("ddp").to_dict()))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).parent / "scripts" / "train_run.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([*cmd, f"--master_port={port}", str(script), str(cfg_file)], check=True, env=env)
+    assert len(list((tmp_path / "cache-ddp" / "tokens").glob("*.bin"))) == 1
+    final = {n: tmp_path / n / "final" for n in ("single", "ddp")}
+    a, b = (
+        {**read_tensors(f / "model.safetensors"), **read_tensors(f / "codebooks.safetensors")}
+        for f in final.values()
+    )
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)
