@@ -9,10 +9,12 @@ user's umask like any file they create.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,26 @@ def sha256_file(path: str | os.PathLike) -> str:
 def sha256_json(value: Any) -> str:
     """The hex sha256 of ``value`` as canonical JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to fill (e.g. a memory map too large for one
+    ``bytes``); on leaving the block it is flushed to disk and replaces ``path`` in one
+    ``os.replace``, or is removed if the block raised."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write a file at {path}: it is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

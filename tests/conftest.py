@@ -19,6 +19,13 @@ from codelens import CodebookConfig, HookedCodebookTransformer  # noqa: E402
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Token files go to a temporary cache, never the user's ~/.cache/codelens."""
+    os.environ["CODELENS_CACHE"] = str(tmp_path_factory.mktemp("codelens-cache"))
+
+
 VOCAB = 13
 
 ARCHS = {

@@ -362,8 +362,8 @@ def test_codebooks_initialise_from_enough_training_data(tmp_path, monkeypatch, s
 
 def test_streaming_initialisation_keeps_its_blocks_for_training():
     blocks = [torch.full((4,), i) for i in range(20)]
-    plain = StreamingBatches(iter(blocks), batch_size=2, eval_blocks=2)
-    peeked = StreamingBatches(iter(blocks), batch_size=2, eval_blocks=2)
+    plain = StreamingBatches(torch.stack(blocks), batch_size=2, eval_blocks=2)
+    peeked = StreamingBatches(torch.stack(blocks), batch_size=2, eval_blocks=2)
     init = peeked.init_batches(12)
     assert torch.cat(init)[:, 0].tolist() == [2, 3, 4]
     for step in range(8):

@@ -1,12 +1,19 @@
 """Baselines for codes on the same tasks: sparse autoencoders, PCA, ICA and neurons.
 
 All run natively on the TransformerLens 4 bridge through the model's own hooks (SAELens
-needs TransformerLens < 4). Activations come from `cache_activations`; every baseline is
-a `LinearFeatures` dictionary, so the code that scores, steers and swaps codes scores,
+needs TransformerLens < 4). Activations come from `cache_activations` (RAM) or
+`store_activations` (memory-mapped shards on disk); every baseline is a `LinearFeatures`
+dictionary, so the code that scores, steers and swaps codes scores,
 steers and swaps these features too.
 """
 
-from codelens.baselines.activations import cache_activations, iter_activations, site_width
+from codelens.baselines.activations import (
+    ActivationStore,
+    cache_activations,
+    iter_activations,
+    site_width,
+    store_activations,
+)
 from codelens.baselines.directions import ica_features, pca_features
 from codelens.baselines.features import (
     LinearFeatures,
@@ -17,6 +24,7 @@ from codelens.baselines.features import (
     swap_hooks,
     zero_hooks,
 )
+from codelens.baselines.ica import ICAResult, amari_distance, fast_ica
 from codelens.baselines.loss_score import ce_loss_score, lm_loss, spliced
 from codelens.baselines.sae import (
     SAEConfig,
@@ -30,6 +38,8 @@ from codelens.baselines.saving import load_features
 from codelens.baselines.sweep import L0Sweep, SweepPoint, sweep_l0
 
 __all__ = [
+    "ActivationStore",
+    "ICAResult",
     "L0Sweep",
     "LinearFeatures",
     "ProjectionFeatures",
@@ -37,9 +47,11 @@ __all__ = [
     "SparseAutoencoder",
     "SweepPoint",
     "TrainStats",
+    "amari_distance",
     "auxk_loss",
     "cache_activations",
     "ce_loss_score",
+    "fast_ica",
     "ica_features",
     "iter_activations",
     "lm_loss",
@@ -51,6 +63,7 @@ __all__ = [
     "splice_hooks",
     "spliced",
     "steer_hooks",
+    "store_activations",
     "swap_hooks",
     "sweep_l0",
     "train_sae",

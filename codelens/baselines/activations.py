@@ -12,13 +12,21 @@ the same code caches a plain model and a codebook model.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from codelens.files import atomic_path, atomic_write_json
 
 
 def site_view(x: Tensor, head: int | None = None) -> Float[Tensor, "... d"]:
@@ -168,3 +176,92 @@ def _check_tokens(tokens: Any) -> Tensor:
     if tokens.is_floating_point() or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
     return tokens
+
+
+STORE_HEADER = "activation_store.json"
+
+
+class ActivationStore:
+    """Activations per site on disk: one raw float32 ``[N, d]`` shard per site, mapped
+    into memory read-only, so fitting reads pages as it goes instead of holding them.
+
+    ``store[site]`` is a ``numpy.memmap`` that `train_sae`, `fast_ica`, `pca_features`
+    and `ica_features` take in place of a tensor. `store_activations` writes one.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        header = self.path / STORE_HEADER
+        if not header.is_file():
+            raise FileNotFoundError(f"no activation store at {self.path} (no {STORE_HEADER})")
+        self.header = json.loads(header.read_text())
+        self.n_tokens = int(self.header["n_tokens"])
+        for site, entry in self.header["sites"].items():
+            expected = self.n_tokens * entry["width"] * 4
+            if (self.path / entry["file"]).stat().st_size != expected:
+                raise ValueError(f"the shard of {site} in {self.path} is not {expected} bytes")
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.header["sites"])
+
+    def __getitem__(self, site: str) -> np.ndarray:
+        entry = self.header["sites"].get(site)
+        if entry is None:
+            raise KeyError(f"the store at {self.path} has no site {site!r}; it has {self.sites}")
+        return np.memmap(
+            self.path / entry["file"],
+            dtype=np.float32,
+            mode="r",
+            shape=(self.n_tokens, entry["width"]),
+        )
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.path)!r}, n_tokens={self.n_tokens}, sites={self.sites})"
+
+
+def store_activations(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    sites: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    heads: dict[str, int] | None = None,
+    batch_size: int = 32,
+    token_mask: Bool[Tensor, "batch pos"] | None = None,
+) -> ActivationStore:
+    """Run ``tokens`` through the model and write ``{site: [kept tokens, d]}`` into an
+    `ActivationStore` at ``out_dir``: memory holds one batch, never the whole set.
+
+    Each shard is filled in a temporary file and renamed into place; the header is
+    written last, so a store with a header is complete.
+    """
+    tokens = _check_tokens(tokens)
+    n = int(token_mask.sum()) if token_mask is not None else tokens.numel()
+    widths = {s: site_width(model, s, (heads or {}).get(s)) for s in sites}
+    out_dir = Path(out_dir)
+    files = {s: f"{i:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', s)}.f32" for i, s in enumerate(sites)}
+    with contextlib.ExitStack() as stack:
+        temps = {s: stack.enter_context(atomic_path(out_dir / files[s])) for s in sites}
+        maps = {
+            s: np.memmap(temps[s], dtype=np.float32, mode="w+", shape=(n, widths[s])) for s in sites
+        }
+        row = 0
+        for block in iter_activations(
+            model, tokens, sites, heads=heads, batch_size=batch_size, token_mask=token_mask
+        ):
+            rows = next(iter(block.values())).shape[0]
+            for site, value in block.items():
+                maps[site][row : row + rows] = value.numpy()
+            row += rows
+        for m in maps.values():
+            m.flush()
+        del maps
+    header = {
+        "n_tokens": n,
+        "sites": {
+            s: {"file": files[s], "width": widths[s], "head": (heads or {}).get(s)} for s in sites
+        },
+    }
+    atomic_write_json(out_dir / STORE_HEADER, header)
+    return ActivationStore(out_dir)

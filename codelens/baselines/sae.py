@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
@@ -154,33 +155,47 @@ def auxk_loss(
 
 
 def train_sae(
-    acts: Float[Tensor, "N d"],
+    acts: Float[Tensor, "N d"] | np.ndarray,
     site: str,
     config: SAEConfig,
     *,
     head: int | None = None,
+    device: str | torch.device | None = None,
+    chunk_rows: int = 65_536,
 ) -> tuple[SparseAutoencoder, TrainStats]:
-    """Train an SAE on ``acts`` (tokens x dims; see `cache_activations`) with Adam.
+    """Train an SAE on ``acts`` (tokens x dims: a tensor, or an `ActivationStore` site's
+    memory map) with Adam on ``device`` (default: the tensor's, else CPU; pass the
+    model's). Only the batches move to the device; the returned SAE is on the CPU.
 
     Batches are drawn without replacement, reshuffled every epoch, from ``config.seed``.
     """
-    acts = torch.as_tensor(acts)
-    if acts.ndim != 2 or acts.shape[0] < 2 or not acts.is_floating_point():
+    if not isinstance(acts, np.ndarray):
+        acts = torch.as_tensor(acts)
+    if len(acts.shape) != 2 or acts.shape[0] < 2 or acts.dtype not in _FLOATS:
         raise ValueError(f"acts must be a float [n_tokens >= 2, d] tensor, got {tuple(acts.shape)}")
-    if not bool(torch.isfinite(acts).all()):
-        raise ValueError("acts contain NaN or infinite values")
+    if device is None:
+        device = acts.device if isinstance(acts, Tensor) else "cpu"
+    device = torch.device(device)
     started, cpu_started = time.perf_counter(), time.process_time()
-    d = acts.shape[1]
-    acts = acts.float()
-    mean = acts.mean(0)
-    scale = float(((acts - mean) ** 2).sum(1).mean().sqrt()) / math.sqrt(d) or 1.0
-    sae = SparseAutoencoder(site, d, config, head=head)
+    n, d = acts.shape
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, n, chunk_rows):  # mean and scale in one streamed pass
+        x = _rows(acts, slice(start, start + chunk_rows), device)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("acts contain NaN or infinite values")
+        total += x.sum(0, dtype=torch.float64)
+        squares += (x.double() ** 2).sum()
+    mean = total / n
+    variance = float(squares / n - (mean**2).sum())  # mean squared norm about the mean
+    scale = math.sqrt(max(variance, 0.0)) / math.sqrt(d) or 1.0
+    sae = SparseAutoencoder(site, d, config, head=head).to(device)
     with torch.no_grad():
-        sae.offset.copy_(mean / scale)
+        sae.offset.copy_(mean.float() / scale)
     gen = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
+    losses: list[Tensor] = []
     with torch.enable_grad():  # also when called under no_grad
-        mse, aux, since_fired = _train_loop(sae, acts, scale, config, gen, losses)
+        mse, aux, since_fired = _train_loop(sae, acts, scale, config, gen, losses, device)
     with torch.no_grad():  # fold the input scale: the saved SAE reads raw activations
         sae.offset.mul_(scale)
         sae.encoder_bias.mul_(scale)
@@ -192,9 +207,29 @@ def train_sae(
         float(mse.detach()) * scale**2,
         float(aux.detach()) * scale**2,
         float((since_fired >= min(config.dead_window, config.steps)).float().mean()),
-        losses,
+        torch.stack(losses).tolist(),
     )
-    return sae.eval().requires_grad_(False), stats
+    return sae.cpu().eval().requires_grad_(False), stats
+
+
+_FLOATS = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    np.float16,
+    np.float32,
+    np.float64,
+)
+
+
+def _rows(acts: Tensor | np.ndarray, rows: Any, device: torch.device) -> Tensor:
+    """Rows of a tensor or memory map, as float32 on ``device``."""
+    if isinstance(acts, np.ndarray):
+        if isinstance(rows, Tensor):
+            rows = rows.numpy()
+        return torch.from_numpy(np.array(acts[rows])).to(device, torch.float32)  # a writable copy
+    return acts[rows].to(device, torch.float32)
 
 
 def _train_loop(
@@ -203,20 +238,21 @@ def _train_loop(
     scale: float,
     config: SAEConfig,
     gen: torch.Generator,
-    losses: list[float],
+    losses: list[Tensor],
+    device: torch.device,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Adam steps on ``acts / scale``; returns the last MSE, AuxK loss and steps since
     each latent fired."""
     n, d = acts.shape
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
-    since_fired = torch.zeros(config.n_latents, dtype=torch.long)
+    since_fired = torch.zeros(config.n_latents, dtype=torch.long, device=device)
     aux_k = _aux_k(config, d)
     order, cursor = torch.randperm(n, generator=gen), 0
-    mse = aux = torch.zeros(())
+    mse = aux = torch.zeros((), device=device)
     for _ in range(config.steps):
         if cursor + config.batch_size > n:
             order, cursor = torch.randperm(n, generator=gen), 0
-        x = acts[order[cursor : cursor + config.batch_size]] / scale
+        x = _rows(acts, order[cursor : cursor + config.batch_size], device) / scale
         cursor += config.batch_size
         pre = sae.pre_activations(x)
         z = sae._activate(pre)
@@ -229,7 +265,7 @@ def _train_loop(
         since_fired = torch.where(fired, 0, since_fired + 1)
         dead = since_fired >= config.dead_window
         n_dead = int(dead.sum())
-        aux = torch.zeros(())
+        aux = torch.zeros((), device=device)
         if n_dead and config.aux_coefficient > 0:
             aux = auxk_loss(sae, pre, (x - x_hat).detach(), dead, aux_k)
             loss = loss + config.aux_coefficient * min(n_dead / aux_k, 1.0) * aux
@@ -241,7 +277,7 @@ def _train_loop(
         optimizer.step()
         with torch.no_grad():
             sae.decoder /= sae.decoder.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        losses.append(float(mse.detach()))
+        losses.append(mse.detach())
     return mse, aux, since_fired
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -85,13 +86,15 @@ def sweep_l0(
     heldout: dict[str, Float[Tensor, "M d"]],
     model: Any = None,
     ce_tokens: Int[Tensor, "batch pos"] | None = None,
+    device: str | torch.device | None = None,
 ) -> L0Sweep:
     """Train one TopK SAE per site of ``acts`` for each k of ``ks``, score each k.
 
     ``config(site, k)``: the SAE's settings at a site (its ``k`` must be the one given);
     ``score(saes)``: the task measure of one k's SAEs; ``heldout``: activations per site
     for the reconstruction metrics; ``model`` and ``ce_tokens``: where to measure the CE
-    loss score (skipped without them). Only the best k's SAEs are kept.
+    loss score (skipped without them). SAEs train on ``device`` (default: the model's).
+    Only the best k's SAEs are kept.
     """
     sites = list(acts)
     if not sites:
@@ -101,6 +104,8 @@ def sweep_l0(
         raise ValueError(f"no held-out activations for {missing}")
     if (model is None) != (ce_tokens is None):
         raise ValueError("give both model and ce_tokens for the CE loss score, or neither")
+    if device is None and model is not None:
+        device = next(model.parameters()).device
     latents = min(config(s, 1).n_latents for s in sites)
     points, scores, best_saes = [], {}, []
     for k in check_grid(ks, latents):
@@ -110,7 +115,7 @@ def sweep_l0(
             cfg = config(site, k)
             if cfg.kind != "topk" or cfg.k != k:
                 raise ValueError(f"config({site!r}, {k}) must give a TopK SAE with k={k}")
-            sae, figures = train_and_measure(acts[site], site, cfg, heldout[site])
+            sae, figures = train_and_measure(acts[site], site, cfg, heldout[site], device=device)
             if model is not None:
                 figures["ce_loss_score"] = ce_loss_score(model, ce_tokens, sae)["ce_loss_score"]
             saes.append(sae)
@@ -124,10 +129,16 @@ def sweep_l0(
 
 
 def train_and_measure(
-    x: Float[Tensor, "N d"], site: str, config: SAEConfig, heldout: Float[Tensor, "M d"]
+    x: Float[Tensor, "N d"],
+    site: str,
+    config: SAEConfig,
+    heldout: Float[Tensor, "M d"],
+    *,
+    device: str | torch.device | None = None,
 ) -> tuple[SparseAutoencoder, dict[str, float]]:
-    """Train one SAE on ``x``; its held-out metrics and training time and dead share."""
-    sae, stats = train_sae(x, site, config)
+    """Train one SAE on ``x`` (on ``device``); its held-out metrics, training time and
+    dead share."""
+    sae, stats = train_sae(x, site, config, device=device)
     return sae, {
         **sae_metrics(sae, heldout),
         "train_seconds": stats.seconds,

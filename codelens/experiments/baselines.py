@@ -24,6 +24,7 @@ the states, not compression.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from codelens.baselines import (
     site_width,
     splice_hooks,
     steer_hooks,
+    store_activations,
 )
 from codelens.baselines.sweep import L0Sweep, sweep_l0, train_and_measure
 
@@ -123,12 +125,14 @@ def train_saes(
     k_of: Callable[[str], int],
     settings: dict[str, Any],
     seed: int,
+    device: Any = None,
 ) -> tuple[list[LinearFeatures], dict[str, dict[str, float]]]:
-    """One SAE per site with ``k_of(site)`` latents per token, ``settings['steps']`` steps."""
+    """One SAE per site with ``k_of(site)`` latents per token, ``settings['steps']`` steps,
+    trained on ``device``."""
     features, metrics = [], {}
     for site, x in acts.items():
         config = sae_config(settings, x.shape[1], k_of(site), seed, settings["steps"])
-        sae, metrics[site] = train_and_measure(x, site, config, heldout[site])
+        sae, metrics[site] = train_and_measure(x, site, config, heldout[site], device=device)
         features.append(sae)
     return features, metrics
 
@@ -161,7 +165,9 @@ def best_l0_sae(
         features: list[LinearFeatures] = list(sweep.best)
         metrics = next(p for p in sweep.points if p.k == sweep.best_k).per_site
     else:
-        features, metrics = train_saes(acts, heldout, lambda s: sweep.best_k, settings, seed)
+        features, metrics = train_saes(
+            acts, heldout, lambda s: sweep.best_k, settings, seed, _device(model)
+        )
     best = Baseline("SAE best L0 (sweep)", features, time.perf_counter() - started, metrics)
     return best, sweep
 
@@ -188,13 +194,38 @@ def fit_baselines(
     """
     settings = check_settings(settings)
     sites = codebook_sites(codebook_model)
-    started = time.perf_counter()
-    acts = cache_activations(base, train_tokens, sites, token_mask=train_mask, batch_size=64)
-    caching = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="codelens-activations-") as store_dir:
+        started = time.perf_counter()
+        store = store_activations(
+            base, train_tokens, sites, store_dir, token_mask=train_mask, batch_size=64
+        )
+        acts = {site: store[site] for site in sites}  # memory maps: pages read as needed
+        caching = time.perf_counter() - started
+        return _fit_all(
+            base, codebook_model, acts, caching, heldout, settings, seed, score, ce_tokens
+        )
 
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _fit_all(
+    base: Any,
+    codebook_model: Any,
+    acts: dict[str, Any],
+    caching: float,
+    heldout: dict[str, Float[Tensor, "N d"]],
+    settings: dict[str, Any],
+    seed: int,
+    score: Callable[[list[LinearFeatures]], float],
+    ce_tokens: Int[Tensor, "batch pos"],
+) -> tuple[list[Baseline], L0Sweep]:
+    """`fit_baselines` on activations already stored; SAEs and ICA on the model's device."""
+    sites = list(acts)
     started = time.perf_counter()
     features, metrics = train_saes(
-        acts, heldout, lambda s: matched_k(codebook_model, s), settings, seed
+        acts, heldout, lambda s: matched_k(codebook_model, s), settings, seed, _device(base)
     )
     out = [Baseline("SAE matched L0", features, caching + time.perf_counter() - started, metrics)]
 
@@ -204,7 +235,9 @@ def fit_baselines(
 
     for method, fit in (("PCA", pca_features), ("ICA", ica_features)):
         started = time.perf_counter()
-        kwargs = {"max_tokens": settings["ica_tokens"]} if method == "ICA" else {}
+        kwargs = {}
+        if method == "ICA":
+            kwargs = {"max_tokens": settings["ica_tokens"], "device": _device(base)}
         features = [fit(acts[s], s, seed=seed, **kwargs) for s in sites]
         metrics = {f.site: sae_metrics(f, heldout[f.site]) for f in features}
         out.append(

@@ -1,16 +1,14 @@
 """Batch sources whose batch at step s is a pure function of (seed, s).
 
-That makes resuming exact (no data-loader state to save: the step is the data
-position) and lets N ranks each take their rows of the same global batch.
-Streaming text is the exception: it is read in order and, on resume, the blocks
-already consumed are skipped.
+That makes resuming exact and O(1) (no data-loader state to save: the step is the data
+position) and lets N ranks each read only their rows of the same global batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Protocol
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -28,7 +26,9 @@ def _generator(seed: int, index: int) -> torch.Generator:
 class BatchSource(Protocol):
     batch_size: int
 
-    def batch(self, step: int) -> Int[Tensor, "batch pos"]: ...
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> Int[Tensor, "batch pos"]:
+        """Rows ``rank::world`` of the global batch at ``step``."""
+        ...
 
     def eval_batch(self, index: int) -> Int[Tensor, "batch pos"]: ...
 
@@ -43,8 +43,8 @@ class FSMBatches:
     def __init__(self, fsm: TokFSM, batch_size: int, seed: int) -> None:
         self.fsm, self.batch_size, self.seed = fsm, batch_size, seed
 
-    def batch(self, step: int) -> Tensor:
-        return self.fsm.sample(self.batch_size, _generator(self.seed, step))[0]
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> Tensor:
+        return self.fsm.sample(self.batch_size, _generator(self.seed, step))[0][rank::world]
 
     def eval_batch(self, index: int) -> Tensor:
         return self.fsm.sample(self.batch_size, _generator(self.seed + EVAL_STREAM, index))[0]
@@ -60,25 +60,62 @@ class FSMBatches:
 
 
 class BlockBatches:
-    """Packed text blocks in memory: a seeded shuffle per epoch; the last blocks are held out."""
+    """Packed text blocks, in memory or memory-mapped from a token file.
 
-    def __init__(self, blocks: Tensor, batch_size: int, seed: int, eval_blocks: int) -> None:
-        if len(blocks) <= eval_blocks:
+    Shuffled (default): a seeded permutation per epoch, the last ``eval_blocks`` blocks
+    held out. ``in_order`` (streaming): the blocks in corpus order, the first
+    ``eval_blocks`` held out, one epoch after another. Either way the batch at step s is
+    arithmetic on s, so a resumed run starts at its position in O(1), re-reading nothing
+    before it, and each rank reads only its own rows of the global batch.
+    """
+
+    def __init__(
+        self,
+        blocks: Int[Tensor, "n pos"] | np.ndarray,
+        batch_size: int,
+        seed: int,
+        eval_blocks: int,
+        *,
+        in_order: bool = False,
+    ) -> None:
+        n = len(blocks)
+        if n <= eval_blocks:
             raise ValueError(
-                f"the corpus makes {len(blocks)} blocks; need more than the {eval_blocks} held out"
+                f"the corpus makes {n} blocks; need more than the {eval_blocks} held out"
             )
-        self.train, self.held_out = blocks[:-eval_blocks], blocks[-eval_blocks:]
-        self.batch_size, self.seed = batch_size, seed
+        self._blocks = blocks.numpy() if isinstance(blocks, Tensor) else blocks
+        first = eval_blocks if in_order else 0
+        self._train = range(first, first + n - eval_blocks)
+        held = range(0, eval_blocks) if in_order else range(n - eval_blocks, n)
+        self.held_out = self._read(np.arange(held.start, held.stop))
+        self.batch_size, self.seed, self.in_order = batch_size, seed, in_order
+        self._epoch: tuple[int, np.ndarray] | None = None  # the last epoch's permutation
 
-    def batch(self, step: int) -> Tensor:
-        n = len(self.train)
-        start = step * self.batch_size
-        rows = []
-        while len(rows) < self.batch_size:
-            epoch, offset = divmod(start + len(rows), n)
-            order = torch.randperm(n, generator=_generator(self.seed, epoch))
-            rows.extend(order[offset : offset + self.batch_size - len(rows)].tolist())
-        return self.train[rows]
+    def _read(self, rows: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.asarray(self._blocks[rows], dtype=np.int64))
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch is None or self._epoch[0] != epoch:
+            perm = torch.randperm(len(self._train), generator=_generator(self.seed, epoch))
+            self._epoch = (epoch, perm.numpy())
+        return self._epoch[1]
+
+    def rows(self, step: int) -> np.ndarray:
+        """Indices into the blocks of the global batch at ``step``."""
+        n = len(self._train)
+        positions = step * self.batch_size + np.arange(self.batch_size)
+        if self.in_order:
+            return self._train.start + positions % n
+        out = np.empty(self.batch_size, dtype=np.int64)
+        epochs = positions // n
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            out[mask] = self._order(int(epoch))[positions[mask] % n]
+        return self._train.start + out
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> Tensor:
+        """Rows ``rank::world`` of the global batch at ``step`` (read only those)."""
+        return self._read(self.rows(step)[rank::world])
 
     def eval_batch(self, index: int) -> Tensor:
         n = len(self.held_out)
@@ -86,53 +123,22 @@ class BlockBatches:
         return self.held_out[rows]
 
     def init_batches(self, n_tokens: int) -> list[Tensor]:
-        """A seeded sample of training blocks without repeats (all of them if too few)."""
-        n_rows = min(len(self.train), -(-n_tokens // self.train.shape[1]))
-        order = torch.randperm(len(self.train), generator=_generator(self.seed + INIT_STREAM, 0))
-        return list(self.train[order[:n_rows]].split(self.batch_size))
+        """Training blocks without repeats (all of them if too few): a seeded sample, or
+        in order the first ones, which the first steps train on as well."""
+        n = len(self._train)
+        n_rows = min(n, -(-n_tokens // self.held_out.shape[1]))
+        if self.in_order:
+            picked = np.arange(n_rows)
+        else:
+            picked = torch.randperm(n, generator=_generator(self.seed + INIT_STREAM, 0))
+            picked = picked[:n_rows].numpy()
+        return list(self._read(self._train.start + picked).split(self.batch_size))
 
 
-class StreamingBatches:
-    """Blocks read in order from a stream (corpora larger than memory); eval blocks come first."""
+class StreamingBatches(BlockBatches):
+    """Blocks in corpus order, one epoch after another; the first ``eval_blocks`` held out."""
 
-    def __init__(self, blocks: Iterator[Tensor], batch_size: int, eval_blocks: int) -> None:
-        self._blocks = iter(blocks)
-        self.held_out = torch.stack([next(self._blocks) for _ in range(eval_blocks)])
-        self.batch_size = batch_size
-        self._next_step = 0
-        self._peeked: list[Tensor] = []  # read ahead for initialisation, still to train on
-
-    def batch(self, step: int) -> Tensor:
-        while self._next_step < step:  # resuming: skip what earlier steps consumed
-            self._take()
-            self._next_step += 1
-        if step != self._next_step:
-            raise ValueError(f"a stream cannot go back to step {step}")
-        self._next_step += 1
-        return self._take()
-
-    def _take(self) -> Tensor:
-        rows = self._peeked[: self.batch_size]
-        del self._peeked[: self.batch_size]
-        try:
-            rows += [next(self._blocks) for _ in range(self.batch_size - len(rows))]
-        except StopIteration:
-            raise ValueError("the data stream ran out of blocks before the last step") from None
-        return torch.stack(rows)
-
-    def init_batches(self, n_tokens: int) -> list[Tensor]:
-        """The next blocks of the stream (kept to be trained on as well), fewer if it ends."""
-        if self._next_step or self._peeked:
-            raise ValueError("init_batches must come before the first training batch")
-        have = 0
-        for block in self._blocks:
-            self._peeked.append(block)
-            have += block.numel()
-            if have >= n_tokens:
-                break
-        return list(torch.stack(self._peeked).split(self.batch_size)) if self._peeked else []
-
-    def eval_batch(self, index: int) -> Tensor:
-        n = len(self.held_out)
-        rows = [(index * self.batch_size + i) % n for i in range(self.batch_size)]
-        return self.held_out[rows]
+    def __init__(
+        self, blocks: Int[Tensor, "n pos"] | np.ndarray, batch_size: int, eval_blocks: int
+    ) -> None:
+        super().__init__(blocks, batch_size, 0, eval_blocks, in_order=True)

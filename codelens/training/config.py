@@ -43,6 +43,7 @@ _TEXT_DATA_KEYS = (
     "eval_blocks",
     "max_blocks",
     "vocab_size",
+    "cache_dir",
 )
 _FSM_DATA_KEYS = ("fsm",)
 # YAML 1.1 (PyYAML) reads "1e-3" and "1e5" as strings; numeric fields accept these literals.
@@ -190,7 +191,7 @@ class TrainConfig:
             source = self.data["source"]
             if not isinstance(source, str) or not source.strip():
                 raise ValueError(f"data.source must be a non-empty string, got {source!r}")
-            for key in ("text_column", "split", "config_name"):
+            for key in ("text_column", "split", "config_name", "cache_dir"):
                 value = self.data.get(key)
                 if value is not None and (not isinstance(value, str) or not value):
                     raise ValueError(f"data.{key} must be a non-empty string, got {value!r}")

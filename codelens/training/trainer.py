@@ -95,37 +95,64 @@ def _device(name: str) -> torch.device:
 
 
 def build_data(config: TrainConfig, tokenizer: Any = None, n_ctx: int | None = None):
-    """The batch source, the tokenizer, and the FSM when the data is synthetic."""
+    """The batch source, the tokenizer, and the FSM when the data is synthetic.
+
+    Text is tokenised once into a memory-mapped token file in the cache
+    (`codelens.data.token_cache`): the first process of each machine builds it, the
+    other ranks and every later start read it. A from-scratch tokenizer is trained once
+    into ``run_dir/tokenizer`` and loaded from there by the other ranks and on resume.
+    """
     data = config.data
     if "fsm" in data:
         fsm = TokFSM(FSMConfig(**data["fsm"]))
         return FSMBatches(fsm, config.batch_size, config.seed), fsm.tokenizer(), fsm
-    from codelens.data import text
+    from codelens.data import text, token_cache
 
+    split, column = data.get("split", "train"), data.get("text_column", "text")
+    block_len = data.get("block_len", 128)
+    if n_ctx is not None and block_len > n_ctx:  # before any tokenising
+        raise ValueError(f"block_len {block_len} exceeds the model's context {n_ctx}")
     texts = text.load_text_dataset(
         data["source"],
-        split=data.get("split", "train"),
-        text_column=data.get("text_column", "text"),
+        split=split,
+        text_column=column,
         streaming=bool(data.get("streaming", False)),
         config_name=data.get("config_name"),
     )
+    source_id = token_cache.source_identity(
+        data["source"],
+        split=split,
+        text_column=column,
+        config_name=data.get("config_name"),
+        cache_dir=data.get("cache_dir"),
+    )
+    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if tokenizer is None:
         if config.tokenizer:
             tokenizer = text.load_tokenizer(config.tokenizer)
         else:
-            tokenizer = text.train_bpe_tokenizer(
-                texts, data.get("vocab_size", 4096), save_dir=Path(config.run_dir) / "tokenizer"
+            tokenizer = token_cache.trained_tokenizer(
+                texts,
+                data.get("vocab_size", 4096),
+                Path(config.run_dir) / "tokenizer",
+                source_id=source_id,
+                builder=builder,
             )
-    block_len = data.get("block_len", 128)
-    vocab = len(tokenizer)
+    tokens = token_cache.cached_tokens(
+        texts,
+        tokenizer,
+        block_len,
+        source_id=source_id,
+        cache_dir=data.get("cache_dir"),
+        max_blocks=data.get("max_blocks"),
+        vocab_size=len(tokenizer),
+        builder=builder,
+    )
     eval_blocks = data.get("eval_blocks", 16)
     if data.get("streaming"):
-        blocks = text.PackedBlocks(texts, tokenizer, block_len, n_ctx=n_ctx, vocab_size=vocab)
-        return StreamingBatches(iter(blocks), config.batch_size, eval_blocks), tokenizer, None
-    packed = text.pack_to_tensor(
-        texts, tokenizer, block_len, data.get("max_blocks"), n_ctx=n_ctx, vocab_size=vocab
-    )
-    return BlockBatches(packed, config.batch_size, config.seed, eval_blocks), tokenizer, None
+        return StreamingBatches(tokens.blocks, config.batch_size, eval_blocks), tokenizer, None
+    source = BlockBatches(tokens.blocks, config.batch_size, config.seed, eval_blocks)
+    return source, tokenizer, None
 
 
 def build_model(
@@ -479,8 +506,7 @@ def train(
         with model.hooks(fwd_hooks=monitor.hooks()):
             for step in range(start, config.steps):
                 model.train()
-                tokens = source.batch(step)
-                rows = tokens[ranks.rank :: ranks.world].to(device)
+                rows = source.batch(step, ranks.rank, ranks.world).to(device)
                 micro_batches = rows.chunk(config.grad_accum)
                 for i, micro in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
@@ -501,7 +527,7 @@ def train(
                         f"loss became {float(loss.detach())} at step {step}; stopping. The newest "
                         f"checkpoint in {run_dir / 'checkpoints'} predates it and is untouched."
                     )
-                monitor.add_tokens(tokens.numel())
+                monitor.add_tokens(rows.numel() * ranks.world)  # the global batch
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 factor = lr_factor(step, config)
