@@ -109,6 +109,20 @@ class CodebookLayer(HookedRootModule):
         self.hook_quantized = HookPoint()
         self.setup()
 
+    def settings(self) -> dict[str, Any]:
+        """Everything needed to rebuild this layer (the constructor's arguments), JSON-ready."""
+        return {
+            "n_groups": self.n_groups,
+            "d": self.d,
+            "n_codes": self.n_codes,
+            "k": self.k,
+            "similarity": self.similarity,
+            "combine": self.combine,
+            "layer_norm": self.layer_norm,
+            "layer_norm_affine": self.ln_weight is not None,
+            "memory_budget_mb": self.memory_budget_mb,
+        }
+
     def extra_repr(self) -> str:
         return (
             f"groups={self.n_groups}, d={self.d}, codes={self.n_codes}, k={self.k}, "

@@ -13,8 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from codelens import _bridge, checkpoint, original
 from codelens.codebook import CodebookLayer
-from codelens.config import CodebookConfig
-from codelens.vocab import attn_site, mlp_site
+from codelens.config import CodebookConfig, Combine, Similarity
+from codelens.vocab import attn_site, mlp_site, site_of
 
 AUTO = "auto"
 
@@ -95,7 +95,9 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         """Rebuild a saved codelens model with bit-identical logits (files verified first)."""
         manifest = checkpoint.read_manifest(path)
         saved = checkpoint.read_codebook_config(path, manifest)
-        if isinstance(codebook, CodebookConfig) and saved is not None:
+        settings = checkpoint.read_site_settings(path, manifest)
+        sites = manifest.get("sites") or {}
+        if isinstance(codebook, CodebookConfig) and (saved is not None or sites):
             raise ValueError(
                 f"{path} already has codebooks; pass codebook='auto' to load them "
                 "or None for the base model"
@@ -107,8 +109,13 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         model = cls.from_hf_model(hf, tokenizer, name=str(path))
         base_file, codebook_file = path / checkpoint.BASE_FILE, path / checkpoint.CODEBOOK_FILE
         checkpoint.load_base_state(model, checkpoint.read_tensors(base_file), source=base_file)
-        if codebook == AUTO and saved is not None:
-            model.add_codebooks(saved)
+        if codebook == AUTO and (saved is not None or sites):
+            if settings is None:  # written before per-site settings were saved
+                model.add_codebooks(saved)
+            else:
+                for site, kwargs in settings.items():
+                    model._attach(site, CodebookLayer(**kwargs))
+                model.codebook_config = saved
             state = checkpoint.read_tensors(codebook_file)
             checkpoint.load_codebook_state(model, state, source=codebook_file)
         elif isinstance(codebook, CodebookConfig):
@@ -232,6 +239,62 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         ).to(device)
         self._codebook_sites[site] = _bridge.install_site(self, site, layer)
 
+    def add_codebook(
+        self,
+        hook_name: str,
+        *,
+        n_codes: int,
+        k: int = 1,
+        groups: int = 1,
+        similarity: Similarity = "cosine",
+        combine: Combine = "sum",
+        layer_norm: bool = False,
+        layer_norm_affine: bool = False,
+        memory_budget_mb: float = 1024.0,
+    ) -> CodebookLayer:
+        """Attach one codebook at any hook that carries ``[batch, pos, features]`` activations.
+
+        ``groups`` independent codebooks of ``n_codes`` codes each quantise ``features /
+        groups`` wide slices (at ``hook_z``, ``groups=n_heads`` gives one per head). The
+        hook keeps showing the activation before quantisation and gains
+        ``{hook_name}.hook_codes`` / ``.hook_quantized``, as at the `add_codebooks` sites.
+        Each site keeps its own settings (saved per site by `save_pretrained`).
+        """
+        if hook_name in self._codebook_sites:
+            raise ValueError(f"there is already a codebook at {hook_name}")
+        if site_of(hook_name) != hook_name:
+            raise ValueError(f"{hook_name} is a codebook's own hook, not an activation")
+        width = _bridge.activation_width(self, hook_name)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        if width % groups:
+            raise ValueError(f"groups={groups} does not divide the width {width} of {hook_name}")
+        layer = CodebookLayer(
+            groups,
+            width // groups,
+            n_codes,
+            k,
+            similarity=similarity,
+            combine=combine,
+            layer_norm=layer_norm,
+            layer_norm_affine=layer_norm_affine,
+            memory_budget_mb=memory_budget_mb,
+        )
+        self._attach(hook_name, layer)
+        return layer
+
+    def _attach(self, site: str, layer: CodebookLayer) -> None:
+        layer = layer.to(next(self.parameters()).device)
+        self._codebook_sites[site] = _bridge.install_site(self, site, layer)
+        self.refresh_hooks()
+
+    def remove_codebook(self, site: str) -> None:
+        """Detach the codebook at ``site``; the other codebooks stay."""
+        if site not in self._codebook_sites:
+            raise KeyError(f"no codebook at {site!r}; sites: {list(self._codebook_sites)}")
+        _bridge.uninstall_site(self, self._codebook_sites.pop(site))
+        self.refresh_hooks()
+
     def remove_codebooks(self) -> None:
         """Detach every codebook, giving back the plain model."""
         for site in self._codebook_sites.values():
@@ -242,7 +305,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
 
     @property
     def codebooks(self) -> dict[str, CodebookLayer]:
-        """Site hook name -> its `CodebookLayer`, in layer order."""
+        """Site hook name -> its `CodebookLayer`, in the order they were added."""
         return {name: site.codebook for name, site in self._codebook_sites.items()}
 
     def codebook(self, site: str) -> CodebookLayer:
