@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Int
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -181,9 +183,13 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         if tokenizer is None:
             raise ValueError("from_hf_model needs the model's tokenizer")
         label = name or f"codelens-local-{hf_model.config.model_type}"
+        special_tokens_from(tokenizer, hf_model)
         model = cls._wrap(
             _bridge.boot(label, hf_model=hf_model, tokenizer=tokenizer, device=device)
         )
+        if tokenizer.bos_token_id is not None:
+            # codelens training starts every sequence with BOS (TokFSM and packed text)
+            model.cfg.default_prepend_bos = True
         if codebook is not None:
             model.add_codebooks(codebook)
         return model
@@ -355,8 +361,47 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
 
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
         if self.validate_tokens and isinstance(input, Tensor):
-            check_token_ids(input, self.cfg.d_vocab)
+            if input.device.type == "cpu":  # host memory: reading it syncs nothing
+                check_token_ids(input, self.cfg.d_vocab)
+            else:  # checked where they entered (to_tokens, generate, collect_codes, CLI)
+                assert_token_ids_on_device(input, self.cfg.d_vocab)
         return super().forward(input, *args, **kwargs)
+
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Tokenise (BOS first by default where the model was trained with it), with the ids
+        checked against the model's vocabulary before they go to the model's device."""
+        tokens = super().to_tokens(input, prepend_bos, padding_side, False, truncate)
+        check_token_ids(tokens, self.cfg.d_vocab)
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def generate(self, input: Any = "", *args: Any, **kwargs: Any) -> Any:
+        """The bridge's ``generate``, with token ids checked once rather than at every step."""
+        if isinstance(input, Tensor):
+            check_token_ids(input, self.cfg.d_vocab)
+        was = self.validate_tokens
+        self.validate_tokens = False  # the model only adds ids from its own vocabulary
+        try:
+            with warnings.catch_warnings():
+                # The bridge hands the KV cache to transformers as ``past_key_values``, which
+                # transformers >= 5.24 renamed; `_bridge.route_kv_cache` makes it work.
+                warnings.filterwarnings(
+                    "ignore", message="`past_key_values` is deprecated", category=FutureWarning
+                )
+                return super().generate(input, *args, **kwargs)
+        finally:
+            self.validate_tokens = was
+
+    def to(self, *args: Any, **kwargs: Any) -> HookedCodebookTransformer:
+        """``nn.Module.to``, without the bridge's "Moving model to device" print."""
+        kwargs.setdefault("print_details", False)
+        return super().to(*args, **kwargs)
 
     def enable_compatibility_mode(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(
@@ -372,6 +417,29 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Save base weights, codebooks, configs and tokenizer atomically to ``out_dir``."""
         return checkpoint.save(self, Path(out_dir))
+
+
+def special_tokens_from(tokenizer: Any, hf_model: nn.Module) -> None:
+    """Make the model's BOS/EOS ids the tokenizer's.
+
+    A config built from scratch keeps its class defaults (GPT-NeoX: ``eos_token_id=2``),
+    which for a codelens tokenizer is an ordinary token (the digit "2" in TokFSM), so
+    ``generate`` stopped there. Lists of stop ids (chat models) are left alone.
+    """
+    configs = [hf_model.config, getattr(hf_model, "generation_config", None)]
+    for name in ("bos_token_id", "eos_token_id"):
+        wanted = getattr(tokenizer, name, None)
+        for config in configs:
+            if None not in (wanted, config) and not isinstance(getattr(config, name, None), list):
+                setattr(config, name, wanted)
+
+
+def assert_token_ids_on_device(tokens: Tensor, vocab_size: int) -> None:
+    """Fail the device's queue on out-of-range ids, without reading anything to the host."""
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    in_range = ((tokens >= 0) & (tokens < vocab_size)).all()
+    torch._assert_async(in_range, f"token ids must be in [0, {vocab_size})")
 
 
 def check_token_ids(tokens: Tensor, vocab_size: int) -> None:

@@ -1,0 +1,94 @@
+"""What a newcomer meets first: token checks without syncs, EOS and BOS from the tokenizer,
+quiet loads and generation, clear load errors."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import ARCHS, VOCAB, digit_tokenizer, tiny_model
+
+import codelens.model as model_module
+from codelens import HookedCodebookTransformer
+from codelens.model import assert_token_ids_on_device
+
+BOS, EOS = 10, 11
+
+
+def count_checks(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    check = model_module.check_token_ids
+
+    def counting(tokens, vocab_size):
+        calls.append(tuple(tokens.shape))
+        check(tokens, vocab_size)
+
+    monkeypatch.setattr(model_module, "check_token_ids", counting)
+    return calls
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_generate_checks_the_prompt_once_not_every_step(monkeypatch, cached):
+    model = tiny_model("gpt2")
+    prompt = torch.tensor([[BOS, 1, 2, 3]])
+    calls = count_checks(monkeypatch)
+    out = model.generate(
+        prompt, max_new_tokens=6, stop_at_eos=False, use_past_kv_cache=cached, verbose=False
+    )
+    assert out.shape == (1, 10)
+    assert calls == [(1, 4)]
+    model(prompt)  # a direct call on host memory is still checked
+    assert len(calls) == 2 and model.validate_tokens
+
+
+def test_the_device_check_reads_nothing_back_to_the_host(monkeypatch):
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("a host read")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_read)
+    assert_token_ids_on_device(torch.tensor([[0, 5, 12]]), VOCAB)
+    # on a CPU the assertion fails at once; on an accelerator at the next sync
+    with pytest.raises(RuntimeError, match=r"token ids must be in \[0, 13\)"):
+        assert_token_ids_on_device(torch.tensor([[0, 13]]), VOCAB)
+    with pytest.raises(ValueError, match="integer tensor"):
+        assert_token_ids_on_device(torch.tensor([0.5]), VOCAB)
+
+
+def test_to_tokens_checks_ids_against_the_model_vocabulary():
+    config = dict(ARCHS["gpt_neox"], vocab_size=11)  # the tokenizer knows 13 tokens
+    model = HookedCodebookTransformer.from_config(config, digit_tokenizer(), seed=0)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 11\), got min 1, max 12"):
+        model.to_tokens("1x")  # x is <unk> = 12
+
+
+def test_generate_stops_at_the_tokenizer_eos_not_at_a_config_default(arch):
+    model = tiny_model(arch)
+    assert model.cfg.eos_token_id == EOS
+    assert model.original_model.config.eos_token_id == EOS
+    torch.manual_seed(0)
+    prompts = torch.full((32, 1), BOS)
+    out = model.generate(prompts, max_new_tokens=12, verbose=False)[:, 1:]
+    for row in out.tolist():
+        stop = row.index(EOS) + 1 if EOS in row else len(row)
+        assert all(t == EOS for t in row[stop:]), row  # padded only after EOS
+    # GPT-NeoX's config default (eos_token_id=2) is the digit "2": rows used to end there
+    cut_at_two = [r for r in out.tolist() if r[-4:] == [2, 2, 2, 2] and EOS not in r]
+    assert not cut_at_two
+
+
+def test_bos_is_prepended_by_default_as_in_training(tmp_path):
+    model = tiny_model("gpt_neox")
+    assert model.to_tokens("12").tolist() == [[BOS, 1, 2]]
+    assert model.to_tokens("12", prepend_bos=False).tolist() == [[1, 2]]
+    assert model.to_str_tokens("12")[0] == "<bos>"
+    loaded = HookedCodebookTransformer.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert loaded.to_tokens("12").tolist() == [[BOS, 1, 2]]
+
+
+def test_generate_and_moving_the_model_are_quiet(capsys):
+    model = tiny_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate("12", max_new_tokens=3, verbose=False)
+        model.to("cpu")
+    assert capsys.readouterr().out == ""
