@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         if not (codebook is None or codebook == AUTO or isinstance(codebook, CodebookConfig)):
             raise ValueError(f"codebook must be 'auto', None or a CodebookConfig, got {codebook!r}")
         path = Path(name_or_dir)
+        check_model_path(name_or_dir)
         source = None if checkpoint.is_checkpoint(path) else original.locate(name_or_dir)
         if base_model is not None and source is None:
             raise ValueError(
@@ -81,9 +83,20 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         else:
             if path.exists() and not (path / "config.json").is_file():
                 raise ValueError(
-                    f"{path} is neither a codelens checkpoint nor a HuggingFace model directory"
+                    f"{path} is neither a codelens checkpoint nor a HuggingFace model directory "
+                    f"(it has no {checkpoint.MANIFEST} and no config.json)"
                 )
-            bridge = _bridge.boot(str(name_or_dir), tokenizer=tokenizer, device=device, dtype=dtype)
+            try:
+                bridge = _bridge.boot(
+                    str(name_or_dir), tokenizer=tokenizer, device=device, dtype=dtype
+                )
+            except OSError as err:
+                if path.exists():
+                    raise
+                raise OSError(
+                    f"{name_or_dir} is not a local directory (nothing at {path.absolute()}) and "
+                    f"was not found on the HuggingFace hub or in its cache: {err}"
+                ) from err
             model = cls._wrap(bridge)
             if isinstance(codebook, CodebookConfig):
                 model.add_codebooks(codebook)
@@ -417,6 +430,32 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Save base weights, codebooks, configs and tokenizer atomically to ``out_dir``."""
         return checkpoint.save(self, Path(out_dir))
+
+
+def check_model_path(name_or_dir: str | Path) -> None:
+    """Refuse, naming what is there and what was expected, a path that cannot be a model.
+
+    A training run's directory holds its model in ``final/``; a path that is clearly local
+    (``./x``, ``/x``, ``~/x``, ``a/b/c``, or under an existing directory) but missing is a
+    typo, not a hub id to download.
+    """
+    path = Path(name_or_dir)
+    if path.is_dir() and checkpoint.is_checkpoint(path / "final"):
+        raise ValueError(
+            f"{path} is a codelens training run, not a model; its trained model is {path / 'final'}"
+        )
+    if path.exists():
+        return
+    text = str(name_or_dir)
+    parent = path.parent
+    local = text.startswith((".", "/", "~")) or text.count("/") > 1
+    if not (local or (str(parent) != "." and parent.is_dir())):
+        return  # a hub id, e.g. "EleutherAI/pythia-70m"
+    hint = ""
+    if parent.is_dir():
+        close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
+        hint = f"; did you mean {parent / close[0]}?" if close else ""
+    raise FileNotFoundError(f"no model directory at {path.absolute()}{hint}")
 
 
 def special_tokens_from(tokenizer: Any, hf_model: nn.Module) -> None:

@@ -92,3 +92,27 @@ def test_generate_and_moving_the_model_are_quiet(capsys):
         model.generate("12", max_new_tokens=3, verbose=False)
         model.to("cpu")
     assert capsys.readouterr().out == ""
+
+
+def test_a_mistyped_local_path_says_so_and_suggests_the_near_name(tmp_path, monkeypatch):
+    saved = tiny_model("gpt2").save_pretrained(tmp_path / "runs" / "final")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no model directory at .*fnal; did you mean"):
+        HookedCodebookTransformer.from_pretrained("runs/fnal")
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        HookedCodebookTransformer.from_pretrained("./missing")
+    assert HookedCodebookTransformer.from_pretrained("runs/final").codebooks == {}
+    assert saved.is_dir()
+
+
+def test_a_hub_id_that_cannot_be_found_names_both_places_it_looked():
+    with pytest.raises(OSError, match="is not a local directory .* not found on the HuggingFace"):
+        HookedCodebookTransformer.from_pretrained("no-such-model-codelens-test")
+
+
+def test_a_run_directory_points_to_its_final_model(tmp_path):
+    run = tmp_path / "run"
+    tiny_model("gpt2").save_pretrained(run / "final")
+    (run / "config.json").write_text("{}")  # what the trainer writes next to final/
+    with pytest.raises(ValueError, match=r"is a codelens training run, not a model; .*run/final"):
+        HookedCodebookTransformer.from_pretrained(run)
