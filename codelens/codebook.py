@@ -208,6 +208,29 @@ class CodebookLayer(HookedRootModule):
                     grouped[:, start:stop] = scores.topk(self.k, dim=-1, sorted=True).indices
             return ids.view(*lead, self.n_groups, self.k)
 
+    @torch.no_grad()
+    def code_score(
+        self, x: Float[Tensor, "... G d"], group: int, code: int
+    ) -> Float[Tensor, "..."]:
+        """How strongly code ``code`` of ``group`` matches each activation: the score `top_k`
+        ranks codes by (up to a per-token constant for ``euclidean``, its negated distance)."""
+        if not (0 <= group < self.n_groups and 0 <= code < self.n_codes):
+            raise ValueError(
+                f"group {group}, code {code} out of range: {self.n_groups} groups of "
+                f"{self.n_codes} codes"
+            )
+        x = x[..., group, :]
+        if self.layer_norm:
+            x = F.layer_norm(x, (self.d,))
+            if self.ln_weight is not None:
+                x = x * self.ln_weight[group] + self.ln_bias[group]
+        vector = self.codes[group, code].detach().to(x.dtype)
+        if self.similarity == "euclidean":
+            return -(x - vector).pow(2).sum(-1)
+        if self.similarity == "cosine":
+            vector = F.normalize(vector, dim=-1)
+        return x @ vector
+
     def lookup(self, ids: Int[Tensor, "... G k"]) -> Float[Tensor, "... G d"]:
         """Combine the codes named by ``ids`` (``EMPTY_SLOT`` contributes zero)."""
         offsets = torch.arange(self.n_groups, device=ids.device)[:, None] * self.n_codes

@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from codelens.progress import bar
+
 CODES_HOOK = "hook_codes"
 QUANTIZED_HOOK = "hook_quantized"
 
@@ -202,8 +204,9 @@ def cached_batches(
     if unknown:
         raise ValueError(f"the model has no hook {unknown}")
     device = next(model.parameters()).device
+    starts = range(0, tokens.shape[0], batch_size)
     with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch_size):
+        for start in bar(starts, desc=f"batches of {batch_size}"):
             rows = slice(start, min(start + batch_size, tokens.shape[0]))
             batch = tokens[rows].to(device)
             with model.hooks(fwd_hooks=list(hooks)):  # off again before the yield

@@ -116,3 +116,48 @@ def test_a_run_directory_points_to_its_final_model(tmp_path):
     (run / "config.json").write_text("{}")  # what the trainer writes next to final/
     with pytest.raises(ValueError, match=r"is a codelens training run, not a model; .*run/final"):
         HookedCodebookTransformer.from_pretrained(run)
+
+
+def test_top_examples_are_the_strongest_firings_with_their_context():
+    from codelens import CodebookConfig
+    from codelens.analysis import top_examples
+    from codelens.vocab import Code, codes_hook, mlp_site
+
+    model = tiny_model("gpt_neox", CodebookConfig(n_codes=6, k=2, sites=("mlp",)))
+    tokens = torch.randint(0, 10, (9, 10), generator=torch.Generator().manual_seed(1))
+    site = mlp_site(1)
+    _, cache = model.run_with_cache(tokens)
+    ids = cache[codes_hook(site)][:, :, 0]
+    code = Code(site, 0, int(ids[0, 0, 0]))
+    found = top_examples(model, tokens, code, n=5, context=3, batch_size=4)
+    fires = (ids == code.id).any(-1)
+    assert len(found) == min(5, int(fires.sum()))
+    cb = model.codebook(site)
+    acts = cache[site].reshape(*tokens.shape, 1, cb.d)
+    scores = cb.code_score(acts, 0, code.id)
+    expected = scores[fires].sort(descending=True).values[:5]
+    torch.testing.assert_close(torch.tensor([e.score for e in found]), expected)
+    for example in found:
+        assert fires[example.sequence, example.position]
+        start = max(0, example.position - 2)
+        want = [str(t) for t in tokens[example.sequence, start : example.position + 1].tolist()]
+        assert list(example.tokens) == want
+    assert str(found[0]).endswith(f"[[{found[0].tokens[-1]}]]")
+    never = next(c for c in range(6) if not (ids == c).any())  # this seed leaves one unused
+    assert top_examples(model, tokens, Code(site, 0, never)) == []
+    with pytest.raises(ValueError, match="no codebook at 'blocks.0.attn.hook_z'"):
+        top_examples(model, tokens, Code("blocks.0.attn.hook_z", 0, 1))
+    with pytest.raises(ValueError, match="out of range"):
+        top_examples(model, tokens, Code(site, 0, 6))
+
+
+def test_progress_bars_are_silent_off_a_terminal_and_when_asked(monkeypatch, capsys):
+    from codelens import progress
+
+    assert list(progress.bar(range(3), desc="x")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    monkeypatch.setenv(progress.ENV, "0")
+    assert progress.bar(range(3), desc="x").disable
+    monkeypatch.setenv(progress.ENV, "1")
+    assert progress.bar(range(3), desc="x").disable is not True

@@ -9,6 +9,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from codelens.model import HookedCodebookTransformer
+from codelens.progress import bar
 from codelens.vocab import layer_of
 
 
@@ -112,7 +113,7 @@ def init_codebooks(
     for cb in codebooks.values():
         cb.bypass = True
     try:
-        for _, layer_sites in sorted(by_layer.items()):
+        for _, layer_sites in bar(sorted(by_layer.items()), desc=f"{method} init, per layer"):
             acts = _collect(model, layer_sites, batches, samples)
             for site in layer_sites:
                 cb = codebooks[site]
