@@ -74,4 +74,3 @@ def top_examples(
         Example(seq, pos, score, tuple(strings[seq][max(0, pos - context + 1) : pos + 1]))
         for score, (seq, pos) in zip(best_scores.tolist(), best_where.tolist(), strict=True)
     ]
-
