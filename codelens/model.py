@@ -17,7 +17,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from codelens import _bridge, checkpoint, original
 from codelens.codebook import CodebookLayer
 from codelens.config import CodebookConfig, Combine, Similarity
-from codelens.vocab import attn_site, mlp_site, site_of
+from codelens.vocab import (
+    assert_token_ids_on_device,
+    attn_site,
+    check_token_ids,
+    mlp_site,
+    site_of,
+)
 
 AUTO = "auto"
 
@@ -471,22 +477,3 @@ def special_tokens_from(tokenizer: Any, hf_model: nn.Module) -> None:
         for config in configs:
             if None not in (wanted, config) and not isinstance(getattr(config, name, None), list):
                 setattr(config, name, wanted)
-
-
-def assert_token_ids_on_device(tokens: Tensor, vocab_size: int) -> None:
-    """Fail the device's queue on out-of-range ids, without reading anything to the host."""
-    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
-    in_range = ((tokens >= 0) & (tokens < vocab_size)).all()
-    torch._assert_async(in_range, f"token ids must be in [0, {vocab_size})")
-
-
-def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
-    """Raise a clear error for token ids outside ``[0, vocab_size)``."""
-    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
-    if tokens.numel() == 0:
-        raise ValueError("tokens is empty")
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {low}, max {high}")

@@ -9,7 +9,7 @@ from conftest import ARCHS, VOCAB, digit_tokenizer, tiny_model
 
 import codelens.model as model_module
 from codelens import HookedCodebookTransformer
-from codelens.model import assert_token_ids_on_device
+from codelens.vocab import assert_token_ids_on_device
 
 BOS, EOS = 10, 11
 
@@ -161,3 +161,22 @@ def test_progress_bars_are_silent_off_a_terminal_and_when_asked(monkeypatch, cap
     assert progress.bar(range(3), desc="x").disable
     monkeypatch.setenv(progress.ENV, "1")
     assert progress.bar(range(3), desc="x").disable is not True
+
+
+def test_batched_collection_checks_all_tokens_once_before_any_forward(monkeypatch):
+    import codelens.vocab as vocab
+    from codelens import CodebookConfig
+
+    model = tiny_model("gpt2", CodebookConfig(n_codes=8, sites=("mlp",)))
+    calls = []
+    check = vocab.check_token_ids
+    monkeypatch.setattr(vocab, "check_token_ids", lambda t, v: (calls.append(v), check(t, v)))
+    tokens = torch.randint(0, 10, (10, 5), generator=torch.Generator().manual_seed(0))
+    codes = vocab.collect_codes(model, tokens, batch_size=3)  # four batches
+    assert calls == [VOCAB] and codes["blocks.0.hook_mlp_out"].shape == (10, 5, 1, 1)
+    tokens[9, 4] = VOCAB
+    forwards = []
+    model.blocks[0].register_forward_pre_hook(lambda *args: forwards.append(1))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 13\), got min 0, max 13"):
+        vocab.collect_codes(model, tokens, batch_size=3)
+    assert forwards == []  # refused before the first batch ran
