@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -446,9 +447,12 @@ def check_model_path(name_or_dir: str | Path) -> None:
     typo, not a hub id to download.
     """
     path = Path(name_or_dir)
-    if path.is_dir() and checkpoint.is_checkpoint(path / "final"):
+    final = path / "final"
+    if path.is_dir() and (checkpoint.is_checkpoint(final) or _is_run_config(path / "config.json")):
+        unfinished = "" if final.exists() else " (not written yet: the run has not finished)"
         raise ValueError(
-            f"{path} is a codelens training run, not a model; its trained model is {path / 'final'}"
+            f"{path} is a codelens training run, not a model; its trained model is "
+            f"{final}{unfinished}"
         )
     if path.exists():
         return
@@ -462,6 +466,15 @@ def check_model_path(name_or_dir: str | Path) -> None:
         close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
         hint = f"; did you mean {parent / close[0]}?" if close else ""
     raise FileNotFoundError(f"no model directory at {path.absolute()}{hint}")
+
+
+def _is_run_config(file: Path) -> bool:
+    """Whether ``file`` is the `TrainConfig` a training run writes (not a model config)."""
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "run_dir" in config and "model_type" not in config
 
 
 def special_tokens_from(tokenizer: Any, hf_model: nn.Module) -> None:

@@ -180,3 +180,11 @@ def test_batched_collection_checks_all_tokens_once_before_any_forward(monkeypatc
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 13\), got min 0, max 13"):
         vocab.collect_codes(model, tokens, batch_size=3)
     assert forwards == []  # refused before the first batch ran
+
+
+def test_an_unfinished_run_says_its_model_is_not_written_yet(tmp_path):
+    run = tmp_path / "unfinished"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text('{"run_dir": "unfinished", "steps": 100}')
+    with pytest.raises(ValueError, match=r"unfinished/final \(not written yet"):
+        HookedCodebookTransformer.from_pretrained(run)
