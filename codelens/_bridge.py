@@ -124,6 +124,11 @@ def install_site(
     old = bridge.hook_dict.get(hook_name)
     if old is None:
         raise ValueError(f"the model has no hook point named {hook_name!r}")
+    if isinstance(old, CodebookSite):
+        raise ValueError(
+            f"{hook_name} is the hook point {old.name}, which already has a codebook; "
+            "remove that one first"
+        )
     if old.has_hooks():
         raise RuntimeError(f"remove the hooks on {hook_name} before installing a codebook there")
     site = CodebookSite(old, codebook)
@@ -139,6 +144,37 @@ def install_site(
     if replaced == 0:
         raise RuntimeError(f"could not find the module holding {hook_name}; bridge layout changed")
     return site
+
+
+def activation_width(bridge: TransformerBridge, hook_name: str) -> int:
+    """The feature width a codebook at ``hook_name`` would see, read from a one-token forward.
+
+    The HookPoint's own input is what a `CodebookSite` quantises (before any
+    ``hook_conversion``), so its last dimension is the width; a hook point that no
+    forward reaches (TransformerLens fires some only with compatibility flags) is refused.
+    """
+    point = bridge.hook_dict.get(hook_name)
+    if point is None:
+        raise ValueError(f"the model has no hook point named {hook_name!r}")
+    seen: list[torch.Size] = []
+    handle = point.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    device = next(bridge.parameters()).device
+    try:
+        with torch.no_grad():
+            bridge(torch.zeros(1, 1, dtype=torch.long, device=device), return_type=None)
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(
+            f"{hook_name} carries no activation in a forward pass of this model, so a codebook "
+            "there would never run; pick a hook that fires (e.g. blocks.0.hook_resid_pre)"
+        )
+    if len(seen[0]) != 3:
+        raise ValueError(
+            f"{hook_name} carries a {len(seen[0])}-d tensor {tuple(seen[0])}; codebooks go at "
+            "hooks of shape [batch, pos, features]"
+        )
+    return int(seen[0][-1])
 
 
 def uninstall_site(bridge: TransformerBridge, site: CodebookSite) -> None:

@@ -10,6 +10,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from codelens.model import HookedCodebookTransformer
+from codelens.progress import bar
 from codelens.viz import build_browser, collect_browser_data
 
 
@@ -28,7 +29,7 @@ def collect_codes(
     names = [f"{s}.hook_codes" for s in sites]
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {s: [] for s in sites}
-    for start in range(0, len(tokens), batch_size):
+    for start in bar(range(0, len(tokens), batch_size), desc="browser, batches"):
         _, cache = model.run_with_cache(
             tokens[start : start + batch_size].to(device), names_filter=names
         )

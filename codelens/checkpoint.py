@@ -2,7 +2,8 @@
 
 Layout of a saved directory::
 
-    codelens.json          manifest: format version, codebook config, sites, the sha256
+    codelens.json          manifest: format version, codebook config, each site's
+                           settings (`CodebookLayer.settings`), the sha256
                            of every other file, and a digest of the manifest itself
     hf_config/config.json  the HuggingFace config of the base model
     tokenizer/             the tokenizer (save_pretrained)
@@ -84,7 +85,7 @@ def save(model: nn.Module, out_dir: Path) -> Path:
             "format": FORMAT,
             "version": VERSION,
             "codebook": None if config is None else config.to_dict(),
-            "sites": site_shapes(model),
+            "sites": site_settings(model),
         }
         write_manifest(tmp, MANIFEST, fields)
         _fsync_dir(tmp)
@@ -104,11 +105,9 @@ def codebook_state(model: nn.Module) -> dict[str, Tensor]:
     return {n: t.detach().clone().contiguous().cpu() for n, t in codebook_refs(model).items()}
 
 
-def site_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
-    return {
-        site: {"n_groups": cb.n_groups, "d": cb.d, "n_codes": cb.n_codes, "k": cb.k}
-        for site, cb in model.codebooks.items()
-    }
+def site_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Each codebook site's own settings (`CodebookLayer.settings`), enough to rebuild it."""
+    return {site: cb.settings() for site, cb in model.codebooks.items()}
 
 
 def write_manifest(
@@ -240,6 +239,37 @@ def read_codebook_config(path: Path, manifest: dict[str, Any]) -> CodebookConfig
         return CodebookConfig.from_dict(saved)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{Path(path) / MANIFEST}: invalid codebook config: {err}") from err
+
+
+SITE_SETTINGS = (
+    "n_groups",
+    "d",
+    "n_codes",
+    "k",
+    "similarity",
+    "combine",
+    "layer_norm",
+    "layer_norm_affine",
+    "memory_budget_mb",
+)
+
+
+def read_site_settings(path: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """Each saved site's `CodebookLayer` arguments, in saved order; ``None`` for checkpoints
+    that recorded only shapes (rebuilt from their `CodebookConfig` instead)."""
+    sites = manifest.get("sites") or {}
+    where = Path(path) / MANIFEST
+    if not isinstance(sites, dict):
+        raise CheckpointError(f"{where}: 'sites' must map hook names to settings")
+    if not sites or all(set(s) == {"n_groups", "d", "n_codes", "k"} for s in sites.values()):
+        return None
+    for site, saved in sites.items():
+        if not isinstance(saved, dict) or set(saved) != set(SITE_SETTINGS):
+            raise CheckpointError(
+                f"{where}: the settings of site {site!r} must have exactly the keys "
+                f"{list(SITE_SETTINGS)}, got {saved!r}"
+            )
+    return sites
 
 
 def read_hf_config(path: Path) -> PretrainedConfig:

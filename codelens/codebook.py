@@ -109,6 +109,20 @@ class CodebookLayer(HookedRootModule):
         self.hook_quantized = HookPoint()
         self.setup()
 
+    def settings(self) -> dict[str, Any]:
+        """Everything needed to rebuild this layer (the constructor's arguments), JSON-ready."""
+        return {
+            "n_groups": self.n_groups,
+            "d": self.d,
+            "n_codes": self.n_codes,
+            "k": self.k,
+            "similarity": self.similarity,
+            "combine": self.combine,
+            "layer_norm": self.layer_norm,
+            "layer_norm_affine": self.ln_weight is not None,
+            "memory_budget_mb": self.memory_budget_mb,
+        }
+
     def extra_repr(self) -> str:
         return (
             f"groups={self.n_groups}, d={self.d}, codes={self.n_codes}, k={self.k}, "
@@ -193,6 +207,29 @@ class CodebookLayer(HookedRootModule):
                 else:
                     grouped[:, start:stop] = scores.topk(self.k, dim=-1, sorted=True).indices
             return ids.view(*lead, self.n_groups, self.k)
+
+    @torch.no_grad()
+    def code_score(
+        self, x: Float[Tensor, "... G d"], group: int, code: int
+    ) -> Float[Tensor, "..."]:
+        """How strongly code ``code`` of ``group`` matches each activation: the score `top_k`
+        ranks codes by (up to a per-token constant for ``euclidean``, its negated distance)."""
+        if not (0 <= group < self.n_groups and 0 <= code < self.n_codes):
+            raise ValueError(
+                f"group {group}, code {code} out of range: {self.n_groups} groups of "
+                f"{self.n_codes} codes"
+            )
+        x = x[..., group, :]
+        if self.layer_norm:
+            x = F.layer_norm(x, (self.d,))
+            if self.ln_weight is not None:
+                x = x * self.ln_weight[group] + self.ln_bias[group]
+        vector = self.codes[group, code].detach().to(x.dtype)
+        if self.similarity == "euclidean":
+            return -(x - vector).pow(2).sum(-1)
+        if self.similarity == "cosine":
+            vector = F.normalize(vector, dim=-1)
+        return x @ vector
 
     def lookup(self, ids: Int[Tensor, "... G k"]) -> Float[Tensor, "... G d"]:
         """Combine the codes named by ``ids`` (``EMPTY_SLOT`` contributes zero)."""

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
+import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Int
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from codelens import _bridge, checkpoint, original
 from codelens.codebook import CodebookLayer
-from codelens.config import CodebookConfig
-from codelens.vocab import attn_site, mlp_site
+from codelens.config import CodebookConfig, Combine, Similarity
+from codelens.vocab import (
+    assert_token_ids_on_device,
+    attn_site,
+    check_token_ids,
+    mlp_site,
+    site_of,
+)
 
 AUTO = "auto"
 
@@ -67,6 +77,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         if not (codebook is None or codebook == AUTO or isinstance(codebook, CodebookConfig)):
             raise ValueError(f"codebook must be 'auto', None or a CodebookConfig, got {codebook!r}")
         path = Path(name_or_dir)
+        check_model_path(name_or_dir)
         source = None if checkpoint.is_checkpoint(path) else original.locate(name_or_dir)
         if base_model is not None and source is None:
             raise ValueError(
@@ -79,9 +90,20 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         else:
             if path.exists() and not (path / "config.json").is_file():
                 raise ValueError(
-                    f"{path} is neither a codelens checkpoint nor a HuggingFace model directory"
+                    f"{path} is neither a codelens checkpoint nor a HuggingFace model directory "
+                    f"(it has no {checkpoint.MANIFEST} and no config.json)"
                 )
-            bridge = _bridge.boot(str(name_or_dir), tokenizer=tokenizer, device=device, dtype=dtype)
+            try:
+                bridge = _bridge.boot(
+                    str(name_or_dir), tokenizer=tokenizer, device=device, dtype=dtype
+                )
+            except OSError as err:
+                if path.exists():
+                    raise
+                raise OSError(
+                    f"{name_or_dir} is not a local directory (nothing at {path.absolute()}) and "
+                    f"was not found on the HuggingFace hub or in its cache: {err}"
+                ) from err
             model = cls._wrap(bridge)
             if isinstance(codebook, CodebookConfig):
                 model.add_codebooks(codebook)
@@ -95,7 +117,9 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         """Rebuild a saved codelens model with bit-identical logits (files verified first)."""
         manifest = checkpoint.read_manifest(path)
         saved = checkpoint.read_codebook_config(path, manifest)
-        if isinstance(codebook, CodebookConfig) and saved is not None:
+        settings = checkpoint.read_site_settings(path, manifest)
+        sites = manifest.get("sites") or {}
+        if isinstance(codebook, CodebookConfig) and (saved is not None or sites):
             raise ValueError(
                 f"{path} already has codebooks; pass codebook='auto' to load them "
                 "or None for the base model"
@@ -107,8 +131,13 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         model = cls.from_hf_model(hf, tokenizer, name=str(path))
         base_file, codebook_file = path / checkpoint.BASE_FILE, path / checkpoint.CODEBOOK_FILE
         checkpoint.load_base_state(model, checkpoint.read_tensors(base_file), source=base_file)
-        if codebook == AUTO and saved is not None:
-            model.add_codebooks(saved)
+        if codebook == AUTO and (saved is not None or sites):
+            if settings is None:  # written before per-site settings were saved
+                model.add_codebooks(saved)
+            else:
+                for site, kwargs in settings.items():
+                    model._attach(site, CodebookLayer(**kwargs))
+                model.codebook_config = saved
             state = checkpoint.read_tensors(codebook_file)
             checkpoint.load_codebook_state(model, state, source=codebook_file)
         elif isinstance(codebook, CodebookConfig):
@@ -174,9 +203,13 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         if tokenizer is None:
             raise ValueError("from_hf_model needs the model's tokenizer")
         label = name or f"codelens-local-{hf_model.config.model_type}"
+        special_tokens_from(tokenizer, hf_model)
         model = cls._wrap(
             _bridge.boot(label, hf_model=hf_model, tokenizer=tokenizer, device=device)
         )
+        if tokenizer.bos_token_id is not None:
+            # codelens training starts every sequence with BOS (TokFSM and packed text)
+            model.cfg.default_prepend_bos = True
         if codebook is not None:
             model.add_codebooks(codebook)
         return model
@@ -232,6 +265,62 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         ).to(device)
         self._codebook_sites[site] = _bridge.install_site(self, site, layer)
 
+    def add_codebook(
+        self,
+        hook_name: str,
+        *,
+        n_codes: int,
+        k: int = 1,
+        groups: int = 1,
+        similarity: Similarity = "cosine",
+        combine: Combine = "sum",
+        layer_norm: bool = False,
+        layer_norm_affine: bool = False,
+        memory_budget_mb: float = 1024.0,
+    ) -> CodebookLayer:
+        """Attach one codebook at any hook that carries ``[batch, pos, features]`` activations.
+
+        ``groups`` independent codebooks of ``n_codes`` codes each quantise ``features /
+        groups`` wide slices (at ``hook_z``, ``groups=n_heads`` gives one per head). The
+        hook keeps showing the activation before quantisation and gains
+        ``{hook_name}.hook_codes`` / ``.hook_quantized``, as at the `add_codebooks` sites.
+        Each site keeps its own settings (saved per site by `save_pretrained`).
+        """
+        if hook_name in self._codebook_sites:
+            raise ValueError(f"there is already a codebook at {hook_name}")
+        if site_of(hook_name) != hook_name:
+            raise ValueError(f"{hook_name} is a codebook's own hook, not an activation")
+        width = _bridge.activation_width(self, hook_name)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        if width % groups:
+            raise ValueError(f"groups={groups} does not divide the width {width} of {hook_name}")
+        layer = CodebookLayer(
+            groups,
+            width // groups,
+            n_codes,
+            k,
+            similarity=similarity,
+            combine=combine,
+            layer_norm=layer_norm,
+            layer_norm_affine=layer_norm_affine,
+            memory_budget_mb=memory_budget_mb,
+        )
+        self._attach(hook_name, layer)
+        return layer
+
+    def _attach(self, site: str, layer: CodebookLayer) -> None:
+        layer = layer.to(next(self.parameters()).device)
+        self._codebook_sites[site] = _bridge.install_site(self, site, layer)
+        self.refresh_hooks()
+
+    def remove_codebook(self, site: str) -> None:
+        """Detach the codebook at ``site``; the other codebooks stay."""
+        if site not in self._codebook_sites:
+            raise KeyError(f"no codebook at {site!r}; sites: {list(self._codebook_sites)}")
+        _bridge.uninstall_site(self, self._codebook_sites.pop(site))
+        self.refresh_hooks()
+
     def remove_codebooks(self) -> None:
         """Detach every codebook, giving back the plain model."""
         for site in self._codebook_sites.values():
@@ -242,7 +331,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
 
     @property
     def codebooks(self) -> dict[str, CodebookLayer]:
-        """Site hook name -> its `CodebookLayer`, in layer order."""
+        """Site hook name -> its `CodebookLayer`, in the order they were added."""
         return {name: site.codebook for name, site in self._codebook_sites.items()}
 
     def codebook(self, site: str) -> CodebookLayer:
@@ -292,8 +381,47 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
 
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
         if self.validate_tokens and isinstance(input, Tensor):
-            check_token_ids(input, self.cfg.d_vocab)
+            if input.device.type == "cpu":  # host memory: reading it syncs nothing
+                check_token_ids(input, self.cfg.d_vocab)
+            else:  # checked where they entered (to_tokens, generate, collect_codes, CLI)
+                assert_token_ids_on_device(input, self.cfg.d_vocab)
         return super().forward(input, *args, **kwargs)
+
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Tokenise (BOS first by default where the model was trained with it), with the ids
+        checked against the model's vocabulary before they go to the model's device."""
+        tokens = super().to_tokens(input, prepend_bos, padding_side, False, truncate)
+        check_token_ids(tokens, self.cfg.d_vocab)
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def generate(self, input: Any = "", *args: Any, **kwargs: Any) -> Any:
+        """The bridge's ``generate``, with token ids checked once rather than at every step."""
+        if isinstance(input, Tensor):
+            check_token_ids(input, self.cfg.d_vocab)
+        was = self.validate_tokens
+        self.validate_tokens = False  # the model only adds ids from its own vocabulary
+        try:
+            with warnings.catch_warnings():
+                # The bridge hands the KV cache to transformers as ``past_key_values``, which
+                # transformers >= 5.24 renamed; `_bridge.route_kv_cache` makes it work.
+                warnings.filterwarnings(
+                    "ignore", message="`past_key_values` is deprecated", category=FutureWarning
+                )
+                return super().generate(input, *args, **kwargs)
+        finally:
+            self.validate_tokens = was
+
+    def to(self, *args: Any, **kwargs: Any) -> HookedCodebookTransformer:
+        """``nn.Module.to``, without the bridge's "Moving model to device" print."""
+        kwargs.setdefault("print_details", False)
+        return super().to(*args, **kwargs)
 
     def enable_compatibility_mode(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(
@@ -311,12 +439,54 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         return checkpoint.save(self, Path(out_dir))
 
 
-def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
-    """Raise a clear error for token ids outside ``[0, vocab_size)``."""
-    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
-    if tokens.numel() == 0:
-        raise ValueError("tokens is empty")
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {low}, max {high}")
+def check_model_path(name_or_dir: str | Path) -> None:
+    """Refuse, naming what is there and what was expected, a path that cannot be a model.
+
+    A training run's directory holds its model in ``final/``; a path that is clearly local
+    (``./x``, ``/x``, ``~/x``, ``a/b/c``, or under an existing directory) but missing is a
+    typo, not a hub id to download.
+    """
+    path = Path(name_or_dir)
+    final = path / "final"
+    if path.is_dir() and (checkpoint.is_checkpoint(final) or _is_run_config(path / "config.json")):
+        unfinished = "" if final.exists() else " (not written yet: the run has not finished)"
+        raise ValueError(
+            f"{path} is a codelens training run, not a model; its trained model is "
+            f"{final}{unfinished}"
+        )
+    if path.exists():
+        return
+    text = str(name_or_dir)
+    parent = path.parent
+    local = text.startswith((".", "/", "~")) or text.count("/") > 1
+    if not (local or (str(parent) != "." and parent.is_dir())):
+        return  # a hub id, e.g. "EleutherAI/pythia-70m"
+    hint = ""
+    if parent.is_dir():
+        close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1)
+        hint = f"; did you mean {parent / close[0]}?" if close else ""
+    raise FileNotFoundError(f"no model directory at {path.absolute()}{hint}")
+
+
+def _is_run_config(file: Path) -> bool:
+    """Whether ``file`` is the `TrainConfig` a training run writes (not a model config)."""
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "run_dir" in config and "model_type" not in config
+
+
+def special_tokens_from(tokenizer: Any, hf_model: nn.Module) -> None:
+    """Make the model's BOS/EOS ids the tokenizer's.
+
+    A config built from scratch keeps its class defaults (GPT-NeoX: ``eos_token_id=2``),
+    which for a codelens tokenizer is an ordinary token (the digit "2" in TokFSM), so
+    ``generate`` stopped there. Lists of stop ids (chat models) are left alone.
+    """
+    configs = [hf_model.config, getattr(hf_model, "generation_config", None)]
+    for name in ("bos_token_id", "eos_token_id"):
+        wanted = getattr(tokenizer, name, None)
+        for config in configs:
+            if None not in (wanted, config) and not isinstance(getattr(config, name, None), list):
+                setattr(config, name, wanted)

@@ -8,6 +8,8 @@
 - **A code** is `Code(site, group, id)`: code ``id`` of group ``group``'s codebook at
   ``site``. It is frozen, hashable and ordered, and its string (``a1.h2:64``) is for
   display only; JSON stores `Code.as_dict`.
+- **Token ids.** `check_token_ids` (a clear error, reading the ids on the host) where
+  tokens enter; `assert_token_ids_on_device` in every forward on an accelerator (no read).
 - **Collecting.** `cached_batches` runs ``model.run_with_cache`` over token batches with
   hooks attached; `collect_codes` gathers the code ids of every site on the CPU. Every
   caller that needs codes or activations of many sequences goes through them.
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 from jaxtyping import Int
 from torch import Tensor
+
+from codelens.progress import bar
 
 CODES_HOOK = "hook_codes"
 QUANTIZED_HOOK = "hook_quantized"
@@ -176,6 +180,28 @@ class Code:
         return cls(d["site"], d["group"], d["id"])
 
 
+# ---------------------------------------------------------------- token ids
+
+
+def assert_token_ids_on_device(tokens: Tensor, vocab_size: int) -> None:
+    """Fail the device's queue on out-of-range ids, without reading anything to the host."""
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    in_range = ((tokens >= 0) & (tokens < vocab_size)).all()
+    torch._assert_async(in_range, f"token ids must be in [0, {vocab_size})")
+
+
+def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
+    """Raise a clear error for token ids outside ``[0, vocab_size)``."""
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    if tokens.numel() == 0:
+        raise ValueError("tokens is empty")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {low}, max {high}")
+
+
 # ---------------------------------------------------------------- collecting
 
 
@@ -201,9 +227,11 @@ def cached_batches(
     unknown = [n for n in names if n not in model.hook_dict]
     if unknown:
         raise ValueError(f"the model has no hook {unknown}")
+    check_token_ids(tokens, model.cfg.d_vocab)  # once here, not once per batch's forward
     device = next(model.parameters()).device
+    starts = range(0, tokens.shape[0], batch_size)
     with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch_size):
+        for start in bar(starts, desc=f"batches of {batch_size}"):
             rows = slice(start, min(start + batch_size, tokens.shape[0]))
             batch = tokens[rows].to(device)
             with model.hooks(fwd_hooks=list(hooks)):  # off again before the yield

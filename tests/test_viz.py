@@ -147,6 +147,42 @@ def test_precision_recall_scatter():
     assert fig.data[1].x == (0.2,) and fig.data[1].y == (0.4,)
 
 
+def test_codes_stay_visible_where_neurons_share_their_point():
+    same = [{"precision": 1.0, "recall": 0.5}]
+    fig = precision_recall(same, same)
+    codes, neurons = fig.data  # neurons drawn last, on top
+    assert codes.marker.symbol.endswith("-open") and neurons.marker.symbol.endswith("-open")
+    assert codes.marker.size > neurons.marker.size  # the cross fits inside the circle
+    assert fig.layout.yaxis.range[1] >= 1.05 and fig.layout.xaxis.range[0] <= -0.05
+
+
+def test_swap_chart_puts_each_unit_on_its_own_axis():
+    rows = [
+        {"kind": "swap", "success rate": 0.8, "JSD to target": 0.1},
+        {"kind": "clean", "success rate": 0.1, "JSD to target": 0.7},
+    ]
+    units = {"success rate": "share of prompts", "JSD to target": "bits"}
+    fig = intervention_results(rows, units=units)
+    rate, jsd = fig.data
+    assert rate.yaxis != jsd.yaxis and rate.xaxis != jsd.xaxis
+    titles = {fig.layout[a.replace("y", "yaxis")].title.text for a in (rate.yaxis, jsd.yaxis)}
+    assert titles == {"share of prompts", "bits"}
+    same_unit = intervention_results(rows, units={"success rate": "x", "JSD to target": "x"})
+    assert same_unit.data[0].yaxis == same_unit.data[1].yaxis
+
+
+def test_training_curves_do_not_zoom_into_noise(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "flat": 1.1111 + 1e-5 * (s % 2), "loss": 3.0 - s / 10} for s in range(9)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    fig = training_curves(path)
+    flat = next(t for t in fig.data if t.name == "flat")
+    low, high = fig.layout[flat.yaxis.replace("y", "yaxis")].range
+    assert high - low == pytest.approx(0.11112, rel=1e-3) and low < 1.1111 < 1.11111 < high
+    loss = next(t for t in fig.data if t.name == "loss")
+    assert fig.layout[loss.yaxis.replace("y", "yaxis")].range is None  # it moves: autorange
+
+
 def test_intervention_and_steering_bars():
     rows = [
         {"kind": "swap", "success_rate": 0.8, "success_rate_err": 0.05, "jsd": 0.1, "n": 20},

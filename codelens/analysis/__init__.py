@@ -16,7 +16,8 @@ One module per idea, every public name importable from here:
   recall, f1, best codes);
 - `codelens.analysis.neurons`: the best neuron at a code's recall;
 - `codelens.analysis.search`: regex labels and end-to-end code search over a model;
-- `codelens.analysis.topics`: codes of the topic of a story, for steering.
+- `codelens.analysis.topics`: codes of the topic of a story, for steering;
+- `codelens.analysis.examples`: the top activating examples of one code (`top_examples`).
 
 TokFSM use, with ``states`` the FSM state per token (-1 at BOS):
 
@@ -37,6 +38,7 @@ from codelens.analysis.codes import (
     code_label_stats,
     codes_for_classes,
 )
+from codelens.analysis.examples import Example, top_examples
 from codelens.analysis.firing import CodeFiring, code_firing
 from codelens.analysis.neurons import (
     NeuronMatch,
@@ -52,6 +54,7 @@ __all__ = [
     "CodeFiring",
     "CodeMatch",
     "CodeStats",
+    "Example",
     "NeuronMatch",
     "NeuronMatches",
     "SearchResult",
@@ -64,6 +67,7 @@ __all__ = [
     "regex_labels",
     "search_codes",
     "token_strings",
+    "top_examples",
     "topic_codes",
     "topic_stats",
     "topic_swaps",

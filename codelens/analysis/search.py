@@ -21,6 +21,7 @@ from torch import Tensor
 from codelens.analysis.codes import CodeMatch, RankBy, _check_labels, best_codes_for_labels
 from codelens.analysis.firing import CodeFiring, _token_tensor, code_firing
 from codelens.analysis.neurons import NeuronMatches, best_neurons_for_labels
+from codelens.progress import bar
 
 __all__ = ["SearchResult", "regex_labels", "search_codes", "token_strings"]
 
@@ -240,7 +241,8 @@ def search_codes(
     n_tokens = tokens.numel()
     row = 0
     with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch_size):
+        starts = range(0, tokens.shape[0], batch_size)
+        for start in bar(starts, desc="code search, batches"):
             batch = tokens[start : start + batch_size].to(device)
             _, cache = model.run_with_cache(batch, names_filter=names)
             for site in sites:

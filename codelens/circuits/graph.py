@@ -16,6 +16,7 @@ attention and MLP, as in GPT-NeoX, a layer's MLP does not read that layer's head
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,8 @@ import torch
 from einops import rearrange
 from jaxtyping import Bool, Int
 from torch import Tensor
+
+from codelens.vocab import hook_in_block, is_attn_site, is_mlp_site
 
 Level = Literal["components", "codes"]
 LEVELS = ("components", "codes")
@@ -113,6 +116,43 @@ class Graph:
         return blocks
 
 
+INSIDE_COMPONENT = (
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
+)
+"""Hooks inside one attention layer's or MLP's computation: a codebook there is part of
+that component (its reads and writes stay the graph's edges)."""
+
+
+def check_codebook_sites(sites: Iterable[str]) -> None:
+    """Refuse codebooks the graph cannot express.
+
+    Edges are head and MLP writes to the residual stream, added up at each receiver. A
+    codebook at ``hook_z`` or ``hook_mlp_out`` is a sender (split into codes at
+    ``level="codes"``) and one inside a component (`INSIDE_COMPONENT`) belongs to it; one
+    on the residual stream or a sum of heads (``hook_resid_pre``, ``hook_attn_out``, ...)
+    would quantise many senders' writes at once, so no edge could be ablated alone.
+    """
+    outside = [
+        s
+        for s in sites
+        if not (is_attn_site(s) or is_mlp_site(s))
+        and not (s.startswith("blocks.") and hook_in_block(s) in INSIDE_COMPONENT)
+    ]
+    if outside:
+        raise ValueError(
+            f"circuits cannot express the codebooks at {outside}: a codebook there quantises "
+            "the sum of several heads' and MLPs' writes, so no single edge can be ablated. "
+            "Circuits take codebooks at attn.hook_z and hook_mlp_out, or inside one head or "
+            f"MLP ({', '.join(INSIDE_COMPONENT)}); take the others off with "
+            "model.remove_codebook(site) first"
+        )
+
+
 def build_graph(
     model,
     level: Level = "components",
@@ -132,6 +172,7 @@ def build_graph(
     # GPT-NeoX / Pythia: a layer's MLP reads the residual before its attention writes
     parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
     sites = dict(getattr(model, "codebooks", {}))
+    check_codebook_sites(sites)
     if level == "codes":
         if not sites:
             raise ValueError("a code-level graph needs a model with codebooks")

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from codelens.circuits.patching import Metric, Patcher
 from codelens.circuits.result import Circuit, node_of
+from codelens.progress import bar
 
 METHODS = ("acdc", "eap", "eap-ig", "fast")
 
@@ -57,7 +58,7 @@ def _acdc_sweep(
     patcher: Patcher, damage: _Damage, mask: Tensor, edges, tau: float, scores: Tensor
 ) -> Tensor:
     current = damage(mask)
-    for r, s in edges:
+    for r, s in bar(edges, desc="ACDC edges", total=len(edges)):
         mask[r, s] = 1.0
         new = damage(mask)
         scores[r, s] = new - current

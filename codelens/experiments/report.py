@@ -141,7 +141,8 @@ def write_report(report: dict[str, Any], run_dir: Path, curves: list[Path] = ())
                 }
                 for r in entry["interventions"]
             ]
-            page.add(intervention_results(rows), heading=f"{name}: code swaps")
+            units = {"success rate": "share of prompts", "JSD to target": "bits"}
+            page.add(intervention_results(rows, units=units), heading=f"{name}: code swaps")
     for path in sorted(run_dir.glob("*/metrics.jsonl")):
         page.add(training_curves(path), heading=f"training: {path.parent.name}")
     page.save(run_dir / "report.html")

@@ -62,6 +62,8 @@ class TrainConfig:
     Give exactly one of ``model`` (hub name, local HF dir or saved codelens dir) and
     ``model_config`` (HF config kwargs incl. ``"model_type"``, to train from scratch).
     ``codebook`` holds kwargs for ``codelens.CodebookConfig`` (None: train a plain model).
+    ``codebook_hooks`` maps more hook names to ``add_codebook`` kwargs, one codebook each
+    (e.g. ``{"blocks.1.hook_resid_pre": {"n_codes": 64, "k": 2}}``).
     ``data`` holds either ``"source"`` (+ ``block_len``, ``text_column``, ...) for text, or
     ``"fsm"`` for synthetic FSM data. Periodic actions with ``*_every = 0`` are disabled.
     """
@@ -74,6 +76,7 @@ class TrainConfig:
     model_config: dict[str, Any] | None = None
     tokenizer: str | None = None
     codebook: dict[str, Any] | None = None
+    codebook_hooks: dict[str, dict[str, Any]] | None = None
     grad_accum: int = 1
     lr: float = 1e-3
     codebook_lr: float | None = None  # None: same as lr
@@ -134,6 +137,8 @@ class TrainConfig:
         self._validate_data()
         if self.codebook is not None:
             self._validate_codebook()
+        if self.codebook_hooks is not None:
+            self._validate_codebook_hooks()
 
         _positive("steps", self.steps)
         _positive("batch_size", self.batch_size)
@@ -151,7 +156,7 @@ class TrainConfig:
             _positive("grad_clip", self.grad_clip)
         _non_negative("recon_weight", self.recon_weight)
         _non_negative("commitment_weight", self.commitment_weight)
-        if self.train == "codebooks" and self.codebook is None and not self.model:
+        if self.train == "codebooks" and not (self.codebook or self.codebook_hooks or self.model):
             raise ValueError(
                 "train='codebooks' needs a codebook config (or a saved model that has codebooks)"
             )
@@ -243,6 +248,25 @@ class TrainConfig:
                     f"init_samples ({self.init_samples}) must be at least the largest codebook "
                     f"size ({n_codes}) for init={self.init!r}: k-means needs a sample per code"
                 )
+
+    def _validate_codebook_hooks(self) -> None:
+        """Each entry names a hook and gives ``add_codebook`` keyword arguments with n_codes."""
+        hooks = self.codebook_hooks
+        assert hooks is not None
+        valid = sorted(_CODEBOOK_HOOK_KEYS)
+        for hook, kwargs in hooks.items():
+            if not hook.startswith("blocks.") and not hook.startswith("hook_"):
+                raise ValueError(f"codebook_hooks: {hook!r} is not a hook name")
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"codebook_hooks.{hook} must be a dict, got {kwargs!r}")
+            unknown = [k for k in kwargs if k not in _CODEBOOK_HOOK_KEYS]
+            if unknown:
+                raise ValueError(_unknown_keys_message(unknown, valid, prefix=f"{hook}."))
+            if "n_codes" not in kwargs:
+                raise ValueError(f"codebook_hooks.{hook} needs n_codes")
+            for key in ("n_codes", "k", "groups"):
+                if key in kwargs:
+                    _positive(f"codebook_hooks.{hook}.{key}", kwargs[key], integer=True)
 
     # ---------------------------------------------------------------------------------------
     # Conversion and I/O
@@ -464,6 +488,19 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     else:  # pragma: no cover - guards new field types
         raise TypeError(f"unsupported annotation {hint!r} for field {name}")
     raise ValueError(f"{name} must be {_KIND_NAMES[kind]}, got {value!r}")
+
+
+_CODEBOOK_HOOK_KEYS = {
+    "n_codes",
+    "k",
+    "groups",
+    "similarity",
+    "combine",
+    "layer_norm",
+    "layer_norm_affine",
+    "memory_budget_mb",
+}
+"""The keyword arguments of ``HookedCodebookTransformer.add_codebook``."""
 
 
 def _positive(name: str, value: Any, *, integer: bool = False) -> None:

@@ -9,6 +9,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from codelens.model import HookedCodebookTransformer
+from codelens.progress import bar
+from codelens.vocab import layer_of
 
 
 @torch.no_grad()
@@ -86,8 +88,9 @@ def init_codebooks(
     method: str = "kmeans",
     samples: int = 8192,
     generator: torch.Generator | None = None,
+    sites: Iterable[str] | None = None,
 ) -> None:
-    """Initialise every codebook from the activations it will quantise.
+    """Initialise every codebook (or those at ``sites``) from the activations it will quantise.
 
     Layer by layer: sites of layer l are fitted on activations computed with the
     already-initialised codebooks of earlier layers active, so each codebook sees
@@ -99,16 +102,20 @@ def init_codebooks(
     if method not in ("kmeans", "kmeans++"):
         raise ValueError(f"init must be random, kmeans or kmeans++, got {method!r}")
     batches = list(batches)
-    by_layer: dict[str, list[str]] = {}
-    for site in model.codebooks:
-        by_layer.setdefault(site.split(".")[1], []).append(site)
-    codebooks = model.codebooks
+    chosen = list(model.codebooks) if sites is None else list(sites)
+    missing = [s for s in chosen if s not in model.codebooks]
+    if missing:
+        raise ValueError(f"no codebook at {missing}; sites: {list(model.codebooks)}")
+    by_layer: dict[int, list[str]] = {}
+    for site in chosen:
+        by_layer.setdefault(_forward_order(site), []).append(site)
+    codebooks = {site: model.codebook(site) for site in chosen}
     for cb in codebooks.values():
         cb.bypass = True
     try:
-        for sites in by_layer.values():
-            acts = _collect(model, sites, batches, samples)
-            for site in sites:
+        for _, layer_sites in bar(sorted(by_layer.items()), desc=f"{method} init, per layer"):
+            acts = _collect(model, layer_sites, batches, samples)
+            for site in layer_sites:
                 cb = codebooks[site]
                 x = acts[site].transpose(0, 1).contiguous()  # [G, N, d]
                 centroids = kmeans(
@@ -121,6 +128,13 @@ def init_codebooks(
     finally:
         for cb in codebooks.values():
             cb.bypass = False
+
+
+def _forward_order(site: str) -> int:
+    """The block a site is in; embeddings before every block, the rest after them."""
+    if site.startswith("blocks."):
+        return layer_of(site)
+    return -1 if "embed" in site else 1 << 30
 
 
 def _collect(model, sites: list[str], batches: list[Tensor], samples: int) -> dict[str, Tensor]:

@@ -175,6 +175,31 @@ def build_model(
     )
 
 
+def _add_codebook_hooks(
+    model: HookedCodebookTransformer, wanted: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Add the codebooks of ``config.codebook_hooks`` the model lacks; returns their sites.
+
+    A site that already has a codebook (a saved model's) must have the asked-for settings.
+    """
+    added = []
+    for hook, kwargs in wanted.items():
+        if hook not in model.codebooks:
+            model.add_codebook(hook, **kwargs)
+            added.append(hook)
+            continue
+        have = model.codebook(hook).settings()
+        differs = {k: (v, have[k]) for k, v in kwargs.items() if k != "groups" and have[k] != v}
+        if kwargs.get("groups", 1) != have["n_groups"]:
+            differs["groups"] = (kwargs.get("groups", 1), have["n_groups"])
+        if differs:
+            raise ValueError(
+                f"codebook_hooks.{hook} differs from the model's codebook there "
+                f"(asked, found): {differs}"
+            )
+    return added
+
+
 def _check_context(source: Any, model: HookedCodebookTransformer) -> None:
     """Training blocks must fit the model's context (rotary models would run past it quietly)."""
     length, n_ctx = source.eval_batch(0).shape[-1], model.cfg.n_ctx
@@ -214,6 +239,7 @@ _FIXED_ON_RESUME = (
     "model_config",
     "tokenizer",
     "codebook",
+    "codebook_hooks",
     "data",
     "seed",
     "batch_size",
@@ -463,6 +489,7 @@ def train(
                 f"config.codebook {wanted} differs from the model's codebooks "
                 f"{model.codebook_config}; drop config.codebook or pass a matching one"
             )
+    added = _add_codebook_hooks(model, config.codebook_hooks or {})
     _check_context(source, model)
     model.to(device)
     if ranks.main:
@@ -480,11 +507,12 @@ def train(
         monitor.load_state({k: v.to(device) for k, v in extra.items()})
         if changes and ranks.main:
             _record_changes(run_dir, start, changes)
-    elif model.codebooks and not (config.model and not config.codebook):
+    elif fresh := (added if config.model and not config.codebook else list(model.codebooks)):
         # initialise new codebooks from training data; never overwrite those a saved model brought
         init_codebooks(
             model,
             [b.to(device) for b in _init_batches(source, config, model)],
+            sites=fresh,
             method=config.init,
             samples=config.init_samples,
             generator=torch.Generator().manual_seed(config.seed),

@@ -94,9 +94,15 @@ def precision_recall(
     """Scatter of precision vs recall for codes and for the best-matching neurons.
 
     Each row is a dict with "precision", "recall" and an optional "label" (hover text).
+    Codes are large open circles and neurons small crosses drawn over them, so a code and a
+    neuron at the same point (often precision 1) both stay visible.
     """
     fig = go.Figure()
-    for name, rows, symbol in (("codes", code_pr, "circle"), ("best neurons", neuron_pr, "x")):
+    styles = (
+        ("codes", code_pr, {"symbol": "circle-open", "size": 13, "line": {"width": 2}}),
+        ("best neurons", neuron_pr, {"symbol": "x-thin-open", "size": 8, "line": {"width": 2}}),
+    )
+    for name, rows, marker in styles:
         if not rows:
             continue
         fig.add_scatter(
@@ -105,13 +111,14 @@ def precision_recall(
             text=[_t(r.get("label", "")) for r in rows],
             mode="markers",
             name=name,
-            marker={"symbol": symbol, "size": 9},
+            marker=marker,
             hovertemplate="%{text}<br>recall %{x:.3f}<br>precision %{y:.3f}<extra></extra>",
         )
+    # a margin past 0 and 1, so markers on the edges are drawn whole
     fig.update_layout(
         title=_t(title),
-        xaxis={"title": "recall", "range": [-0.02, 1.02]},
-        yaxis={"title": "precision", "range": [-0.02, 1.02]},
+        xaxis={"title": "recall", "range": [-0.05, 1.05]},
+        yaxis={"title": "precision", "range": [-0.05, 1.05]},
     )
     return fig
 
@@ -121,11 +128,14 @@ def intervention_results(
     x: str = "kind",
     metrics: Sequence[str] | None = None,
     title: str = "Intervention results",
+    units: Mapping[str, str] | None = None,
 ) -> go.Figure:
     """Grouped bars: one group per intervention kind (key `x`), one bar per metric.
 
     metrics defaults to every numeric key in the rows, in first-seen order; an optional
-    "<metric>_err" key gives an error bar.
+    "<metric>_err" key gives an error bar. ``units`` maps a metric to its unit (e.g.
+    ``"bits"``); metrics of different units go to side-by-side panels, one unit per y
+    axis (a metric without a unit gets a panel of its own, titled by its name).
     """
     if metrics is None:
         seen: dict[str, None] = {}
@@ -134,21 +144,30 @@ def intervention_results(
                 if key != x and not key.endswith("_err") and _is_number(value):
                     seen.setdefault(key, None)
         metrics = list(seen)
-    fig = go.Figure()
-    labels = [_t(row.get(x, i)) for i, row in enumerate(rows)]
+    units = dict(units or {})
+    panels: dict[str, list[str]] = {}
     for metric in metrics:
-        errs = [row.get(f"{metric}_err") for row in rows]
-        fig.add_bar(
-            x=labels,
-            y=[row.get(metric) for row in rows],
-            name=_t(metric),
-            error_y=(
-                {"type": "data", "array": [e or 0.0 for e in errs]}
-                if any(e is not None for e in errs)
-                else None
-            ),
-        )
-    fig.update_layout(title=_t(title), barmode="group", xaxis_title=_t(x), yaxis_title="value")
+        panels.setdefault(units.get(metric, metric), []).append(metric)
+    fig = make_subplots(rows=1, cols=max(1, len(panels)), horizontal_spacing=0.12)
+    labels = [_t(row.get(x, i)) for i, row in enumerate(rows)]
+    for col, (unit, names) in enumerate(panels.items(), start=1):
+        for metric in names:
+            errs = [row.get(f"{metric}_err") for row in rows]
+            fig.add_bar(
+                x=labels,
+                y=[row.get(metric) for row in rows],
+                name=_t(metric),
+                error_y=(
+                    {"type": "data", "array": [e or 0.0 for e in errs]}
+                    if any(e is not None for e in errs)
+                    else None
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_yaxes(title_text=_t(unit), rangemode="tozero", row=1, col=col)
+        fig.update_xaxes(title_text=_t(x), row=1, col=col)
+    fig.update_layout(title=_t(title), barmode="group")
     return fig
 
 
@@ -198,6 +217,22 @@ def _read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def _readable_range(values: Sequence[float], share: float = 0.1) -> list[float] | None:
+    """A y range at least ``share`` of the values' magnitude tall, or None (plotly's own).
+
+    A metric that barely moves (1.1111 to 1.1112) would otherwise fill the panel with
+    its noise; at this floor it reads as the flat line it is.
+    """
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    floor = share * max(abs(low), abs(high))
+    if high - low >= floor or floor == 0:
+        return None
+    middle = (low + high) / 2
+    return [middle - floor / 2, middle + floor / 2]
+
+
 def training_curves(metrics_jsonl_path: str | os.PathLike, title: str = "Training") -> go.Figure:
     """Lines for every numeric metric in a JSON-lines log, one subplot per metric group.
 
@@ -237,6 +272,10 @@ def training_curves(metrics_jsonl_path: str | os.PathLike, title: str = "Trainin
                 row=row,
                 col=1,
             )
+        shown = [v for name in names for v in series[name][1] if v is not None]
+        span = _readable_range(shown)
+        if span is not None:
+            fig.update_yaxes(range=span, row=row, col=1)
     fig.update_xaxes(title_text="step", row=len(groups), col=1)
     fig.update_layout(title=_t(title), height=max(400, 260 * len(groups)))
     return fig
