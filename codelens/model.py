@@ -93,6 +93,13 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         cls, path: Path, codebook: CodebookConfig | str | None, tokenizer: Any
     ) -> HookedCodebookTransformer:
         """Rebuild a saved codelens model with bit-identical logits (files verified first)."""
+        with checkpoint.reading(path):
+            return cls._read_checkpoint(path, codebook, tokenizer)
+
+    @classmethod
+    def _read_checkpoint(
+        cls, path: Path, codebook: CodebookConfig | str | None, tokenizer: Any
+    ) -> HookedCodebookTransformer:
         manifest = checkpoint.read_manifest(path)
         saved = checkpoint.read_codebook_config(path, manifest)
         if isinstance(codebook, CodebookConfig) and saved is not None:
@@ -306,9 +313,13 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
 
     # ---------------------------------------------------------------- saving
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Save base weights, codebooks, configs and tokenizer atomically to ``out_dir``."""
-        return checkpoint.save(self, Path(out_dir))
+    def save_pretrained(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        """Save base weights, codebooks, configs and tokenizer atomically to ``out_dir``.
+
+        Other files in ``out_dir`` are kept; a non-empty ``out_dir`` that is not a
+        complete codelens checkpoint needs ``overwrite=True`` (see `codelens.checkpoint`).
+        """
+        return checkpoint.save(self, Path(out_dir), overwrite=overwrite)
 
 
 def check_token_ids(tokens: Tensor, vocab_size: int) -> None:

@@ -1,0 +1,278 @@
+"""Nothing lost, nothing silent (issue 26): saves that cannot destroy, tested by fault
+injection (an error and a kill -9 at every step of a save, and at random moments),
+concurrent saves, and clear errors instead of silent wrong results."""
+
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from codelens import CodebookConfig, HookedCodebookTransformer, checkpoint
+from codelens.checkpoint import CheckpointError
+
+CONFIG = CodebookConfig(n_codes=6, k=1, layers=(1,))
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Two models with the same layout and different weights: the 'old' and the 'new' save."""
+    return tiny_model("gpt_neox", CONFIG, seed=0), tiny_model("gpt_neox", CONFIG, seed=1)
+
+
+def _state(model):
+    return checkpoint.base_state(model) | {
+        f"codebook:{k}": v for k, v in checkpoint.codebook_state(model).items()
+    }
+
+
+def _saved_state(path):
+    """What ``path`` holds, read the way a load reads it (finishing an interrupted save)."""
+    with checkpoint.reading(path), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        checkpoint.read_manifest(path)
+        base = checkpoint.read_tensors(path / checkpoint.BASE_FILE)
+        codebooks = checkpoint.read_tensors(path / checkpoint.CODEBOOK_FILE)
+    assert not [w for w in seen if ".codelens-" in str(w.message)]  # our leftovers are not stray
+    return base | {f"codebook:{k}": v for k, v in codebooks.items()}
+
+
+def _which(path, states):
+    """The index of the model ``path`` holds, bit for bit; fails if it holds neither."""
+    saved = _saved_state(path)
+    for i, state in enumerate(states):
+        if saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state):
+            return i
+    raise AssertionError(f"{path} holds neither the old nor the new model")
+
+
+def _ours(path):
+    return sorted(p.name for p in path.iterdir() if p.name.startswith(".codelens-"))
+
+
+def _in_child(work):
+    """Run ``work`` in a forked child (cheap: no re-import); returns its pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns into pytest
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _exit_status(pid):
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+# ------------------------------------------------------------------ nothing lost
+
+
+def test_resaving_keeps_the_users_files(models, tmp_path):
+    """Re-saving used to delete every other file in the checkpoint directory."""
+    old, new = models
+    ck = tmp_path / "ck"
+    old.save_pretrained(ck)
+    (ck / "notes.txt").write_text("my notes")
+    (ck / ".ipynb_checkpoints").mkdir()
+    (ck / ".ipynb_checkpoints" / "a.ipynb").write_text("{}")
+    new.save_pretrained(ck)
+    assert (ck / "notes.txt").read_text() == "my notes"
+    assert (ck / ".ipynb_checkpoints" / "a.ipynb").read_text() == "{}"
+    assert _which(ck, [_state(old), _state(new)]) == 1
+    assert _ours(ck) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+@pytest.mark.parametrize("marker", ["hf_config", "codebooks.safetensors", "codelens.json"])
+def test_a_directory_that_only_looks_like_a_checkpoint_is_refused(models, tmp_path, marker):
+    """Any folder holding hf_config/, codebooks.safetensors or codelens.json used to be wiped."""
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    (folder / "results.csv").write_text("a,b\n1,2\n")
+    (folder / marker).mkdir() if "." not in marker else (folder / marker).write_text("{}")
+    with pytest.raises(FileExistsError, match="not a complete codelens checkpoint.*overwrite=True"):
+        models[0].save_pretrained(folder)
+    assert (folder / "results.csv").read_text() == "a,b\n1,2\n" and (folder / marker).exists()
+    models[0].save_pretrained(folder, overwrite=True)
+    assert (folder / "results.csv").read_text() == "a,b\n1,2\n"
+    assert _which(folder, [_state(models[0])]) == 0
+
+
+def test_a_file_destination_is_refused(models, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="it is a file"):
+        models[0].save_pretrained(tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_saved_files_get_the_users_umask(models, tmp_path):
+    """Files used to be 0600 in 0700 directories, unreadable by a shared server's group."""
+    previous = os.umask(0o022)
+    try:
+        models[0].save_pretrained(tmp_path / "ck")
+    finally:
+        os.umask(previous)
+    entries = [tmp_path / "ck", *(tmp_path / "ck").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in entries}
+    wrong = {
+        p: oct(m)
+        for p, m in modes.items()
+        if m != (0o755 if os.path.isdir(tmp_path / p) else 0o644)
+    }
+    assert wrong == {}
+
+
+def test_loading_ignores_stray_files_and_says_so_once(models, tmp_path, tokens):
+    """Loading used to refuse a checkpoint with notes.txt or .ipynb_checkpoints/ beside it."""
+    ck = tmp_path / "ck"
+    models[0].save_pretrained(ck)
+    (ck / "notes.txt").write_text("hi")
+    (ck / ".ipynb_checkpoints").mkdir()
+    (ck / ".ipynb_checkpoints" / "x.json").write_text("{}")
+    with pytest.warns(
+        UserWarning, match=r"ignoring 2 file\(s\).*\.ipynb_checkpoints/x.json, notes.txt"
+    ) as seen:
+        loaded = HookedCodebookTransformer.from_pretrained(ck)
+    assert len([w for w in seen if "ignoring" in str(w.message)]) == 1
+    assert torch.equal(loaded(tokens), models[0](tokens))
+    (ck / "tokenizer" / "added_tokens.json").write_text("{}")  # inside an entry it owns: refused
+    with pytest.raises(CheckpointError, match="added_tokens.json is not listed"), pytest.warns():
+        HookedCodebookTransformer.from_pretrained(ck)
+
+
+# ------------------------------------------------------------------ fault injection
+
+# Every file-system step a save takes: an error, or a kill, is injected at each call.
+STEPS = [("os", "replace"), ("os", "mkdir"), ("os", "fsync"), ("os", "chmod"), ("shutil", "rmtree")]
+
+
+def _count_steps(monkeypatch, fail_at=None, on_fail=None):
+    """Wrap every step; the ``fail_at``-th call runs ``on_fail`` instead. Returns the counter."""
+    calls = [0]
+    modules = {"os": os, "shutil": shutil}
+    wrapped = [(modules[m], name, getattr(modules[m], name)) for m, name in STEPS]
+    wrapped.append((checkpoint, "save_file", checkpoint.save_file))
+    for module, name, real in wrapped:
+
+        def step(*args, _real=real, _name=name, **kwargs):
+            calls[0] += 1
+            if calls[0] == fail_at:
+                on_fail(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, step)
+    return calls
+
+
+def _steps_in_a_save(models, path):
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_steps(mp)
+        models[1].save_pretrained(path)
+    return calls[0]
+
+
+def test_an_error_at_every_step_of_a_save_leaves_old_or_new(models, tmp_path):
+    states = [_state(m) for m in models]
+    ck = tmp_path / "ck"
+    models[0].save_pretrained(ck)
+    n_steps = _steps_in_a_save(models, tmp_path / "count")
+    assert n_steps > 15
+    outcomes = []
+    for step in range(1, n_steps + 1):
+        models[0].save_pretrained(ck)
+
+        def fail(name, step=step):
+            raise OSError(f"injected failure in {name} at step {step}")
+
+        with pytest.MonkeyPatch.context() as mp:
+            _count_steps(mp, fail_at=step, on_fail=fail)
+            try:
+                models[1].save_pretrained(ck)
+            except OSError as err:
+                assert "injected failure" in str(err)
+        outcomes.append(_which(ck, states))
+        assert _ours(ck) == [], f"step {step} left {_ours(ck)}"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "count"]
+    assert 0 in outcomes and 1 in outcomes
+
+
+def _kill_self(name):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_kill_9_at_every_step_of_a_save_leaves_old_or_new(models, tmp_path):
+    """A child killed at each file-system step of a save; the next load finds old or new."""
+    states = [_state(m) for m in models]
+    ck = tmp_path / "ck"
+    n_steps = _steps_in_a_save(models, tmp_path / "count")
+    recovered, outcomes = 0, []
+    for step in range(1, n_steps + 1):
+        models[0].save_pretrained(ck)
+
+        def save_and_die(step=step):
+            with pytest.MonkeyPatch.context() as mp:
+                _count_steps(mp, fail_at=step, on_fail=_kill_self)
+                models[1].save_pretrained(ck)
+
+        assert _exit_status(_in_child(save_and_die)) == -signal.SIGKILL
+        recovered += bool(_ours(ck))
+        outcomes.append(_which(ck, states))
+        assert _ours(ck) == []
+    assert recovered > n_steps // 2 and 0 in outcomes and 1 in outcomes
+
+
+def test_kill_9_at_random_moments_leaves_old_or_new(models, tmp_path, tokens):
+    """>= 50 saves in a child process killed at a random moment; nothing is ever lost."""
+    states = [_state(m) for m in models]
+    ck = tmp_path / "ck"
+    models[0].save_pretrained(ck)
+    start = time.perf_counter()
+    models[0].save_pretrained(tmp_path / "timing")
+    duration = time.perf_counter() - start
+    rng = random.Random(26)
+    held, interrupted, kills = 0, 0, 0
+    while kills < 50:
+        target = 1 - held
+        pid = _in_child(lambda target=target: models[target].save_pretrained(ck))
+        time.sleep(rng.uniform(0, 1.5 * duration))
+        os.kill(pid, signal.SIGKILL)
+        if _exit_status(pid) != -signal.SIGKILL:
+            continue  # the save finished before the kill: not a kill point
+        kills += 1
+        interrupted += bool(_ours(ck))
+        held = _which(ck, states)
+        assert _ours(ck) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "timing"]
+    assert interrupted >= 10, f"only {interrupted} of {kills} kills hit a save in progress"
+    loaded = HookedCodebookTransformer.from_pretrained(ck)
+    assert torch.equal(loaded(tokens), models[held](tokens))
+
+
+def test_concurrent_saves_and_loads_are_serialised(models, tmp_path):
+    """Four processes save into one directory while this one loads it: every load is whole."""
+    states = [_state(m) for m in models]
+    ck = tmp_path / "ck"
+    models[0].save_pretrained(ck)
+
+    def save_repeatedly(i):
+        for _ in range(3):
+            models[i % 2].save_pretrained(ck)
+
+    pids = [_in_child(lambda i=i: save_repeatedly(i)) for i in range(4)]
+    seen, status = set(), {}
+    while len(status) < len(pids):
+        seen.add(_which(ck, states))
+        for pid in set(pids) - set(status):
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status[pid] = os.waitstatus_to_exitcode(code)
+    assert list(status.values()) == [0, 0, 0, 0]
+    assert _which(ck, states) in (0, 1) and seen <= {0, 1}
+    assert _ours(ck) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
