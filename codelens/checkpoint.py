@@ -417,6 +417,21 @@ def read_codebook_config(path: Path, manifest: dict[str, Any]) -> CodebookConfig
         raise CheckpointError(f"{Path(path) / MANIFEST}: invalid codebook config: {err}") from err
 
 
+def check_sites(manifest: dict[str, Any], built: dict[str, Any], *, source: Any) -> None:
+    """Refuse a manifest whose ``sites`` differ from the codebooks its config builds.
+
+    The two are written together, so a difference means an edited or inconsistent
+    manifest: loading it would quietly run codebooks unlike the saved ones.
+    """
+    listed = manifest.get("sites")
+    if listed != built:
+        raise CheckpointError(
+            f"{Path(source) / MANIFEST}: its 'sites' entry {listed} does not match the "
+            f"codebooks its codebook config builds {built}; the manifest was edited or "
+            "is inconsistent"
+        )
+
+
 def read_hf_config(path: Path) -> PretrainedConfig:
     """The base model's HuggingFace config (after `read_manifest` verified it)."""
     directory = Path(path) / HF_CONFIG_DIR

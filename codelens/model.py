@@ -116,6 +116,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         checkpoint.load_base_state(model, checkpoint.read_tensors(base_file), source=base_file)
         if codebook == AUTO and saved is not None:
             model.add_codebooks(saved)
+            checkpoint.check_sites(manifest, checkpoint.site_shapes(model), source=path)
             state = checkpoint.read_tensors(codebook_file)
             checkpoint.load_codebook_state(model, state, source=codebook_file)
         elif isinstance(codebook, CodebookConfig):
@@ -211,17 +212,33 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
                 f"mlp_groups={config.mlp_groups} does not divide d_model={self.cfg.d_model}"
             )
         device = next(self.parameters()).device
-        for layer in layers:
-            if "attn" in config.sites:
-                self._install(
-                    attn_site(layer), self.cfg.n_heads, self.cfg.d_head, "attn", config, device
-                )
-            if "mlp" in config.sites:
-                groups = config.mlp_groups
-                d = self.cfg.d_model // groups
-                self._install(mlp_site(layer), groups, d, "mlp", config, device)
-        self.codebook_config = config
-        self.refresh_hooks()
+        with self._undone_on_error():
+            for layer in layers:
+                if "attn" in config.sites:
+                    self._install(
+                        attn_site(layer), self.cfg.n_heads, self.cfg.d_head, "attn", config, device
+                    )
+                if "mlp" in config.sites:
+                    groups = config.mlp_groups
+                    d = self.cfg.d_model // groups
+                    self._install(mlp_site(layer), groups, d, "mlp", config, device)
+            self.codebook_config = config
+            self.refresh_hooks()
+
+    @contextlib.contextmanager
+    def _undone_on_error(self) -> Iterator[None]:
+        """Uninstall every codebook the block installed if it raises, so a failed
+        `add_codebooks` leaves the model as it was (and a retry works)."""
+        before, config = dict(self._codebook_sites), self.codebook_config
+        try:
+            yield
+        except BaseException:
+            for name, site in list(self._codebook_sites.items()):
+                if before.get(name) is not site:
+                    _bridge.uninstall_site(self, site)
+            self._codebook_sites, self.codebook_config = before, config
+            self.refresh_hooks()
+            raise
 
     def _install(
         self, site: str, groups: int, d: int, kind: str, config: CodebookConfig, device

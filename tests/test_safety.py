@@ -276,3 +276,61 @@ def test_concurrent_saves_and_loads_are_serialised(models, tmp_path):
     assert list(status.values()) == [0, 0, 0, 0]
     assert _which(ck, states) in (0, 1) and seen <= {0, 1}
     assert _ours(ck) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+# ------------------------------------------------------------------ all-or-nothing
+
+
+def test_a_failed_add_codebooks_installs_nothing(tmp_path, tokens):
+    """A failed add_codebooks used to leave codebooks installed with codebook_config=None."""
+    model = tiny_model("gpt_neox")
+    before = model(tokens)
+    with pytest.raises(ValueError, match="must not repeat a layer"):
+        CodebookConfig(n_codes=4, layers=(0, 0))
+    repeated = CodebookConfig(n_codes=4, layers=(0,))
+    object.__setattr__(repeated, "layers", (0, 0))  # past the config's own check
+    with pytest.raises(RuntimeError):
+        model.add_codebooks(repeated)
+    assert model.codebooks == {} and model.codebook_config is None
+    assert not [name for name in model.hook_dict if "hook_codes" in name]
+    assert torch.equal(model(tokens), before)
+    model.add_codebooks(CodebookConfig(n_codes=4, layers=(0,)))  # a retry works
+    model.save_pretrained(tmp_path / "ck")
+    loaded = HookedCodebookTransformer.from_pretrained(tmp_path / "ck")
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_manifest_sites_are_cross_checked_against_the_config(models, tmp_path):
+    """k edited from 1 to 2 in the config, digest re-sealed: used to load with other logits."""
+    import json
+
+    ck = tmp_path / "ck"
+    models[0].save_pretrained(ck)
+    manifest = json.loads((ck / "codelens.json").read_text())
+    manifest["codebook"]["k"] = 2
+    manifest["digest"] = checkpoint._digest(manifest)
+    (ck / "codelens.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="'sites' entry .* does not match"):
+        HookedCodebookTransformer.from_pretrained(ck)
+
+
+# ------------------------------------------------------------------ clear errors
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(n_codes=2.5), "n_codes must be a whole number, got 2.5"),
+        (dict(k=True), "k must be a whole number, got True"),
+        (dict(mlp_groups=2.0), "mlp_groups must be a whole number"),
+        (dict(mlp_n_codes="8"), "mlp_n_codes must be a whole number"),
+        (dict(layers=(0.5,)), "layers entry must be a whole number, got 0.5"),
+        (dict(sites="attn"), "sites must be a tuple of site kinds .* got the string 'attn'"),
+        (dict(memory_budget_mb=float("nan")), "memory_budget_mb must be a finite number > 0"),
+        (dict(memory_budget_mb=float("inf")), "memory_budget_mb must be a finite number > 0"),
+        (dict(memory_budget_mb="big"), "memory_budget_mb must be a number"),
+    ],
+)
+def test_config_values_are_checked_by_name(fields, message):
+    with pytest.raises(ValueError, match=message):
+        CodebookConfig(**fields)
