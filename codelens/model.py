@@ -299,6 +299,24 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
             return torch.zeros((), device=next(self.parameters()).device)
         return torch.stack(losses).mean()
 
+    def check_finite(self) -> None:
+        """Raise if NaN or inf reached a codebook's input since the last check (see
+        `nonfinite_sites`)."""
+        bad = self.nonfinite_sites()
+        if bad:
+            raise ValueError(f"NaN or inf in the input of the codebooks at {', '.join(bad)}")
+
+    def nonfinite_sites(self) -> list[str]:
+        """The sites whose codebook saw NaN or inf since the last call; clears the record.
+
+        CPU inference raises at once; training and accelerators only record the finding
+        on the device, so that no forward waits for the host. Reading it is one host sync.
+        """
+        flags = {name: cb.nonfinite_input for name, cb in self.codebooks.items()}
+        for cb in self.codebooks.values():
+            cb.nonfinite_input = None
+        return [name for name, flag in flags.items() if flag is not None and bool(flag)]
+
     @contextlib.contextmanager
     def codebooks_bypassed(self) -> Iterator[None]:
         """Run the same model with every codebook as the identity (the baseline)."""

@@ -334,3 +334,139 @@ def test_manifest_sites_are_cross_checked_against_the_config(models, tmp_path):
 def test_config_values_are_checked_by_name(fields, message):
     with pytest.raises(ValueError, match=message):
         CodebookConfig(**fields)
+
+
+# ------------------------------------------------------------------ non-finite values
+
+
+def _poison(site, value=float("nan")):
+    """A hook on a codebook site (it runs before the codebook) putting ``value`` in one entry."""
+
+    def hook(x, hook):
+        x = x.clone()
+        x.view(-1)[0] = value
+        return x
+
+    return [(site, hook)]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_codebook_input_stops_inference(models, tokens, value):
+    """NaN at a codebook site used to quantise to finite codes and vanish."""
+    site = "blocks.1.attn.hook_z"
+    with torch.no_grad(), pytest.raises(RuntimeError, match=f"NaN or inf .* codebook at {site}"):
+        models[0].run_with_hooks(tokens, fwd_hooks=_poison(site, value))
+
+
+def test_non_finite_codebook_input_in_training_is_kept_on_device_and_reported(models, tokens):
+    """With autograd on (training), nothing syncs per forward: the flag is read later."""
+    model = models[0]
+    site = "blocks.1.hook_mlp_out"
+    model.run_with_hooks(tokens, fwd_hooks=_poison(site))  # no error, no host sync
+    assert model.nonfinite_sites() == [site]
+    assert model.nonfinite_sites() == []  # read once, then cleared
+    model(tokens)
+    model.check_finite()  # clean input: nothing to report
+    model.run_with_hooks(tokens, fwd_hooks=_poison(site))
+    with pytest.raises(ValueError, match=f"NaN or inf in the input of the codebooks at {site}"):
+        model.check_finite()
+
+
+def test_training_names_the_site_a_nan_entered_at(tmp_path):
+    from test_training import config
+
+    from codelens.training.trainer import NonFiniteLossError, train
+
+    model = tiny_model("gpt_neox", CodebookConfig(n_codes=8, k=1))
+
+    def poison(step, metrics):
+        if step == 2:
+            with torch.no_grad():
+                model.blocks[0].attn.W_O.fill_(float("nan"))  # NaN first at the MLP codebook
+
+    cfg = config(tmp_path / "run", steps=4, codebook=None, log_every=100)
+    with pytest.raises(NonFiniteLossError, match=r"step 2 \(NaN or inf reached the codebooks at"):
+        train(cfg, model=model, on_step=poison, progress=False)
+
+
+# ------------------------------------------------------------------ circuits
+
+
+@pytest.fixture(scope="module")
+def circuit_setup():
+    from codelens.circuits import LogitDifference, Patcher, build_graph
+
+    model = tiny_model("gpt2")
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 10, (2, 6), generator=gen)
+    corrupted = torch.randint(0, 10, (2, 6), generator=gen)
+    patcher = Patcher(model, build_graph(model), clean, corrupted=corrupted)
+    return model, patcher, LogitDifference(torch.tensor([1, 2]), torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize("method", ["acdc", "eap", "fast_path"])
+@pytest.mark.parametrize("tau", [float("nan"), -0.1, float("inf"), "0.1"])
+def test_circuit_thresholds_are_checked(circuit_setup, method, tau):
+    """tau = NaN gave an all-edge circuit, a negative tau a no-edge one, without a word."""
+    from codelens import circuits
+
+    _, patcher, metric = circuit_setup
+    with pytest.raises(ValueError, match="tau must be a"):
+        getattr(circuits, method)(patcher, metric, tau=tau)
+
+
+@pytest.mark.parametrize("method", ["acdc", "fast_path"])
+def test_a_metric_returning_nan_stops_the_search(circuit_setup, method):
+    from codelens import circuits
+
+    _, patcher, metric = circuit_setup
+
+    def broken(logits):
+        return metric(logits) * float("nan")
+
+    with pytest.raises(ValueError, match="broken returned nan: circuits cannot be judged"):
+        getattr(circuits, method)(patcher, broken, tau=0.1, **({} if method == "acdc" else {}))
+
+
+def test_eap_with_a_metric_returning_a_python_float(circuit_setup):
+    from codelens.circuits import eap
+
+    _, patcher, metric = circuit_setup
+    with pytest.raises(ValueError, match="returned float .*not a Python float"):
+        eap(patcher, lambda logits: float(metric(logits)), tau=0.1)
+
+
+def test_patcher_refuses_a_graph_of_another_architecture(circuit_setup):
+    """A GPT-NeoX graph (parallel MLPs) used to be accepted for a GPT-2 model."""
+    from codelens.circuits import Patcher, build_graph
+
+    gpt2, patcher, _ = circuit_setup
+    neox_graph = build_graph(tiny_model("gpt_neox"))
+    with pytest.raises(ValueError, match="another architecture: this model runs each MLP after"):
+        Patcher(gpt2, neox_graph, patcher.clean, ablation="zero")
+
+
+# ------------------------------------------------------------------ interventions
+
+
+def test_interventions_inside_codebooks_bypassed_raise(models, tokens):
+    """They used to be silent no-ops, even with positions past the sequence."""
+    from codelens.interventions import CodeIntervention, force_codes, intervene
+
+    model = models[0]
+    site = "blocks.1.attn.hook_z"
+    hooks = force_codes(model, site, 0, positions=[500])
+    with model.codebooks_bypassed():
+        with pytest.raises(RuntimeError, match=f"edits the codes at {site}, but the codebooks"):
+            model.run_with_hooks(tokens, fwd_hooks=hooks)
+        with pytest.raises(RuntimeError, match="bypassed"):
+            with intervene(model, CodeIntervention.force(site, 0)):
+                pass
+        with pytest.raises(RuntimeError, match="bypassed"):
+            with intervene(model, CodeIntervention.ablate(site, [0], mode="disable")):
+                pass
+        with model.hooks(fwd_hooks=[(f"{site}.hook_codes", lambda ids, hook: None)]):
+            model(tokens)  # a hook that only reads codes is no intervention: allowed
+    with intervene(model, CodeIntervention.force(site, 0)):
+        with model.codebooks_bypassed(), pytest.raises(RuntimeError, match="bypassed"):
+            model(tokens)
