@@ -64,6 +64,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         ``base_model`` (authors' format only): the base architecture, when neither the
         directory nor `codelens.original.KNOWN_BASES` gives it.
         """
+        check_device(device)
         if not (codebook is None or codebook == AUTO or isinstance(codebook, CodebookConfig)):
             raise ValueError(f"codebook must be 'auto', None or a CodebookConfig, got {codebook!r}")
         path = Path(name_or_dir)
@@ -158,6 +159,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         device: str | torch.device | None = None,
     ) -> HookedCodebookTransformer:
         """A randomly initialised model from a HuggingFace config (dict needs ``model_type``)."""
+        check_device(device)
         if isinstance(config, dict):
             config = dict(config)
             if "model_type" not in config:
@@ -179,6 +181,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         device: str | torch.device | None = None,
     ) -> HookedCodebookTransformer:
         """Wrap an in-memory HuggingFace causal LM (modified in place by the bridge)."""
+        check_device(device)
         if tokenizer is None:
             raise ValueError("from_hf_model needs the model's tokenizer")
         label = name or f"codelens-local-{hf_model.config.model_type}"
@@ -333,9 +336,28 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
     # ---------------------------------------------------------------- checks
 
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(input, str | list) and not input:
+            raise ValueError(f"the input is empty ({input!r}): pass text or token ids")
         if self.validate_tokens and isinstance(input, Tensor):
             check_token_ids(input, self.cfg.d_vocab)
+            self._check_length(input.shape[-1], text=False)
+        elif self.validate_tokens and isinstance(input, str | list):
+            options = {k: kwargs[k] for k in ("prepend_bos", "padding_side") if k in kwargs}
+            tokens = self.to_tokens(input, **options, move_to_device=False, truncate=False)
+            check_token_ids(tokens, self.cfg.d_vocab, what="the tokenizer's ids for this text")
+            self._check_length(tokens.shape[-1], text=True)
         return super().forward(input, *args, **kwargs)
+
+    def _check_length(self, length: int, *, text: bool) -> None:
+        """Refuse input past the model's positions where it would fail or be cut: learned
+        position embeddings have ``n_ctx`` rows, and TransformerLens silently truncates
+        text to ``n_ctx`` tokens (token ids of rotary models may be longer)."""
+        learned = getattr(self.cfg, "positional_embedding_type", None) == "standard"
+        if length > self.cfg.n_ctx and (learned or text):
+            raise ValueError(
+                f"the input is {length} tokens long, but the model has {self.cfg.n_ctx} "
+                "positions (n_ctx); split it into shorter sequences"
+            )
 
     def enable_compatibility_mode(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(
@@ -357,7 +379,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         return checkpoint.save(self, Path(out_dir), overwrite=overwrite)
 
 
-def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
+def check_token_ids(tokens: Tensor, vocab_size: int, *, what: str = "token ids") -> None:
     """Raise a clear error for token ids outside ``[0, vocab_size)``."""
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
@@ -365,4 +387,26 @@ def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
         raise ValueError("tokens is empty")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {low}, max {high}")
+        raise ValueError(
+            f"{what} must be in [0, {vocab_size}) (the model's vocabulary), got min {low}, "
+            f"max {high}"
+        )
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device this torch cannot use, before anything is built there."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device: {err}") from err
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }.get(kind, True)
+    if not available:
+        raise ValueError(
+            f"device={device!r}, but this torch build has no usable {kind} device "
+            f"(torch {torch.__version__}); use device='cpu' or install a {kind} build"
+        )

@@ -470,3 +470,79 @@ def test_interventions_inside_codebooks_bypassed_raise(models, tokens):
     with intervene(model, CodeIntervention.force(site, 0)):
         with model.codebooks_bypassed(), pytest.raises(RuntimeError, match="bypassed"):
             model(tokens)
+
+
+# ------------------------------------------------------------------ inputs and the CLI
+
+
+def test_unclear_model_input_errors_are_clear(tmp_path):
+    from conftest import ARCHS, digit_tokenizer
+
+    gpt2 = tiny_model("gpt2")  # learned positions: 64 of them
+    with pytest.raises(ValueError, match="input is 70 tokens long, but the model has 64 positions"):
+        gpt2(torch.zeros(1, 70, dtype=torch.long))  # was an IndexError from the embedding
+    with pytest.raises(ValueError, match="input is 8[01] tokens long"):
+        tiny_model("gpt_neox")("1" * 80)  # text was silently cut to 64 tokens
+    assert tiny_model("gpt_neox")(torch.zeros(1, 70, dtype=torch.long)).shape[1] == 70  # rotary
+    for empty in ([], ""):
+        with pytest.raises(ValueError, match="the input is empty"):
+            gpt2(empty)
+    small = HookedCodebookTransformer.from_config(
+        dict(ARCHS["gpt2"], vocab_size=10), digit_tokenizer()
+    )  # the tokenizer's <bos> is id 10
+    with pytest.raises(ValueError, match=r"tokenizer's ids for this text must be in \[0, 10\)"):
+        small("123")
+    with pytest.raises(ValueError, match="device='gpu' is not a torch device"):
+        HookedCodebookTransformer.from_config(
+            dict(ARCHS["gpt2"], vocab_size=13), None, device="gpu"
+        )
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda', but this torch build has no usable"):
+            HookedCodebookTransformer.from_config(
+                dict(ARCHS["gpt2"], vocab_size=13), digit_tokenizer(), device="cuda"
+            )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["circuit", "run", "--threads", "0"], "argument --threads: must be a whole number >= 1"),
+        (["browse", "run", "--sequences", "0"], "argument --sequences: must be a whole number"),
+        (["browse", "run", "--sequences", "-5"], "got -5"),
+        (["browse", "run", "--block-len", "x"], "got 'x'"),
+    ],
+)
+def test_cli_numbers_are_checked(argv, message, capsys):
+    from codelens.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_output_onto_a_directory(tmp_path, models, capsys):
+    from codelens.cli import main
+
+    with pytest.raises(SystemExit, match="is a directory; give the HTML file to write"):
+        main(["browse", str(tmp_path), "-o", str(tmp_path)])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    models[0].save_pretrained(tmp_path / "ck")
+    with pytest.raises(SystemExit) as exit_:  # a refused save is a message, not a traceback
+        main(["convert", str(tmp_path / "ck"), str(tmp_path / "mine")])
+    assert exit_.value.code == 2
+    assert "not a complete codelens checkpoint" in capsys.readouterr().err
+
+
+def test_resuming_from_a_corrupted_newest_checkpoint_names_the_previous_one(tmp_path):
+    from test_training import config
+
+    from codelens.training.trainer import train
+
+    cfg = config(tmp_path / "run", steps=4, checkpoint_every=2, keep_checkpoints=2)
+    train(cfg, progress=False)
+    newest = tmp_path / "run" / "checkpoints" / "step-00000004"
+    damaged = newest / "trainer.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-9])
+    with pytest.raises(CheckpointError, match=r"previous checkpoint .*step-00000002 is intact"):
+        train(config(tmp_path / "run", steps=6, checkpoint_every=2), progress=False)

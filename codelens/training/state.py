@@ -78,13 +78,36 @@ def save_state(
     return final
 
 
+def verify_state(path: Path) -> None:
+    """Verify a training checkpoint's files; a damaged one names the newest intact one
+    before it, so that a resume can fall back to it (nothing is moved or deleted)."""
+    path = Path(path)
+    try:
+        checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
+        checkpoint.read_manifest(path / "model")
+    except checkpoint.CheckpointError as err:
+        older = [p for p in checkpoint_dirs(path.parent.parent) if p.name < path.name]
+        hint = "there is no earlier checkpoint to resume from"
+        for candidate in reversed(older):
+            try:
+                checkpoint.verify(candidate, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
+                checkpoint.read_manifest(candidate / "model", warn=False)
+            except checkpoint.CheckpointError:
+                continue
+            hint = (
+                f"the previous checkpoint {candidate} is intact: move {path} out of "
+                f"{path.parent} to resume from it"
+            )
+            break
+        raise checkpoint.CheckpointError(f"{err}; {hint}") from err
+
+
 def load_state(
     path: Path, model: HookedCodebookTransformer, optimizer: torch.optim.Optimizer
 ) -> tuple[int, dict[str, Tensor]]:
     """Restore a checkpoint into ``model`` and ``optimizer``; returns (step, extra tensors)."""
     path = Path(path)
-    checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
-    checkpoint.read_manifest(path / "model")
+    verify_state(path)
     checkpoint.load_base_state(
         model, checkpoint.read_tensors(path / "model" / checkpoint.BASE_FILE), source=path
     )
@@ -107,7 +130,7 @@ def load_state(
 
 def saved_config(path: Path) -> dict[str, Any] | None:
     """The training config a checkpoint was written under (None if it predates recording it)."""
-    checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
+    verify_state(path)
     path = Path(path) / "trainer.json"
     try:
         return json.loads(path.read_text()).get("config")
