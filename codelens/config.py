@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,11 +57,18 @@ class CodebookConfig:
             value = getattr(self, name)
             if value is not None or name != "mlp_n_codes":
                 object.__setattr__(self, name, _whole(name, value))
+        for name in ("layer_norm", "layer_norm_affine"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.sites, str):
             raise ValueError(
                 f"sites must be a tuple of site kinds such as ('attn',), got the string "
                 f"{self.sites!r}"
             )
+        for name in ("sites", "layers"):
+            value = getattr(self, name)
+            if not (value is None and name == "layers" or isinstance(value, Iterable)):
+                raise ValueError(f"{name} must be a sequence, got {value!r}")
         object.__setattr__(self, "sites", tuple(self.sites))
         if self.layers is not None:
             layers = tuple(_whole("layers entry", x) for x in self.layers)

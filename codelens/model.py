@@ -336,8 +336,14 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
     # ---------------------------------------------------------------- checks
 
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(input, str | list) and not input:
+        if input == "" or (isinstance(input, list) and all(t == "" for t in input)):
             raise ValueError(f"the input is empty ({input!r}): pass text or token ids")
+        if isinstance(input, Tensor) and not input.is_floating_point() and input.ndim not in (1, 2):
+            raise ValueError(
+                f"token ids must be [batch, pos] or [pos], got shape {tuple(input.shape)}"
+            )
+        if isinstance(input, Tensor) and input.dtype in (torch.int16, torch.uint8):
+            input = input.long()  # the embedding takes int32 and int64 only
         if self.validate_tokens and isinstance(input, Tensor):
             check_token_ids(input, self.cfg.d_vocab)
             self._check_length(input.shape[-1], text=False)
