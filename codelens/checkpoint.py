@@ -118,8 +118,8 @@ def save(model: nn.Module, out_dir: Path, *, overwrite: bool = False) -> Path:
 
 def _write(model: nn.Module, stage: Path) -> None:
     """Every owned entry of a checkpoint into the empty directory ``stage``, manifest last."""
-    _save_tensors(base_state(model), stage / BASE_FILE)
-    _save_tensors(codebook_state(model), stage / CODEBOOK_FILE)
+    save_tensors(base_state(model), stage / BASE_FILE)
+    save_tensors(codebook_state(model), stage / CODEBOOK_FILE)
     model.original_model.config.save_pretrained(stage / HF_CONFIG_DIR)
     model.tokenizer.save_pretrained(stage / TOKENIZER_DIR)
     config = model.codebook_config
@@ -134,7 +134,7 @@ def _write(model: nn.Module, stage: Path) -> None:
     _fsync_dir(stage)
 
 
-def _save_tensors(tensors: dict[str, Tensor], file: Path) -> None:
+def save_tensors(tensors: dict[str, Tensor], file: Path) -> None:
     """safetensors' ``save_file``, with the mode any file the user creates gets (it uses 0600)."""
     save_file(tensors, str(file))
     os.chmod(file, 0o666 & ~_umask())

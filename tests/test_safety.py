@@ -546,3 +546,24 @@ def test_resuming_from_a_corrupted_newest_checkpoint_names_the_previous_one(tmp_
     damaged.write_bytes(damaged.read_bytes()[:-9])
     with pytest.raises(CheckpointError, match=r"previous checkpoint .*step-00000002 is intact"):
         train(config(tmp_path / "run", steps=6, checkpoint_every=2), progress=False)
+
+
+def test_training_checkpoints_get_the_umask_and_killed_ones_are_cleared(tmp_path):
+    """Training checkpoints were written in 0700 temporary directories that a kill leaked."""
+    from codelens.training import state as train_state
+
+    model = tiny_model("gpt_neox", CodebookConfig(n_codes=4, k=1, layers=(0,)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    dead, alive = root / ".tmp-999999999-0a1b2c3d", root / f".tmp-{os.getpid()}-0a1b2c3d"
+    dead.mkdir()
+    alive.mkdir()
+    previous = os.umask(0o022)
+    try:
+        path = train_state.save_state(tmp_path, 3, model, optimizer, {}, keep=2)
+    finally:
+        os.umask(previous)
+    assert not dead.exists() and alive.exists()  # another live process's is left alone
+    modes = {p.stat().st_mode & 0o777 for p in [path, *path.rglob("*")]}
+    assert modes <= {0o755, 0o644}, sorted(map(oct, modes))
