@@ -144,7 +144,7 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
     if overwrite or not any(out_dir.iterdir()):
         return
     try:
-        read_manifest(out_dir, warn=False)
+        read_manifest(out_dir, warn=False, hashes=False)  # complete; damage may be replaced
     except CheckpointError as err:
         raise FileExistsError(
             f"{out_dir} is not empty and is not a complete codelens checkpoint ({err}); "
@@ -324,6 +324,7 @@ def verify(
     skip: Iterable[str] = (),
     owned: Iterable[str] | None = None,
     warn: bool = True,
+    hashes: bool = True,
 ) -> dict[str, Any]:
     """Check a manifest written by `write_manifest` against ``directory``; returns it.
 
@@ -332,7 +333,8 @@ def verify(
     ``required`` entry (a file, or a ``dir/`` prefix meaning at least one file there)
     must be listed. Raises `CheckpointError` naming the file otherwise. With ``owned``
     (top-level names), files outside those entries are not the checkpoint's: they are
-    ignored, with one warning naming them (unless ``warn=False``).
+    ignored, with one warning naming them (unless ``warn=False``). ``hashes=False``
+    checks only that the checkpoint is complete (every file listed and present).
     """
     directory = Path(directory)
     manifest_file = directory / name
@@ -368,7 +370,7 @@ def verify(
             raise CheckpointError(f"{manifest_file} has an empty hash for {rel}")
         if rel not in present:
             raise CheckpointError(f"checkpoint file {file} is missing")
-        if _sha256(file) != expected:
+        if hashes and _sha256(file) != expected:
             raise CheckpointError(
                 f"checkpoint file {file} is corrupted or truncated: its sha256 is not the one "
                 f"in {manifest_file} (or that manifest belongs to another checkpoint)"
@@ -387,7 +389,7 @@ def read_json(file: Path) -> Any:
 # ------------------------------------------------------------------------ loading
 
 
-def read_manifest(path: Path, *, warn: bool = True) -> dict[str, Any]:
+def read_manifest(path: Path, *, warn: bool = True, hashes: bool = True) -> dict[str, Any]:
     """Verify a codelens checkpoint directory (see `verify`) and return its manifest.
 
     Files the user keeps beside the checkpoint (notes, ``.ipynb_checkpoints/``) are
@@ -403,7 +405,7 @@ def read_manifest(path: Path, *, warn: bool = True) -> dict[str, Any]:
             f"{VERSION} (version 1 did not hash its config and tokenizer; load it with the "
             "codelens that wrote it and save it again)"
         )
-    return verify(path, MANIFEST, required=REQUIRED, owned=OWNED, warn=warn)
+    return verify(path, MANIFEST, required=REQUIRED, owned=OWNED, warn=warn, hashes=hashes)
 
 
 def read_codebook_config(path: Path, manifest: dict[str, Any]) -> CodebookConfig | None:

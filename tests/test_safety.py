@@ -105,6 +105,19 @@ def test_a_directory_that_only_looks_like_a_checkpoint_is_refused(models, tmp_pa
     assert _which(folder, [_state(models[0])]) == 0
 
 
+def test_a_damaged_checkpoint_may_be_resaved_an_incomplete_one_is_refused(models, tmp_path):
+    states = [_state(m) for m in models]
+    ck = tmp_path / "ck"
+    models[0].save_pretrained(ck)
+    weights = ck / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])  # complete but damaged: a save repairs it
+    models[1].save_pretrained(ck)
+    assert _which(ck, states) == 1
+    (ck / "codebooks.safetensors").unlink()  # incomplete: maybe not ours any more
+    with pytest.raises(FileExistsError, match="codebooks.safetensors is missing"):
+        models[0].save_pretrained(ck)
+
+
 def test_a_file_destination_is_refused(models, tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FileExistsError, match="it is a file"):
