@@ -185,6 +185,8 @@ def _count_steps(monkeypatch, fail_at=None, on_fail=None):
 
 
 def _steps_in_a_save(models, path):
+    """How many steps re-saving over a checkpoint takes (the longest kind of save)."""
+    models[0].save_pretrained(path)
     with pytest.MonkeyPatch.context() as mp:
         calls = _count_steps(mp)
         models[1].save_pretrained(path)
@@ -196,7 +198,7 @@ def test_an_error_at_every_step_of_a_save_leaves_old_or_new(models, tmp_path):
     ck = tmp_path / "ck"
     models[0].save_pretrained(ck)
     n_steps = _steps_in_a_save(models, tmp_path / "count")
-    assert n_steps > 15
+    assert n_steps > 25
     outcomes = []
     for step in range(1, n_steps + 1):
         models[0].save_pretrained(ck)
