@@ -94,6 +94,7 @@ def save(model: nn.Module, out_dir: Path, *, overwrite: bool = False) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"cannot save a checkpoint to {out_dir}: it is a file")
+    restore_interrupted_legacy_save(out_dir)
     created = not out_dir.exists()
     with _locked(out_dir, exclusive=True, create=True):
         try:
@@ -190,6 +191,32 @@ def _recover(out_dir: Path) -> None:
             shutil.rmtree(stage)
     for retired in _leftovers(out_dir, RETIRED):
         shutil.rmtree(retired)
+
+
+def restore_interrupted_legacy_save(out_dir: Path) -> None:
+    """Put back a checkpoint that an older codelens left hidden beside ``out_dir``.
+
+    Earlier codelens versions saved by renaming the old checkpoint to ``.{name}.old-*`` and then the
+    new one from ``.{name}.tmp-*`` into place; a crash between the two left nothing at
+    ``out_dir``. If ``out_dir`` is missing, the newest complete one of those is renamed
+    back (the new one first). Nothing is deleted.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() or not out_dir.parent.is_dir():
+        return
+    for kind in (".tmp-", ".old-"):
+        for candidate in sorted(out_dir.parent.glob(f".{out_dir.name}{kind}*")):
+            try:
+                read_manifest(candidate, warn=False)
+            except CheckpointError:
+                continue
+            with contextlib.suppress(OSError):  # another process restored it first
+                os.rename(candidate, out_dir)
+            warnings.warn(
+                f"restored {out_dir} from {candidate.name}, left by a save that was interrupted",
+                stacklevel=3,
+            )
+            return
 
 
 def _leftovers(out_dir: Path, prefix: str) -> list[Path]:

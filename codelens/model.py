@@ -68,6 +68,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         if not (codebook is None or codebook == AUTO or isinstance(codebook, CodebookConfig)):
             raise ValueError(f"codebook must be 'auto', None or a CodebookConfig, got {codebook!r}")
         path = Path(name_or_dir)
+        checkpoint.restore_interrupted_legacy_save(path)
         source = None if checkpoint.is_checkpoint(path) else original.locate(name_or_dir)
         if base_model is not None and source is None:
             raise ValueError(

@@ -118,6 +118,17 @@ def test_a_damaged_checkpoint_may_be_resaved_an_incomplete_one_is_refused(models
         models[0].save_pretrained(ck)
 
 
+def test_a_checkpoint_hidden_by_an_older_codelens_crash_is_restored(models, tmp_path, tokens):
+    """Older saves renamed the old checkpoint to .ck.old-*, then the new one into place;
+    a crash between the two left no checkpoint at ck."""
+    models[0].save_pretrained(tmp_path / ".ck.old-1a2b3c4d")
+    (tmp_path / ".ck.tmp-5e6f7a8b").mkdir()  # a new one that was not finished
+    with pytest.warns(UserWarning, match=r"restored .*ck from \.ck\.old-1a2b3c4d"):
+        loaded = HookedCodebookTransformer.from_pretrained(tmp_path / "ck")
+    assert torch.equal(loaded(tokens), models[0](tokens))
+    assert (tmp_path / ".ck.tmp-5e6f7a8b").is_dir()  # never deleted: maybe not ours
+
+
 def test_a_file_destination_is_refused(models, tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FileExistsError, match="it is a file"):
