@@ -56,6 +56,11 @@ def _browse(args: argparse.Namespace) -> None:
     from codelens.model import HookedCodebookTransformer
 
     path = Path(args.path)
+    if Path(args.output).is_dir():
+        raise SystemExit(
+            f"-o {args.output} is a directory; give the HTML file to write, e.g. "
+            f"{Path(args.output) / 'codes.html'}"
+        )
     if (path / "config.json").is_file() and (path / "final").is_dir():
         model_dir, tokens = sample_tokens_for(path, args.sequences)
     elif is_checkpoint(path):
@@ -239,6 +244,17 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 threads or -5 sequences is a mistake)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="codelens", description=__doc__)
     parser.add_argument(
@@ -273,9 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     browse = commands.add_parser("browse", help="write a static HTML code browser")
     browse.add_argument("path", help="a run directory or a saved codelens model directory")
     browse.add_argument("-o", "--output", default="codes.html", help="the HTML file to write")
-    browse.add_argument("--sequences", type=int, default=64, help="sequences to run the model on")
+    browse.add_argument(
+        "--sequences", type=_positive, default=64, help="sequences to run the model on"
+    )
     browse.add_argument("--text", help="corpus file for a model directory (txt, jsonl, parquet)")
-    browse.add_argument("--block-len", type=int, default=128, help="tokens per sequence (--text)")
+    browse.add_argument(
+        "--block-len", type=_positive, default=128, help="tokens per sequence (--text)"
+    )
     browse.set_defaults(run=_browse)
 
     circuit = commands.add_parser(
@@ -304,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of a tau, find the fewest top-ranked edges (--methods eap or eap-ig, "
         "default eap-ig) whose faithfulness reaches F in (0, 1], e.g. 0.8",
     )
-    circuit.add_argument("--steps", type=int, default=5, help="integrated-gradient steps")
+    circuit.add_argument("--steps", type=_positive, default=5, help="integrated-gradient steps")
     circuit.add_argument(
         "--keep-above",
         type=float,
@@ -313,12 +333,14 @@ def main(argv: list[str] | None = None) -> None:
         "(default: test every edge it keeps)",
     )
     circuit.add_argument(
-        "--pairs", type=int, help="clean/corrupted prompt pairs (default: 64; steering: its own)"
+        "--pairs",
+        type=_positive,
+        help="clean/corrupted prompt pairs (default: 64; steering: its own)",
     )
     circuit.add_argument(
         "--seed", type=int, help="seed of the prompt pairs (default: 0; steering: its own)"
     )
-    circuit.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    circuit.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
     circuit.add_argument(
         "--compare-tl", action="store_true", help="also rank-correlate with TL's attribution_patch"
     )
@@ -337,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad input, missing or unwritable files
         print(f"codelens {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 

@@ -104,6 +104,7 @@ class CodebookLayer(HookedRootModule):
         self.code_index: CodeIndex | None = None
         self.reconstruction_loss: Tensor | None = None
         self.commitment_loss: Tensor | None = None
+        self.nonfinite_input: Tensor | None = None  # device flag, see `_check_finite`
         self._any_disabled: tuple[Any, bool] = (None, False)
         self.hook_codes = HookPoint()
         self.hook_quantized = HookPoint()
@@ -132,12 +133,14 @@ class CodebookLayer(HookedRootModule):
 
     def forward(self, x: Float[Tensor, "... G d"]) -> Float[Tensor, "... G d"]:
         if self.bypass:
+            self._check_no_code_edits()
             return x
         if x.shape[-2:] != (self.n_groups, self.d):
             raise ValueError(
                 f"CodebookLayer expects [..., {self.n_groups}, {self.d}] activations, "
                 f"got shape {tuple(x.shape)}"
             )
+        self._check_finite(x)
         chosen = self.top_k(x)
         version = None if chosen.is_inference() else chosen._version
         ids = self.hook_codes(chosen)
@@ -154,6 +157,42 @@ class CodebookLayer(HookedRootModule):
             return quantized
         out, self.reconstruction_loss, self.commitment_loss = _StraightThrough.apply(x, quantized)
         return out
+
+    def _check_finite(self, x: Float[Tensor, "... G d"]) -> None:
+        """Stop on NaN or inf in the input, which would quantise to finite codes and vanish.
+
+        CPU inference raises at once. Training, and any run on an accelerator, keeps the
+        finding on the device in ``nonfinite_input`` (no host sync per forward);
+        `HookedCodebookTransformer.check_finite` reports it, and the trainer names the
+        site when it stops on the non-finite loss that follows.
+        """
+        finite = torch.isfinite(x).all()
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            torch._assert_async(  # raises here on the CPU, with no host read
+                finite, f"NaN or inf in the input of the codebook at {self.site_name()}"
+            )
+            return
+        bad = finite.logical_not()
+        if self.nonfinite_input is None:
+            self.nonfinite_input = bad
+        else:
+            self.nonfinite_input = self.nonfinite_input | bad
+
+    def _check_no_code_edits(self) -> None:
+        """A bypassed codebook chooses no codes, so a hook that edits them (one marked
+        ``edits_codes``, as every intervention is) would silently do nothing: refuse."""
+        handles = self.hook_codes.fwd_hooks
+        if any(getattr(getattr(h, "user_hook", None), "edits_codes", False) for h in handles):
+            raise RuntimeError(
+                f"an intervention edits the codes at {self.site_name()}, but the codebooks "
+                "are bypassed (codebooks_bypassed()), so it would have no effect; apply it "
+                "outside that block"
+            )
+
+    def site_name(self) -> str:
+        """The hook point this codebook sits at (as the model's hook registry names it)."""
+        name = self.hook_codes.name or "an unnamed site"
+        return name.removesuffix(".hook_codes")
 
     def top_k(self, x: Float[Tensor, "... G d"]) -> Int[Tensor, "... G k"]:
         """Ids of the k best-scoring enabled codes of every group, chunked over tokens.

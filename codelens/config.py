@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,9 +53,28 @@ class CodebookConfig:
     memory_budget_mb: float = 1024.0
 
     def __post_init__(self) -> None:
+        for name in ("n_codes", "k", "mlp_n_codes", "mlp_groups"):
+            value = getattr(self, name)
+            if value is not None or name != "mlp_n_codes":
+                object.__setattr__(self, name, _whole(name, value))
+        for name in ("layer_norm", "layer_norm_affine"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.sites, str):
+            raise ValueError(
+                f"sites must be a tuple of site kinds such as ('attn',), got the string "
+                f"{self.sites!r}"
+            )
+        for name in ("sites", "layers"):
+            value = getattr(self, name)
+            if not (value is None and name == "layers" or isinstance(value, Iterable)):
+                raise ValueError(f"{name} must be a sequence, got {value!r}")
         object.__setattr__(self, "sites", tuple(self.sites))
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            layers = tuple(_whole("layers entry", x) for x in self.layers)
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layers must not repeat a layer, got {self.layers}")
+            object.__setattr__(self, "layers", layers)
         if self.n_codes < 1:
             raise ValueError(f"n_codes must be >= 1, got {self.n_codes}")
         if not 1 <= self.k <= self.n_codes:
@@ -74,8 +96,11 @@ class CodebookConfig:
             raise ValueError("layer_norm_affine=True needs layer_norm=True")
         if self.mlp_groups < 1:
             raise ValueError(f"mlp_groups must be >= 1, got {self.mlp_groups}")
-        if self.memory_budget_mb <= 0:
-            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+        budget = self.memory_budget_mb
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+            raise ValueError(f"memory_budget_mb must be a number, got {budget!r}")
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"memory_budget_mb must be a finite number > 0, got {budget}")
 
     def site_n_codes(self, kind: str) -> int:
         """Codebook size at a kind of site (``"attn"`` or ``"mlp"``)."""
@@ -98,3 +123,10 @@ class CodebookConfig:
         if unknown:
             raise ValueError(f"unknown CodebookConfig keys {unknown}; valid keys: {sorted(names)}")
         return cls(**d)
+
+
+def _whole(name: str, value: Any) -> int:
+    """``value`` as an int, refusing floats, bools and strings (2.5 codes is a mistake)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(value)

@@ -198,6 +198,11 @@ class CodeIntervention:
         if self.site not in sites:
             raise ValueError(f"no codebook at site {self.site!r}; valid sites: {list(sites)}")
         layer = sites[self.site]
+        if layer.bypass:
+            raise RuntimeError(
+                f"the codebook at {self.site} is bypassed (codebooks_bypassed()): an "
+                "intervention on its codes would have no effect"
+            )
         if self.group is not None and self.group >= layer.n_groups:
             raise ValueError(
                 f"group {self.group} out of range: {self.site} has {layer.n_groups} groups"
@@ -441,6 +446,8 @@ def _tracker(model: nn.Module) -> _PositionTracker:
 
 class _CodesHook:
     """Rewrites ``hook_codes`` ids for one intervention, without device-to-host copies."""
+
+    edits_codes = True  # a bypassed codebook refuses to run with it (it would do nothing)
 
     def __init__(
         self, iv: CodeIntervention, n_groups: int, k: int, tracker: _PositionTracker

@@ -74,9 +74,11 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         ``base_model`` (authors' format only): the base architecture, when neither the
         directory nor `codelens.original.KNOWN_BASES` gives it.
         """
+        check_device(device)
         if not (codebook is None or codebook == AUTO or isinstance(codebook, CodebookConfig)):
             raise ValueError(f"codebook must be 'auto', None or a CodebookConfig, got {codebook!r}")
         path = Path(name_or_dir)
+        checkpoint.restore_interrupted_legacy_save(path)
         check_model_path(name_or_dir)
         source = None if checkpoint.is_checkpoint(path) else original.locate(name_or_dir)
         if base_model is not None and source is None:
@@ -115,6 +117,13 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         cls, path: Path, codebook: CodebookConfig | str | None, tokenizer: Any
     ) -> HookedCodebookTransformer:
         """Rebuild a saved codelens model with bit-identical logits (files verified first)."""
+        with checkpoint.reading(path):
+            return cls._read_checkpoint(path, codebook, tokenizer)
+
+    @classmethod
+    def _read_checkpoint(
+        cls, path: Path, codebook: CodebookConfig | str | None, tokenizer: Any
+    ) -> HookedCodebookTransformer:
         manifest = checkpoint.read_manifest(path)
         saved = checkpoint.read_codebook_config(path, manifest)
         settings = checkpoint.read_site_settings(path, manifest)
@@ -134,7 +143,12 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         if codebook == AUTO and (saved is not None or sites):
             if settings is None:  # written before per-site settings were saved
                 model.add_codebooks(saved)
+                checkpoint.check_sites(sites, checkpoint.site_shapes(model), source=path)
             else:
+                if saved is not None:  # the config's sites must be the saved ones
+                    expected = model._config_settings(saved)
+                    listed = {site: settings.get(site) for site in expected}
+                    checkpoint.check_sites(listed, expected, source=path)
                 for site, kwargs in settings.items():
                     model._attach(site, CodebookLayer(**kwargs))
                 model.codebook_config = saved
@@ -179,6 +193,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         device: str | torch.device | None = None,
     ) -> HookedCodebookTransformer:
         """A randomly initialised model from a HuggingFace config (dict needs ``model_type``)."""
+        check_device(device)
         if isinstance(config, dict):
             config = dict(config)
             if "model_type" not in config:
@@ -200,6 +215,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         device: str | torch.device | None = None,
     ) -> HookedCodebookTransformer:
         """Wrap an in-memory HuggingFace causal LM (modified in place by the bridge)."""
+        check_device(device)
         if tokenizer is None:
             raise ValueError("from_hf_model needs the model's tokenizer")
         label = name or f"codelens-local-{hf_model.config.model_type}"
@@ -224,9 +240,17 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
     # ---------------------------------------------------------------- codebooks
 
     def add_codebooks(self, config: CodebookConfig) -> None:
-        """Attach codebooks at the sites and layers ``config`` names."""
+        """Attach codebooks at the sites and layers ``config`` names (all or none)."""
         if self.codebook_config is not None:
             raise ValueError("this model already has codebooks; call remove_codebooks() first")
+        settings = self._config_settings(config)
+        with self._undone_on_error():
+            for site, kwargs in settings.items():
+                self._attach(site, CodebookLayer(**kwargs))
+            self.codebook_config = config
+
+    def _config_settings(self, config: CodebookConfig) -> dict[str, dict[str, Any]]:
+        """The `CodebookLayer` settings of each site ``config`` puts on this model."""
         n_layers = self.cfg.n_layers
         layers = range(n_layers) if config.layers is None else config.layers
         bad = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -236,34 +260,39 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
             raise ValueError(
                 f"mlp_groups={config.mlp_groups} does not divide d_model={self.cfg.d_model}"
             )
-        device = next(self.parameters()).device
+        shared = {
+            "k": config.k,
+            "similarity": config.similarity,
+            "combine": config.combine,
+            "layer_norm": config.layer_norm,
+            "layer_norm_affine": config.layer_norm_affine,
+            "memory_budget_mb": config.memory_budget_mb,
+        }
+        attn = {"n_groups": self.cfg.n_heads, "d": self.cfg.d_head}
+        mlp = {"n_groups": config.mlp_groups, "d": self.cfg.d_model // config.mlp_groups}
+        settings = {}
         for layer in layers:
             if "attn" in config.sites:
-                self._install(
-                    attn_site(layer), self.cfg.n_heads, self.cfg.d_head, "attn", config, device
-                )
+                n_codes = config.site_n_codes("attn")
+                settings[attn_site(layer)] = {**attn, "n_codes": n_codes, **shared}
             if "mlp" in config.sites:
-                groups = config.mlp_groups
-                d = self.cfg.d_model // groups
-                self._install(mlp_site(layer), groups, d, "mlp", config, device)
-        self.codebook_config = config
-        self.refresh_hooks()
+                settings[mlp_site(layer)] = {**mlp, "n_codes": config.site_n_codes("mlp"), **shared}
+        return settings
 
-    def _install(
-        self, site: str, groups: int, d: int, kind: str, config: CodebookConfig, device
-    ) -> None:
-        layer = CodebookLayer(
-            groups,
-            d,
-            config.site_n_codes(kind),
-            config.k,
-            similarity=config.similarity,
-            combine=config.combine,
-            layer_norm=config.layer_norm,
-            layer_norm_affine=config.layer_norm_affine,
-            memory_budget_mb=config.memory_budget_mb,
-        ).to(device)
-        self._codebook_sites[site] = _bridge.install_site(self, site, layer)
+    @contextlib.contextmanager
+    def _undone_on_error(self) -> Iterator[None]:
+        """Uninstall every codebook the block installed if it raises, so a failed
+        `add_codebooks` leaves the model as it was (and a retry works)."""
+        before, config = dict(self._codebook_sites), self.codebook_config
+        try:
+            yield
+        except BaseException:
+            for name, site in list(self._codebook_sites.items()):
+                if before.get(name) is not site:
+                    _bridge.uninstall_site(self, site)
+            self._codebook_sites, self.codebook_config = before, config
+            self.refresh_hooks()
+            raise
 
     def add_codebook(
         self,
@@ -364,6 +393,24 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
             return torch.zeros((), device=next(self.parameters()).device)
         return torch.stack(losses).mean()
 
+    def check_finite(self) -> None:
+        """Raise if NaN or inf reached a codebook's input since the last check (see
+        `nonfinite_sites`)."""
+        bad = self.nonfinite_sites()
+        if bad:
+            raise ValueError(f"NaN or inf in the input of the codebooks at {', '.join(bad)}")
+
+    def nonfinite_sites(self) -> list[str]:
+        """The sites whose codebook saw NaN or inf since the last call; clears the record.
+
+        CPU inference raises at once; training and accelerators only record the finding
+        on the device, so that no forward waits for the host. Reading it is one host sync.
+        """
+        flags = {name: cb.nonfinite_input for name, cb in self.codebooks.items()}
+        for cb in self.codebooks.values():
+            cb.nonfinite_input = None
+        return [name for name, flag in flags.items() if flag is not None and bool(flag)]
+
     @contextlib.contextmanager
     def codebooks_bypassed(self) -> Iterator[None]:
         """Run the same model with every codebook as the identity (the baseline)."""
@@ -380,11 +427,24 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
     # ---------------------------------------------------------------- checks
 
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
+        if input == "" or (isinstance(input, list) and all(t == "" for t in input)):
+            raise ValueError(f"the input is empty ({input!r}): pass text or token ids")
+        if isinstance(input, Tensor) and not input.is_floating_point() and input.ndim not in (1, 2):
+            raise ValueError(
+                f"token ids must be [batch, pos] or [pos], got shape {tuple(input.shape)}"
+            )
+        if isinstance(input, Tensor) and input.dtype in (torch.int16, torch.uint8):
+            input = input.long()  # the embedding takes int32 and int64 only
         if self.validate_tokens and isinstance(input, Tensor):
             if input.device.type == "cpu":  # host memory: reading it syncs nothing
                 check_token_ids(input, self.cfg.d_vocab)
             else:  # checked where they entered (to_tokens, generate, collect_codes, CLI)
                 assert_token_ids_on_device(input, self.cfg.d_vocab)
+            self._check_length(input.shape[-1], text=False)
+        elif self.validate_tokens and isinstance(input, str | list):
+            options = {k: kwargs[k] for k in ("prepend_bos", "padding_side") if k in kwargs}
+            tokens = self.to_tokens(input, **options, move_to_device=False, truncate=False)
+            self._check_length(tokens.shape[-1], text=True)
         return super().forward(input, *args, **kwargs)
 
     def to_tokens(
@@ -398,7 +458,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         """Tokenise (BOS first by default where the model was trained with it), with the ids
         checked against the model's vocabulary before they go to the model's device."""
         tokens = super().to_tokens(input, prepend_bos, padding_side, False, truncate)
-        check_token_ids(tokens, self.cfg.d_vocab)
+        check_token_ids(tokens, self.cfg.d_vocab, what="the tokenizer's ids for this text")
         return tokens.to(self.cfg.device) if move_to_device else tokens
 
     def generate(self, input: Any = "", *args: Any, **kwargs: Any) -> Any:
@@ -423,6 +483,17 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         kwargs.setdefault("print_details", False)
         return super().to(*args, **kwargs)
 
+    def _check_length(self, length: int, *, text: bool) -> None:
+        """Refuse input past the model's positions where it would fail or be cut: learned
+        position embeddings have ``n_ctx`` rows, and TransformerLens silently truncates
+        text to ``n_ctx`` tokens (token ids of rotary models may be longer)."""
+        learned = getattr(self.cfg, "positional_embedding_type", None) == "standard"
+        if length > self.cfg.n_ctx and (learned or text):
+            raise ValueError(
+                f"the input is {length} tokens long, but the model has {self.cfg.n_ctx} "
+                "positions (n_ctx); split it into shorter sequences"
+            )
+
     def enable_compatibility_mode(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(
             "codelens models never process weights (folded LayerNorm, centred weights): "
@@ -434,9 +505,13 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
 
     # ---------------------------------------------------------------- saving
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Save base weights, codebooks, configs and tokenizer atomically to ``out_dir``."""
-        return checkpoint.save(self, Path(out_dir))
+    def save_pretrained(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        """Save base weights, codebooks, configs and tokenizer atomically to ``out_dir``.
+
+        Other files in ``out_dir`` are kept; a non-empty ``out_dir`` that is not a
+        complete codelens checkpoint needs ``overwrite=True`` (see `codelens.checkpoint`).
+        """
+        return checkpoint.save(self, Path(out_dir), overwrite=overwrite)
 
 
 def check_model_path(name_or_dir: str | Path) -> None:
@@ -490,3 +565,22 @@ def special_tokens_from(tokenizer: Any, hf_model: nn.Module) -> None:
         for config in configs:
             if None not in (wanted, config) and not isinstance(getattr(config, name, None), list):
                 setattr(config, name, wanted)
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device this torch cannot use, before anything is built there."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device: {err}") from err
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }.get(kind, True)
+    if not available:
+        raise ValueError(
+            f"device={device!r}, but this torch build has no usable {kind} device "
+            f"(torch {torch.__version__}); use device='cpu' or install a {kind} build"
+        )

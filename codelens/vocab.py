@@ -191,15 +191,18 @@ def assert_token_ids_on_device(tokens: Tensor, vocab_size: int) -> None:
     torch._assert_async(in_range, f"token ids must be in [0, {vocab_size})")
 
 
-def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
-    """Raise a clear error for token ids outside ``[0, vocab_size)``."""
+def check_token_ids(tokens: Tensor, vocab_size: int, *, what: str = "token ids") -> None:
+    """Raise a clear error for token ids outside ``[0, vocab_size)`` (reads them on the host)."""
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
     if tokens.numel() == 0:
         raise ValueError("tokens is empty")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {low}, max {high}")
+        raise ValueError(
+            f"{what} must be in [0, {vocab_size}) (the model's vocabulary), got min {low}, "
+            f"max {high}"
+        )
 
 
 # ---------------------------------------------------------------- collecting

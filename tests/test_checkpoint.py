@@ -51,7 +51,7 @@ def test_refuses_to_clobber_a_non_checkpoint_directory(tmp_path):
     precious = tmp_path / "mine"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a codelens checkpoint"):
+    with pytest.raises(FileExistsError, match="not a complete codelens checkpoint"):
         tiny_model().save_pretrained(precious)
     assert (precious / "notes.txt").read_text() == "keep me"
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from codelens.circuits.metrics import metric_value
 from codelens.circuits.patching import Metric, Patcher
 from codelens.circuits.result import Circuit
 
@@ -23,12 +24,12 @@ FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 @torch.no_grad()
 def _metric(patcher: Patcher, metric: Metric, mask) -> float:
-    return float(metric(patcher.run(mask.to(patcher.clean.device))))
+    return metric_value(metric, patcher.run(mask.to(patcher.clean.device)))
 
 
 class _Scale:
     def __init__(self, patcher: Patcher, metric: Metric):
-        self.full = float(metric(patcher.clean_logits))
+        self.full = metric_value(metric, patcher.clean_logits)
         self.empty = _metric(patcher, metric, patcher.full_mask())
         if self.full == self.empty:
             raise ValueError(

@@ -18,6 +18,7 @@ import time
 import torch
 from torch import Tensor
 
+from codelens.circuits.metrics import check_threshold, metric_name, metric_value
 from codelens.circuits.patching import Metric, Patcher
 from codelens.circuits.result import Circuit, node_of
 from codelens.progress import bar
@@ -25,8 +26,7 @@ from codelens.progress import bar
 METHODS = ("acdc", "eap", "eap-ig", "fast")
 
 
-def _name(metric: Metric) -> str:
-    return getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__))
+_name = metric_name
 
 
 class _Damage:
@@ -36,11 +36,11 @@ class _Damage:
         self.patcher, self.metric = patcher, metric
         self.is_distance = bool(getattr(metric, "is_distance", False))
         with torch.no_grad():
-            self.full = float(metric(patcher.clean_logits))
+            self.full = metric_value(metric, patcher.clean_logits)
 
     @torch.no_grad()
     def __call__(self, mask: Tensor) -> float:
-        value = float(self.metric(self.patcher.run(mask)))
+        value = metric_value(self.metric, self.patcher.run(mask))
         return value if self.is_distance else abs(value - self.full)
 
 
@@ -71,6 +71,7 @@ def _acdc_sweep(
 
 def acdc(patcher: Patcher, metric: Metric, tau: float) -> Circuit:
     """Exact ACDC: try removing every edge, one forward each, in reverse topological order."""
+    check_threshold("tau", tau)
     started, forwards = time.perf_counter(), patcher.forwards
     damage = _Damage(patcher, metric)
     scores = torch.zeros(patcher.full_mask().shape)
@@ -97,8 +98,20 @@ def _gradient_at(patcher: Patcher, metric: Metric, mask: Tensor) -> Tensor:
     mask = mask.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         value = metric(patcher.run(mask))
+        if not (isinstance(value, Tensor) and value.numel() == 1 and value.requires_grad):
+            raise ValueError(
+                f"attribution differentiates the metric, but {_name(metric)} returned "
+                f"{type(value).__name__} {value!r:.60}: return a one-element tensor computed "
+                "from the logits (not a Python float, not detached)"
+            )
         (grad,) = torch.autograd.grad(value, mask)
-    return grad.detach().cpu() * patcher.graph.valid
+    grad = grad.detach().cpu()
+    if not (torch.isfinite(value.detach()).all() and torch.isfinite(grad).all()):
+        raise ValueError(
+            f"the metric {_name(metric)} or its gradient is not finite at this mask "
+            f"(metric {float(value)}): attribution scores would be NaN"
+        )
+    return grad * patcher.graph.valid
 
 
 def attribution_scores(patcher: Patcher, metric: Metric, steps: int = 1) -> Tensor:
@@ -143,6 +156,7 @@ def eap(
     steps: int = 1,
 ) -> Circuit:
     """Edge attribution patching (``steps=1``) or EAP-IG (``steps>1``)."""
+    check_threshold("tau", tau)
     started, forwards = time.perf_counter(), patcher.forwards
     scores = attribution_scores(patcher, metric, steps)
     kept = _select(scores, patcher.graph.valid, tau, n_edges)
@@ -215,7 +229,10 @@ def fast_path(
             "the fast path screens edges with a task metric's gradient; pass "
             "attribution_metric (e.g. a LogitDifference) when the metric is KL"
         )
-    screen = tau / 2 if screen is None else screen
+    check_threshold("tau", tau)
+    screen = check_threshold("screen", tau / 2 if screen is None else screen)
+    if keep_above is not None:
+        check_threshold("keep_above", keep_above)
     if keep_above is not None and keep_above < screen:
         raise ValueError(f"keep_above ({keep_above}) must be >= screen ({screen})")
     graph = patcher.graph

@@ -3,6 +3,11 @@ the KL divergence from the full model (a distance: 0 = the full model's behaviou
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -68,3 +73,42 @@ class KLDivergence:
     def __call__(self, logits: Float[Tensor, "b t v"]) -> Tensor:
         patched = _at(logits, self.positions).float().log_softmax(-1)
         return F.kl_div(patched, self.reference, log_target=True, reduction="batchmean")
+
+
+def metric_name(metric: Callable[..., Any]) -> str:
+    """How a metric is named in results and errors."""
+    return getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__))
+
+
+def metric_value(metric: Callable[[Tensor], Any], logits: Float[Tensor, "b t v"]) -> float:
+    """``metric(logits)`` as a float, refusing anything but one finite number.
+
+    A NaN would make every comparison against ``tau`` false, so a circuit method would
+    quietly keep every edge (or none) and write a report of it.
+    """
+    value = metric(logits)
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(
+            f"the metric {metric_name(metric)} must return one number, got a tensor of shape "
+            f"{tuple(value.shape)}"
+        )
+    if not isinstance(value, Tensor | numbers.Real):
+        raise ValueError(
+            f"the metric {metric_name(metric)} must return a number, got {type(value).__name__}"
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(
+            f"the metric {metric_name(metric)} returned {number}: circuits cannot be judged by "
+            "a non-finite value (check the model's logits and the metric)"
+        )
+    return number
+
+
+def check_threshold(name: str, value: Any) -> float:
+    """A circuit threshold (``tau``, ``screen``, ...): a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)

@@ -43,6 +43,37 @@ class _Record:
     ids: dict[str, Tensor] = field(default_factory=dict)  # code site -> [B, T, G, k]
 
 
+def _check_graph_fits(graph: Graph, model) -> None:
+    """Refuse a graph built for another model: other sizes, another block layout (GPT-NeoX
+    runs a layer's MLP in parallel with its attention, GPT-2 after it) or other codebooks."""
+    if graph.n_layers != model.cfg.n_layers or graph.n_heads != model.cfg.n_heads:
+        raise ValueError(
+            f"the graph was built for another model: {graph.n_layers} layers x "
+            f"{graph.n_heads} heads, the model has {model.cfg.n_layers} x {model.cfg.n_heads}"
+        )
+    parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+    stage = dict(zip(graph.receivers, graph.receiver_stage.tolist(), strict=True))
+    wrong = [
+        layer
+        for layer in range(graph.n_layers)
+        if stage.get(f"m{layer}") != 2 * layer + (1 if parallel else 2)
+    ]
+    if wrong:
+        layout = "in parallel with" if parallel else "after"
+        raise ValueError(
+            f"the graph was built for another architecture: this model runs each MLP "
+            f"{layout} its layer's attention, the graph does not (layers {wrong})"
+        )
+    codebooks = dict(getattr(model, "codebooks", {}))
+    for hook, site in graph.code_sites.items():
+        cb = codebooks.get(hook)
+        if cb is None or tuple(site.columns.shape) != (cb.n_groups, cb.n_codes + 1):
+            raise ValueError(
+                f"the graph's code site {hook} does not match the model's codebooks "
+                f"({sorted(codebooks)}); build the graph from this model"
+            )
+
+
 class Patcher:
     """Runs ``model`` on ``clean`` tokens with any set of edges of ``graph`` ablated.
 
@@ -73,8 +104,7 @@ class Patcher:
                 "mean ablation is defined for components only; code nodes are ablated by "
                 "'zero' (removed from the site's sum) or 'corrupted' (the corrupted run's codes)"
             )
-        if graph.n_layers != model.cfg.n_layers or graph.n_heads != model.cfg.n_heads:
-            raise ValueError("the graph was built for another model")
+        _check_graph_fits(graph, model)
         self.model, self.graph, self.ablation = model, graph, ablation
         self.forwards = 0
         device = next(model.parameters()).device

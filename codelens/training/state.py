@@ -14,12 +14,11 @@ import json
 import os
 import random
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from codelens import checkpoint
@@ -28,6 +27,7 @@ from codelens.model import HookedCodebookTransformer
 PREFIX = "step-"
 STATE_MANIFEST = "state.json"
 STATE_FILES = ("trainer.safetensors", "trainer.json")
+TEMPORARY = ".tmp-"  # + pid: a checkpoint being written
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -56,13 +56,15 @@ def save_state(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    _remove_stale_temporaries(root)
+    tmp = root / f"{TEMPORARY}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # the user's umask (mkdtemp would make it 0700)
     try:
         checkpoint.save(model, tmp / "model")
         tensors, meta = _optimizer_state(optimizer)
         tensors |= {f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()}
         tensors |= _rng_tensors()
-        save_file(tensors, str(tmp / "trainer.safetensors"))
+        checkpoint.save_tensors(tensors, tmp / "trainer.safetensors")
         meta |= {"step": step, "python_random": _python_random_state(), "config": config}
         (tmp / "trainer.json").write_text(json.dumps(meta))
         fields = {"format": "codelens-trainer-state", "version": 1}
@@ -78,13 +80,54 @@ def save_state(
     return final
 
 
+def verify_state(path: Path) -> None:
+    """Verify a training checkpoint's files; a damaged one names the newest intact one
+    before it, so that a resume can fall back to it (nothing is moved or deleted)."""
+    path = Path(path)
+    try:
+        checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
+        checkpoint.read_manifest(path / "model")
+    except checkpoint.CheckpointError as err:
+        older = [p for p in checkpoint_dirs(path.parent.parent) if p.name < path.name]
+        hint = "there is no earlier checkpoint to resume from"
+        for candidate in reversed(older):
+            try:
+                checkpoint.verify(candidate, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
+                checkpoint.read_manifest(candidate / "model", warn=False)
+            except checkpoint.CheckpointError:
+                continue
+            hint = (
+                f"the previous checkpoint {candidate} is intact: move {path} out of "
+                f"{path.parent} to resume from it"
+            )
+            break
+        raise checkpoint.CheckpointError(f"{err}; {hint}") from err
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete the half-written checkpoints of runs that were killed (named by their pid)."""
+    for stale in root.glob(f"{TEMPORARY}*"):
+        pid = stale.name[len(TEMPORARY) :].split("-", 1)[0]
+        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def load_state(
     path: Path, model: HookedCodebookTransformer, optimizer: torch.optim.Optimizer
 ) -> tuple[int, dict[str, Tensor]]:
     """Restore a checkpoint into ``model`` and ``optimizer``; returns (step, extra tensors)."""
     path = Path(path)
-    checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
-    checkpoint.read_manifest(path / "model")
+    verify_state(path)
     checkpoint.load_base_state(
         model, checkpoint.read_tensors(path / "model" / checkpoint.BASE_FILE), source=path
     )
@@ -107,7 +150,7 @@ def load_state(
 
 def saved_config(path: Path) -> dict[str, Any] | None:
     """The training config a checkpoint was written under (None if it predates recording it)."""
-    checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
+    verify_state(path)
     path = Path(path) / "trainer.json"
     try:
         return json.loads(path.read_text()).get("config")

@@ -551,8 +551,11 @@ def train(
                     for key, value in (("loss", loss), ("lm_loss", lm_loss), ("recon", recon)):
                         running[key] = running.get(key, 0) + value.detach() * len(micro) / len(rows)
                 if not torch.isfinite(loss.detach()):
+                    sites = model.nonfinite_sites()
+                    where = f" (NaN or inf reached the codebooks at {', '.join(sites)})"
                     raise NonFiniteLossError(
-                        f"loss became {float(loss.detach())} at step {step}; stopping. The newest "
+                        f"loss became {float(loss.detach())} at step {step}{where if sites else ''}"
+                        "; stopping. The newest "
                         f"checkpoint in {run_dir / 'checkpoints'} predates it and is untouched."
                     )
                 monitor.add_tokens(rows.numel() * ranks.world)  # the global batch
