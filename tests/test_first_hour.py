@@ -57,7 +57,9 @@ def test_the_device_check_reads_nothing_back_to_the_host(monkeypatch):
 def test_to_tokens_checks_ids_against_the_model_vocabulary():
     config = dict(ARCHS["gpt_neox"], vocab_size=11)  # the tokenizer knows 13 tokens
     model = HookedCodebookTransformer.from_config(config, digit_tokenizer(), seed=0)
-    with pytest.raises(ValueError, match=r"ids for this text must be in \[0, 11\) \(the model's vocabulary\), got min 1, max 12"):
+    with pytest.raises(
+        ValueError, match=r"ids for this text must be in \[0, 11\) .*, got min 1, max 12"
+    ):
         model.to_tokens("1x")  # x is <unk> = 12
 
 
@@ -177,7 +179,7 @@ def test_batched_collection_checks_all_tokens_once_before_any_forward(monkeypatc
     tokens[9, 4] = VOCAB
     forwards = []
     model.blocks[0].register_forward_pre_hook(lambda *args: forwards.append(1))
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 13\) \(the model's vocabulary\), got min 0, max 13"):
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 13\) .*, got min 0, max 13"):
         vocab.collect_codes(model, tokens, batch_size=3)
     assert forwards == []  # refused before the first batch ran
 
