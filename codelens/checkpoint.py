@@ -24,7 +24,6 @@ what it reads here (one import direction).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from codelens.config import CodebookConfig
+from codelens.files import sha256_file, sha256_json
 
 MANIFEST = "codelens.json"
 FORMAT = "codelens-checkpoint"
@@ -117,7 +117,7 @@ def write_manifest(
     """Write ``directory/name``: ``fields``, the sha256 of every other file (outside the
     sub-directories in ``skip``) and a digest of the manifest itself."""
     directory = Path(directory)
-    files = {rel: _sha256(directory / rel) for rel in _files(directory, skip) if rel != name}
+    files = {rel: sha256_file(directory / rel) for rel in _files(directory, skip) if rel != name}
     manifest = {**fields, "files": files}
     manifest["digest"] = _digest(manifest)
     (directory / name).write_text(json.dumps(manifest, indent=2))
@@ -141,17 +141,8 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _digest(manifest: dict[str, Any]) -> str:
-    body = {key: value for key, value in manifest.items() if key != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return sha256_json({key: value for key, value in manifest.items() if key != "digest"})
 
 
 def _files(directory: Path, skip: Iterable[str] = ()) -> list[str]:
@@ -197,7 +188,7 @@ def verify(
             raise CheckpointError(f"{manifest_file} has an empty hash for {rel}")
         if rel not in present:
             raise CheckpointError(f"checkpoint file {file} is missing")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise CheckpointError(
                 f"checkpoint file {file} is corrupted or truncated: its sha256 is not the one "
                 f"in {manifest_file} (or that manifest belongs to another checkpoint)"

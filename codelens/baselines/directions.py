@@ -43,7 +43,7 @@ def pca_features(
     site: str,
     n_components: int | None = None,
     *,
-    head: int | None = None,
+    group: int | None = None,
     max_tokens: int = 100_000,
     seed: int = 0,
 ) -> ProjectionFeatures:
@@ -52,7 +52,7 @@ def pca_features(
     pca = _sklearn().PCA(n_components=n, random_state=seed).fit(x)
     components = torch.from_numpy(pca.components_).float()  # [F, d], orthonormal rows
     return ProjectionFeatures(
-        site, components.T, components, torch.from_numpy(pca.mean_), method="pca", head=head
+        site, components.T, components, torch.from_numpy(pca.mean_), method="pca", group=group
     )
 
 
@@ -61,7 +61,7 @@ def ica_features(
     site: str,
     n_components: int | None = None,
     *,
-    head: int | None = None,
+    group: int | None = None,
     max_tokens: int = 20_000,
     max_iter: int = 400,
     seed: int = 0,
@@ -81,5 +81,5 @@ def ica_features(
         torch.from_numpy(ica.mixing_.T.copy()),
         torch.from_numpy(ica.mean_),
         method="ica",
-        head=head,
+        group=group,
     )

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from codelens.baselines.features import LinearFeatures
+from codelens.baselines.features import LinearFeatures, _saved_group
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,10 @@ class SparseAutoencoder(LinearFeatures):
 
     kind: ClassVar[str] = "sae"
 
-    def __init__(self, site: str, d_in: int, config: SAEConfig, *, head: int | None = None) -> None:
-        super().__init__(site, head)
+    def __init__(
+        self, site: str, d_in: int, config: SAEConfig, *, group: int | None = None
+    ) -> None:
+        super().__init__(site, group)
         if d_in < 1:
             raise ValueError(f"d_in must be >= 1, got {d_in}")
         self.config = config
@@ -123,7 +125,7 @@ class SparseAutoencoder(LinearFeatures):
             config = SAEConfig(**meta["config"])
         except TypeError as err:
             raise ValueError(f"saved SAE config is not valid: {err}") from err
-        sae = cls(meta["site"], int(meta["d_in"]), config, head=meta["head"])
+        sae = cls(meta["site"], int(meta["d_in"]), config, group=_saved_group(meta))
         expected = {k: list(v.shape) for k, v in sae.state_dict().items()}
         got = {k: list(v.shape) for k, v in tensors.items()}
         if expected != got:
@@ -158,7 +160,7 @@ def train_sae(
     site: str,
     config: SAEConfig,
     *,
-    head: int | None = None,
+    group: int | None = None,
 ) -> tuple[SparseAutoencoder, TrainStats]:
     """Train an SAE on ``acts`` (tokens x dims; see `cache_activations`) with Adam.
 
@@ -174,7 +176,7 @@ def train_sae(
     acts = acts.float()
     mean = acts.mean(0)
     scale = float(((acts - mean) ** 2).sum(1).mean().sqrt()) / math.sqrt(d) or 1.0
-    sae = SparseAutoencoder(site, d, config, head=head)
+    sae = SparseAutoencoder(site, d, config, group=group)
     with torch.no_grad():
         sae.offset.copy_(mean / scale)
     gen = torch.Generator().manual_seed(config.seed)
