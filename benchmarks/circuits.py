@@ -90,8 +90,8 @@ def main() -> None:
             args.keep_above,
         )
     if args.run:
-        from codelens.experiments.circuit_tasks import fsm_next_state_task
         from codelens.data.fsm import FSMConfig, TokFSM
+        from codelens.experiments.circuit_tasks import fsm_next_state_task
         from codelens.model import HookedCodebookTransformer
 
         run = Path(args.run)
