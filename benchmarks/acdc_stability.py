@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from codelens.circuits.tasks import fsm_next_state_task
     from codelens.data.fsm import FSMConfig, TokFSM
+    from codelens.experiments.circuit_tasks import fsm_next_state_task
     from codelens.model import HookedCodebookTransformer
 
     reference = Circuit.load(args.acdc)

@@ -27,7 +27,7 @@ from codelens.circuits import (
     faithfulness,
     fast_path,
 )
-from codelens.circuits.planted import planted_model
+from codelens.experiments.planted_circuit import planted_model
 
 
 def bench(
@@ -90,8 +90,8 @@ def main() -> None:
             args.keep_above,
         )
     if args.run:
-        from codelens.circuits.tasks import fsm_next_state_task
         from codelens.data.fsm import FSMConfig, TokFSM
+        from codelens.experiments.circuit_tasks import fsm_next_state_task
         from codelens.model import HookedCodebookTransformer
 
         run = Path(args.run)

@@ -26,7 +26,7 @@ from codelens.baselines import cache_activations
 from codelens.data.fsm import FSMConfig, TokFSM
 from codelens.experiments import baselines as bl
 from codelens.experiments import tokfsm
-from codelens.experiments.report import _atomic_write
+from codelens.files import atomic_write_text
 
 
 def main() -> None:
@@ -115,8 +115,8 @@ def main() -> None:
         *bl.sweep_lines(section),
     ]
     args.out.mkdir(parents=True)
-    _atomic_write(args.out / "sweep.json", json.dumps(result, indent=2))
-    _atomic_write(args.out / "sweep.md", "\n".join(lines) + "\n")
+    atomic_write_text(args.out / "sweep.json", json.dumps(result, indent=2))
+    atomic_write_text(args.out / "sweep.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -54,8 +54,8 @@ def _train_stories(run: Path) -> None:
 
 
 def _tokfsm_task(run: Path, train: bool):
-    from codelens.circuits.tasks import fsm_next_state_task
     from codelens.data.fsm import FSMConfig, TokFSM
+    from codelens.experiments.circuit_tasks import fsm_next_state_task
     from codelens.model import HookedCodebookTransformer
 
     found = sorted(run.glob("*k-1*/final"))

@@ -34,8 +34,9 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
 from codelens.codebook import CodebookLayer
+from codelens.vocab import CODES_HOOK, QUANTIZED_HOOK
 
-CODEBOOK_HOOKS = ("hook_codes", "hook_quantized")
+CODEBOOK_HOOKS = (CODES_HOOK, QUANTIZED_HOOK)
 
 
 def prepare_tokenizer(tokenizer: Any, name: str) -> Any:

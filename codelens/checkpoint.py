@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from codelens.config import CodebookConfig
-from codelens.files import atomic_write_text
+from codelens.files import atomic_write_text, sha256_file, sha256_json
 
 MANIFEST = "codelens.json"
 FORMAT = "codelens-checkpoint"
@@ -293,7 +292,7 @@ def write_manifest(
     """Write ``directory/name``: ``fields``, the sha256 of every other file (outside the
     sub-directories in ``skip``) and a digest of the manifest itself."""
     directory = Path(directory)
-    files = {rel: _sha256(directory / rel) for rel in _files(directory, skip) if rel != name}
+    files = {rel: sha256_file(directory / rel) for rel in _files(directory, skip) if rel != name}
     manifest = {**fields, "files": files}
     manifest["digest"] = _digest(manifest)
     atomic_write_text(directory / name, json.dumps(manifest, indent=2))
@@ -325,17 +324,8 @@ def _umask() -> int:
     return mask
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _digest(manifest: dict[str, Any]) -> str:
-    body = {key: value for key, value in manifest.items() if key != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return sha256_json({key: value for key, value in manifest.items() if key != "digest"})
 
 
 def _files(directory: Path, skip: Iterable[str] = ()) -> list[str]:
@@ -402,7 +392,7 @@ def verify(
             raise CheckpointError(f"{manifest_file} has an empty hash for {rel}")
         if rel not in present:
             raise CheckpointError(f"checkpoint file {file} is missing")
-        if hashes and _sha256(file) != expected:
+        if hashes and sha256_file(file) != expected:
             raise CheckpointError(
                 f"checkpoint file {file} is corrupted or truncated: its sha256 is not the one "
                 f"in {manifest_file} (or that manifest belongs to another checkpoint)"

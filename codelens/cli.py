@@ -82,7 +82,7 @@ def _browse(args: argparse.Namespace) -> None:
 def _circuit(args: argparse.Namespace) -> None:
     import torch
 
-    from codelens.circuits.study import markdown, run_study
+    from codelens.experiments.circuit_study import markdown, run_study
 
     stage = Path(args.run_dir)
     if args.faithfulness is not None:
@@ -171,8 +171,8 @@ def _fsm_circuit_task(stage: Path, pairs: int | None, seed: int | None):
     """A TokFSM training run: the next-state task, every method, tau 0.02."""
     import json
 
-    from codelens.circuits.tasks import fsm_next_state_task
     from codelens.data.fsm import FSMConfig, TokFSM
+    from codelens.experiments.circuit_tasks import fsm_next_state_task
     from codelens.model import HookedCodebookTransformer
 
     config = stage / "config.json"

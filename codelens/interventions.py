@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from codelens import _bridge
 from codelens.codebook import EMPTY_SLOT, CodebookLayer
+from codelens.vocab import CODES_HOOK
 
 Kind = Literal["force", "swap", "ablate"]
 Slots = Literal["lowest", "all"]
@@ -65,7 +66,6 @@ HookList = list[tuple[str, Hook]]
 SiteKey = str | tuple[str, int]
 CodeIds = Sequence[int] | Tensor
 
-CODES_HOOK = "hook_codes"
 _KINDS = ("force", "swap", "ablate")
 _SLOTS = ("lowest", "all")
 _MODES = ("zero", "disable")
@@ -312,6 +312,44 @@ def swap_code_sets(
     return hooks
 
 
+def paste_codes_hooks(
+    reference: Mapping[str, Int[Tensor, "batch pos G k"]], *, position: int = -1
+) -> HookList:
+    """Hooks that put a reference run's codes at ``position`` (site -> its ids, e.g. from
+    `codelens.vocab.collect_codes`), row by row: activation patching, in codes.
+
+    Positions count from the start of each forward, as for the other hook lists.
+    """
+    if not reference:
+        raise ValueError("paste_codes_hooks got no sites")
+    hooks: HookList = []
+    for site, ids in reference.items():
+        if ids.ndim != 4:
+            raise ValueError(
+                f"reference codes at {site} must be [batch, pos, G, k], got {ids.shape}"
+            )
+        hooks.append((f"{site}.{CODES_HOOK}", _paste(ids, position)))
+    return hooks
+
+
+def _paste(reference: Tensor, position: int) -> Hook:
+    def paste(ids: Int[Tensor, "batch pos G k"], hook: Any) -> Tensor:
+        if ids.shape[0] != reference.shape[0] or ids.shape[2:] != reference.shape[2:]:
+            raise ValueError(
+                f"pasted codes {tuple(reference.shape)} do not fit {tuple(ids.shape)} "
+                f"at {hook.name}"
+            )
+        pos = position + ids.shape[1] if position < 0 else position
+        ref_pos = position + reference.shape[1] if position < 0 else position
+        if not (0 <= pos < ids.shape[1] and 0 <= ref_pos < reference.shape[1]):
+            raise ValueError(f"position {position} is outside the sequence at {hook.name}")
+        ids = ids.clone()
+        ids[:, pos] = reference[:, ref_pos].to(ids.device)
+        return ids
+
+    return paste
+
+
 # ---------------------------------------------------------------- context manager
 
 
@@ -390,7 +428,7 @@ class _PositionTracker:
         self.offset = 0
         self._users = 0
         self._handle: Any = None
-        self.pending: dict[int, _CodesHook] = {}  # hooks whose position check waits for exit
+        self.pending: dict[int, PositionSelector] = {}  # checks that wait for the exit
 
     @property
     def active(self) -> bool:
@@ -404,7 +442,7 @@ class _PositionTracker:
             hf = _bridge.hf_model(model)
             self._handle = hf.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         self._users += 1
-        pending: dict[int, _CodesHook] = {}
+        pending: dict[int, PositionSelector] = {}
         try:
             yield
         finally:
@@ -413,8 +451,8 @@ class _PositionTracker:
                 self._handle.remove()
                 self._handle, self.offset = None, 0
                 pending, self.pending = self.pending, {}
-        for hook in pending.values():  # reached only when the body did not raise
-            hook.check_reached()
+        for selector in pending.values():  # reached only when the body did not raise
+            selector.check_reached()
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.offset = _cache_length(kwargs.get("past_key_values"))
@@ -452,11 +490,9 @@ class _CodesHook:
     def __init__(
         self, iv: CodeIntervention, n_groups: int, k: int, tracker: _PositionTracker
     ) -> None:
-        self.iv, self.n_groups, self.k, self.tracker = iv, n_groups, k, tracker
+        self.iv, self.n_groups, self.k = iv, n_groups, k
+        self.positions = PositionSelector(iv.positions, iv.site, tracker)
         self._constants: dict[torch.device, dict[str, Tensor]] = {}
-        self._reached: set[int] = set()  # explicit positions matched inside `intervene`
-        self._slice_hit = False
-        self._longest = 0
 
     def __repr__(self) -> str:
         return f"_CodesHook({self.iv!r})"
@@ -498,8 +534,6 @@ class _CodesHook:
             if iv.group is not None:
                 consts["groups"] = torch.zeros(self.n_groups, dtype=torch.bool, device=device)
                 consts["groups"][iv.group] = True
-            if isinstance(iv.positions, tuple):
-                consts["positions"] = ids(iv.positions)
             self._constants[device] = consts
         return self._constants[device]
 
@@ -507,7 +541,7 @@ class _CodesHook:
         self, n: int, device: torch.device, consts: dict[str, Tensor]
     ) -> Bool[Tensor, "pos G 1"] | None:
         """Which (position, group) cells to edit, broadcastable to ids; None = all."""
-        at = self._position_mask(n, device, consts)
+        at = self.positions.mask(n, device)
         groups = consts.get("groups")
         if at is None and groups is None:
             return None
@@ -517,11 +551,36 @@ class _CodesHook:
             return at[:, None, None]
         return (at[:, None] & groups)[..., None]
 
-    def _position_mask(
-        self, n: int, device: torch.device, consts: dict[str, Tensor]
-    ) -> Bool[Tensor, " pos"] | None:
-        """The positions of this forward's tokens that the intervention names."""
-        positions = self.iv.positions
+
+# ---------------------------------------------------------------- positions
+
+
+def position_selector(model: nn.Module, positions: Positions, site: str) -> PositionSelector:
+    """The `PositionSelector` of an edit at ``site`` of ``model`` (follows its KV cache)."""
+    return PositionSelector(positions, site, _tracker(model))
+
+
+class PositionSelector:
+    """Which tokens of a forward an edit at ``site`` applies to, for code and feature hooks.
+
+    ``positions`` are absolute (``None`` = all, an int, ints, or a slice; negative ones
+    count from the end of the sequence seen so far). Under `intervene` the KV-cache length
+    (``tracker.offset``) shifts each forward's tokens, and a position may lie ahead of
+    them, so the check that every position matched a token waits for the block's exit;
+    outside it, a position outside the sequence raises at once. No device-to-host copies.
+    """
+
+    def __init__(self, positions: Positions, site: str, tracker: _PositionTracker) -> None:
+        self.positions = _normalise_positions(positions)
+        self.site, self.tracker = site, tracker
+        self._wanted: dict[torch.device, Tensor] = {}
+        self._reached: set[int] = set()  # explicit positions matched inside `intervene`
+        self._slice_hit = False
+        self._longest = 0
+
+    def mask(self, n: int, device: torch.device) -> Bool[Tensor, " pos"] | None:
+        """The positions of this forward's ``n`` tokens that are named; None = all."""
+        positions = self.positions
         if positions is None:
             return None
         offset = self.tracker.offset
@@ -535,14 +594,16 @@ class _CodesHook:
             low, high = min(chosen[0], chosen[-1]), max(chosen[0], chosen[-1]) + 1
             step = abs(chosen.step)
             return (absolute >= low) & (absolute < high) & ((absolute - low) % step == 0)
-        wanted = consts["positions"]
+        if device not in self._wanted:
+            self._wanted[device] = torch.tensor(positions, dtype=torch.long, device=device)
+        wanted = self._wanted[device]
         wanted = torch.where(wanted < 0, wanted + total, wanted)
         return (absolute[:, None] == wanted).any(-1)
 
     def _check_positions(self, offset: int, total: int) -> None:
         """Outside `intervene`, raise for positions outside this forward's sequence; inside,
         note which positions its tokens ``[offset, total)`` matched (host ints, no sync)."""
-        positions, site = self.iv.positions, self.iv.site
+        positions, site = self.positions, self.site
         if isinstance(positions, slice):
             chosen = range(*positions.indices(total))
             hit = bool(chosen) and _meets(chosen, offset, total)
@@ -567,7 +628,7 @@ class _CodesHook:
 
     def check_reached(self) -> None:
         """Raise if, over an `intervene` block, a position never matched a token."""
-        positions = self.iv.positions
+        positions = self.positions
         if isinstance(positions, slice):
             missed = [] if self._slice_hit else [positions]
         else:
@@ -576,7 +637,7 @@ class _CodesHook:
         self._reached, self._slice_hit, self._longest = set(), False, 0
         if missed:
             raise ValueError(
-                f"positions {missed} at {self.iv.site} matched no token: the longest "
+                f"positions {missed} at {self.site} matched no token: the longest "
                 f"sequence in the `intervene` block had {longest} tokens"
             )
 
@@ -640,10 +701,13 @@ __all__ = [
     "CodeIntervention",
     "Hook",
     "HookList",
+    "PositionSelector",
     "Positions",
     "ablate_codes",
     "force_codes",
     "intervene",
+    "paste_codes_hooks",
+    "position_selector",
     "swap_code_sets",
     "swap_codes",
 ]

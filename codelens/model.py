@@ -364,7 +364,7 @@ class HookedCodebookTransformer(_bridge.SiteAwareBridge):
         return {name: site.codebook for name, site in self._codebook_sites.items()}
 
     def codebook(self, site: str) -> CodebookLayer:
-        """The codebook at ``site`` (e.g. ``"blocks.0.hook_mlp_out"``)."""
+        """The codebook at ``site`` (e.g. ``codelens.vocab.mlp_site(0)``)."""
         if site not in self._codebook_sites:
             raise KeyError(f"no codebook at {site!r}; sites: {list(self._codebook_sites)}")
         return self._codebook_sites[site].codebook

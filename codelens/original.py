@@ -44,6 +44,7 @@ from transformers import (
 
 from codelens.checkpoint import CheckpointError, read_json
 from codelens.config import CodebookConfig
+from codelens.vocab import attn_site, mlp_site
 
 MODEL_TYPE = "codebook"
 SAFETENSORS, PICKLE = "model.safetensors", "pytorch_model.bin"
@@ -77,7 +78,8 @@ KNOWN_BASES: dict[str, str | dict[str, Any]] = {
 }
 """Base model (hub id or config dict) of each released hub model."""
 
-SITES = {"attn_preproj": "attn", "mlp": "mlp"}
+ORIGINAL_SITES = {"attn_preproj": "attn", "mlp": "mlp"}
+"""The original code's codebook site names, as `CodebookConfig.sites` kinds."""
 SIMILARITY = {"inner_product": "cosine", "euclidean": "euclidean"}
 ATTN_MODULES = ("attention", "attn.attention", "attn")
 _CODEBOOK_KEY = re.compile(
@@ -197,12 +199,12 @@ def codebook_config(raw: Any, base: PretrainedConfig, *, source: Path) -> Codebo
     n_heads, n_layers = base.num_attention_heads, base.num_hidden_layers
     sites, n_codes, ks, mlp_groups = [], {}, set(), 1
     for i, at in enumerate(where):
-        if at not in SITES:
+        if at not in ORIGINAL_SITES:
             raise CheckpointError(
                 f"{source}: codebook_at {at!r} is not supported; codelens quantises "
                 f"attention heads ('attn_preproj') and MLP outputs ('mlp')"
             )
-        kind, kind_of = SITES[at], per_site["codebook_type"][i]
+        kind, kind_of = ORIGINAL_SITES[at], per_site["codebook_type"][i]
         groups = per_site["num_codebooks"][i]
         groups = n_heads if groups == -1 else groups
         if kind_of not in ("vanilla", "group") or (kind_of == "vanilla" and groups != 1):
@@ -367,7 +369,7 @@ def _codebook_state(
         "attn": (n_heads, d_model // n_heads, config.site_n_codes("attn")),
         "mlp": (config.mlp_groups, d_model // config.mlp_groups, config.site_n_codes("mlp")),
     }
-    site_names = {"attn": "blocks.{}.attn.hook_z", "mlp": "blocks.{}.hook_mlp_out"}
+    site_of_kind = {"attn": attn_site, "mlp": mlp_site}
     state: dict[str, Tensor] = {}
     used: set[tuple] = set()
     for layer in config.layers:
@@ -393,7 +395,7 @@ def _codebook_state(
                     stack.append(codebooks[key])
                     used.add(key)
                 parts[part] = torch.stack(stack)
-            site = site_names[kind].format(layer)
+            site = site_of_kind[kind](layer)
             state[f"{site}.codes"] = parts["codebook.weight"]
             state[f"{site}.ln_weight"] = parts["ln.weight"]
             state[f"{site}.ln_bias"] = parts["ln.bias"]

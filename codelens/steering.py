@@ -1,48 +1,56 @@
 """Steer a model with codes and measure what it writes.
 
-Hooks from code rows (``{"site", "group", "code"}`` dicts, as `codelens.analysis.topic_codes`
-and `codelens.analysis.topic_swaps` return them): `force_hooks` forces codes on,
-`swap_hooks` relabels other topics' codes. Then `generate_texts` samples continuations
+Hooks from codes: `force_code_hooks` forces `Code`s on (e.g. the ``.code`` of
+`codelens.analysis.topic_codes` picks), `swap_code_hooks` relabels other topics' codes
+(`codelens.analysis.topic_swaps`). Then `generate_texts` samples continuations
 under those hooks, `continuation_texts` decodes them, `perplexity` (under a reference
 model) and `heldout_loss` measure fluency, and `on_topic_share` counts the texts a
-`codelens.data.stories.TopicClassifier` puts on a topic.
+`codelens.data.stories.TopicClassifier` puts on a topic. `steering_trial` does all of
+that for one hook list, and `sweep_steering` tries options (codes or features, any
+hooks) and picks the most on-topic one that stays fluent.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from codelens.interventions import force_codes, intervene, swap_codes
+from codelens.interventions import HookList, Positions, force_codes, intervene, swap_codes
+from codelens.vocab import Code
 
 if TYPE_CHECKING:
+    from codelens.analysis.topics import TopicSwap
     from codelens.data.stories import TopicClassifier
     from codelens.model import HookedCodebookTransformer
 
 __all__ = [
+    "SteeringTrial",
     "continuation_texts",
-    "force_hooks",
+    "force_code_hooks",
     "generate_texts",
     "heldout_loss",
     "on_topic_share",
     "perplexity",
-    "swap_hooks",
+    "steering_trial",
+    "swap_code_hooks",
+    "sweep_steering",
 ]
 
 
 # ---------------------------------------------------------------------------- steering hooks
 
 
-def force_hooks(
+def force_code_hooks(
     model: HookedCodebookTransformer,
-    codes: list[dict[str, Any]],
+    codes: Sequence[Code],
     slots: str,
-    positions: Any = None,
-) -> list:
+    positions: Positions = None,
+) -> HookList:
     """Hooks forcing ``codes`` on at ``positions`` (default: all); codes of one (site,
     group) go together.
 
@@ -52,7 +60,9 @@ def force_hooks(
     """
     by_key: dict[tuple[str, int], list[int]] = {}
     for c in codes:
-        by_key.setdefault((c["site"], c["group"]), []).append(c["code"])
+        if not isinstance(c, Code):
+            raise TypeError(f"codes must be Code(site, group, id)s, got {c!r}")
+        by_key.setdefault((c.site, c.group), []).append(c.id)
     hooks = []
     for (site, group), ids in by_key.items():
         if slots == "all":
@@ -62,17 +72,18 @@ def force_hooks(
     return hooks
 
 
-def swap_hooks(
-    model: HookedCodebookTransformer, swaps: list[dict[str, Any]], force: bool = False
-) -> list:
-    """Hooks swapping each head's ``sources`` to its ``code`` (`topic_swaps` entries);
-    with ``force``, the code is also forced into the head's lowest slot."""
-    hooks = []
+def swap_code_hooks(
+    model: HookedCodebookTransformer, swaps: Sequence[TopicSwap], force: bool = False
+) -> HookList:
+    """Hooks swapping each head's ``sources`` to its target code (`topic_swaps` entries);
+    with ``force``, the target is also forced into the head's lowest slot."""
+    hooks: HookList = []
     for s in swaps:
-        mapping = dict.fromkeys(s["sources"], s["code"])
-        hooks += swap_codes(model, s["site"], mapping, group=s["group"])
+        code = s.target.code
+        mapping = dict.fromkeys(s.sources, code.id)
+        hooks += swap_codes(model, code.site, mapping, group=code.group)
         if force:
-            hooks += force_codes(model, s["site"], [s["code"]], group=s["group"], slots="lowest")
+            hooks += force_codes(model, code.site, [code.id], group=code.group, slots="lowest")
     return hooks
 
 
@@ -166,3 +177,59 @@ def heldout_loss(model: HookedCodebookTransformer, blocks: Tensor, batch_size: i
         for i in range(0, len(blocks), batch_size)
     ]
     return sum(losses) / len(blocks)
+
+
+# ---------------------------------------------------------------------------- sweeping
+
+
+@dataclass(frozen=True)
+class SteeringTrial:
+    """Generations under one steering: their on-topic share, perplexity and texts."""
+
+    on_topic: float
+    perplexity: float
+    texts: list[str]
+
+
+def steering_trial(
+    model: HookedCodebookTransformer,
+    reference: HookedCodebookTransformer,
+    classifier: TopicClassifier,
+    topic: str,
+    hooks: list | Callable[[int], list] | None,
+    prompts: tuple[str, ...],
+    *,
+    samples: int,
+    new_tokens: int,
+    seed: int,
+) -> SteeringTrial:
+    """Sample from ``model`` under ``hooks`` (see `generate_texts`); the share of texts on
+    ``topic`` and their perplexity under ``reference``."""
+    generated = generate_texts(model, prompts, samples, new_tokens, seed, hooks)
+    texts = continuation_texts(model.tokenizer, generated)
+    return SteeringTrial(
+        on_topic_share(classifier, texts, topic), perplexity(reference, generated), texts
+    )
+
+
+def sweep_steering(
+    options: Sequence[dict[str, Any]],
+    trial: Callable[[dict[str, Any]], SteeringTrial],
+    *,
+    perplexity_before: float,
+    max_perplexity_ratio: float,
+    skip: Callable[[dict[str, Any], list[dict[str, Any]]], bool] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Run ``trial`` for each option, in order (``skip(option, swept so far)`` leaves one
+    out); returns every swept option with its ``on_topic`` and ``perplexity_ratio``
+    (against ``perplexity_before``), and the most on-topic option whose ratio is at most
+    ``max_perplexity_ratio`` (ties: the earlier, simpler one), or None."""
+    swept: list[dict[str, Any]] = []
+    for option in options:
+        if skip is not None and skip(option, swept):
+            continue
+        result = trial(option)
+        ratio = result.perplexity / perplexity_before
+        swept.append({**option, "on_topic": result.on_topic, "perplexity_ratio": ratio})
+    fluent = [o for o in swept if o["perplexity_ratio"] <= max_perplexity_ratio]
+    return swept, max(fluent, key=lambda o: o["on_topic"]) if fluent else None

@@ -116,6 +116,11 @@ def layer_of(hook_name: str) -> int:
     return int(match.group(1))
 
 
+def is_block_hook(hook_name: str) -> bool:
+    """Whether ``hook_name`` is a full ``blocks.{layer}.…`` hook name."""
+    return _BLOCK.match(hook_name) is not None
+
+
 def hook_in_block(hook_name: str) -> str:
     """The part of a ``blocks.{layer}.…`` hook name after the layer (``"attn.hook_z"``)."""
     match = _BLOCK.match(hook_name)
@@ -208,6 +213,20 @@ def check_token_ids(tokens: Tensor, vocab_size: int, *, what: str = "token ids")
 # ---------------------------------------------------------------- collecting
 
 
+def check_tokens(tokens: Any) -> Int[Tensor, "batch pos"]:
+    """Token ids as a non-empty integer ``[batch, pos]`` tensor (one sequence may be 1-D)."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise ValueError(
+            f"tokens must be a non-empty [batch, pos] tensor, got {tuple(tokens.shape)}"
+        )
+    if tokens.is_floating_point() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    return tokens
+
+
 def cached_batches(
     model: Any,
     tokens: Int[Tensor, "batch pos"],
@@ -218,13 +237,7 @@ def cached_batches(
 ) -> Iterator[tuple[slice, dict[str, Tensor]]]:
     """Run ``model`` over ``tokens`` in batches (no grad, ``hooks`` attached), yielding
     each batch's rows and its cache of ``names`` (on the model's device)."""
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise ValueError(
-            f"tokens must be a non-empty [batch, pos] tensor, got {tuple(tokens.shape)}"
-        )
+    tokens = check_tokens(tokens)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     unknown = [n for n in names if n not in model.hook_dict]
@@ -232,14 +245,13 @@ def cached_batches(
         raise ValueError(f"the model has no hook {unknown}")
     check_token_ids(tokens, model.cfg.d_vocab)  # once here, not once per batch's forward
     device = next(model.parameters()).device
-    starts = range(0, tokens.shape[0], batch_size)
-    with torch.no_grad():
-        for start in bar(starts, desc=f"batches of {batch_size}"):
-            rows = slice(start, min(start + batch_size, tokens.shape[0]))
-            batch = tokens[rows].to(device)
-            with model.hooks(fwd_hooks=list(hooks)):  # off again before the yield
-                _, cache = model.run_with_cache(batch, names_filter=list(names))
-            yield rows, {name: cache[name] for name in names}
+    for start in bar(range(0, tokens.shape[0], batch_size), desc=f"batches of {batch_size}"):
+        rows = slice(start, min(start + batch_size, tokens.shape[0]))
+        batch = tokens[rows].to(device)
+        # hooks and no-grad mode end before the yield: the caller's code runs as it would
+        with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+            _, cache = model.run_with_cache(batch, names_filter=list(names))
+        yield rows, {name: cache[name] for name in names}
 
 
 def collect_codes(

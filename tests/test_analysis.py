@@ -18,6 +18,7 @@ from codelens.analysis import (
     regex_labels,
     search_codes,
 )
+from codelens.vocab import Code
 
 # ---------------------------------------------------------------- a hand-built example
 # Site "s0": 1 group, k=2, 4 codes -> indices 0-3. Site "s1": 2 groups, k=1, 3 codes ->
@@ -40,9 +41,9 @@ def test_code_index_mapping():
     firing = hand_firing()
     assert firing.n_tokens == 6 and firing.n_codes_total == 10
     assert firing.offsets == (0, 4, 10)
-    assert firing.code_index("s1", 1, 2) == 9
+    assert firing.code_index(Code("s1", 1, 2)) == 9
     for index in range(10):
-        assert firing.code_index(*firing.describe(index)) == index
+        assert firing.code_index(firing.code(index)) == index
     site, group, code = firing.decode(torch.arange(10))
     assert site.tolist() == [0] * 4 + [1] * 6
     assert group.tolist() == [0] * 4 + [0, 0, 0, 1, 1, 1]
@@ -52,7 +53,7 @@ def test_code_index_mapping():
     assert (token == 4).sum() == 3 and (token == 5).sum() == 3
     assert firing.fires(0).tolist() == [True, True, False, True, True, False]
     with pytest.raises(ValueError, match="unknown site"):
-        firing.code_index("nope", 0, 0)
+        firing.code_index(Code("nope", 0, 0))
 
 
 def test_hand_built_precision_and_recall():
@@ -69,14 +70,14 @@ def test_hand_built_precision_and_recall():
 
 def test_best_codes_ranked_by_precision_then_recall():
     matches = best_codes_for_labels(hand_firing(), LABELS, min_count=1, top=4)
-    found = [(m.site, m.group, m.code) for m in matches]
+    found = [m.code for m in matches]
     # the perfect code, then 3/4, then p=1/2 with recall 1 before p=1/2 with recall 1/3
-    assert found == [("s1", 0, 2), ("s0", 0, 0), ("s1", 1, 0), ("s0", 0, 1)]
+    assert found == [Code("s1", 0, 2), Code("s0", 0, 0), Code("s1", 1, 0), Code("s0", 0, 1)]
     perfect = matches[0]
     assert (perfect.precision, perfect.recall, perfect.count, perfect.f1) == (1.0, 1.0, 3, 1.0)
     assert perfect.index == 6
     frequent = best_codes_for_labels(hand_firing(), LABELS, min_count=4, top=10)
-    assert [(m.site, m.code) for m in frequent] == [("s0", 0), ("s1", 0)]
+    assert [m.code for m in frequent] == [Code("s0", 0, 0), Code("s1", 1, 0)]
 
 
 def test_best_codes_ranked_by_f1_then_precision():
@@ -88,9 +89,9 @@ def test_best_codes_ranked_by_f1_then_precision():
     firing = code_firing({"s": ids}, 2)
     labels = torch.arange(10) < 5
     by_precision = best_codes_for_labels(firing, labels, min_count=1)
-    assert [m.code for m in by_precision] == [0, 1]
+    assert [m.code.id for m in by_precision] == [0, 1]
     by_f1 = best_codes_for_labels(firing, labels, min_count=1, rank_by="f1")
-    assert [m.code for m in by_f1] == [1, 0]
+    assert [m.code.id for m in by_f1] == [1, 0]
     assert [m.f1 for m in by_f1] == pytest.approx([10 / 11, 1 / 3])
     with pytest.raises(ValueError, match="rank_by must be"):
         best_codes_for_labels(firing, labels, rank_by="recall")
@@ -354,7 +355,7 @@ def test_search_codes_finds_a_forced_code(model):
         result = search_codes(model, tokens, labels, batch_size=4, min_count=2, top=5)
         _, cache = model.run_with_cache(tokens)
     best = result.matches[0]
-    assert (best.site, best.group, best.code) == (MLP0, 0, 3)
+    assert best.code == Code(MLP0, 0, 3)
     assert (best.precision, best.recall, best.count) == (1.0, 1.0, 18)
 
     # batched caching equals one full forward

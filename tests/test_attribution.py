@@ -15,7 +15,7 @@ from codelens.circuits.attribution import (
     replacement_completeness,
     validate_graph,
 )
-from codelens.circuits.planted import N_TOKENS, PAD, planted_model
+from codelens.experiments.planted_circuit import N_TOKENS, PAD, planted_model
 from codelens.vocab import Code, block_hook, codes_hook, quantized_hook
 
 CONFIGS = {

@@ -1,5 +1,7 @@
 """Baselines: activation caching, SAE training and metrics, PCA/ICA, feature hooks."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -10,17 +12,20 @@ from codelens.baselines import (
     auxk_loss,
     cache_activations,
     ce_loss_score,
+    encode_all,
     ica_features,
     iter_activations,
     load_features,
     neurons,
     pca_features,
     sae_metrics,
+    splice_loss_cost,
     spliced,
-    steer_hooks,
-    swap_hooks,
+    steer_feature_hooks,
+    swap_feature_hooks,
     train_sae,
 )
+from codelens.interventions import intervene
 
 Z0, MLP1 = "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"
 Z_SITES = ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
@@ -72,7 +77,7 @@ def test_cache_shapes_heads_and_mask(tokens):
     acts = cache_activations(model, tokens, [Z0, MLP1], token_mask=mask, batch_size=1)
     assert acts[Z0].shape == (tokens.numel() - 2, 32)  # 4 heads x 8 dims, concatenated
     assert acts[MLP1].shape == (tokens.numel() - 2, 32)
-    head = cache_activations(model, tokens, [Z0], heads={Z0: 2})[Z0]
+    head = cache_activations(model, tokens, [Z0], groups={Z0: 2})[Z0]
     assert head.shape == (tokens.numel(), 8)
     full = cache_activations(model, tokens, [Z0])[Z0]
     torch.testing.assert_close(head, full[:, 16:24])
@@ -86,8 +91,8 @@ def test_cache_errors_and_hooks_removed_when_consumer_raises(tokens):
         cache_activations(model, tokens, ["blocks.0.hook_nope"])
     with pytest.raises(ValueError, match="memory_budget_mb"):
         cache_activations(model, tokens, [Z0], memory_budget_mb=1e-6)
-    with pytest.raises(ValueError, match="head must be"):
-        cache_activations(model, tokens, [Z0], heads={Z0: 4})
+    with pytest.raises(ValueError, match="group must be"):
+        cache_activations(model, tokens, [Z0], groups={Z0: 4})
     with pytest.raises(RuntimeError, match="consumer"):
         for _ in iter_activations(model, tokens, [Z0], batch_size=1):
             raise RuntimeError("consumer failed")
@@ -142,11 +147,16 @@ def test_sae_config_and_input_errors():
 
 def test_save_load_roundtrip_and_corruption(tmp_path):
     acts = _planted(n=500)
-    sae, _ = train_sae(acts, Z0, SAEConfig(n_latents=32, k=2, steps=20), head=1)
+    sae, _ = train_sae(acts, Z0, SAEConfig(n_latents=32, k=2, steps=20), group=1)
     sae.save(tmp_path / "sae")
     loaded = load_features(tmp_path / "sae")
-    assert isinstance(loaded, SparseAutoencoder) and loaded.head == 1 and loaded.site == Z0
+    assert isinstance(loaded, SparseAutoencoder) and loaded.group == 1 and loaded.site == Z0
     torch.testing.assert_close(loaded.encode(acts), sae.encode(acts))
+    meta_file = tmp_path / "sae" / "features.json"  # saved before the rename: "head"
+    meta = json.loads(meta_file.read_text())
+    meta["head"] = meta.pop("group")
+    meta_file.write_text(json.dumps(meta))
+    assert load_features(tmp_path / "sae").group == 1
     pca = pca_features(acts, MLP1, 4)
     pca.save(tmp_path / "pca")
     torch.testing.assert_close(load_features(tmp_path / "pca").encode(acts), pca.encode(acts))
@@ -238,7 +248,7 @@ def test_clamp_sets_feature_and_swap_pastes_reference():
     acts = cache_activations(model, tokens, [MLP1])[MLP1]
     pca = pca_features(acts, MLP1)  # full basis
     seen = {}
-    hooks = steer_hooks(pca, clamp={2: 5.0}, positions=[3])
+    hooks = steer_feature_hooks(model, pca, clamp={2: 5.0}, positions=[3])
     with model.hooks(fwd_hooks=[*hooks, (MLP1, _capture(seen, "x"))]):
         model(tokens)
     features = pca.encode(seen["x"])
@@ -248,14 +258,40 @@ def test_clamp_sets_feature_and_swap_pastes_reference():
     z = cache_activations(model, tokens, [Z0])[Z0].reshape(8, 12, 32)
     reference = z.flip(0)[:, -1]
     with model.hooks(
-        fwd_hooks=[*swap_hooks(neurons(Z0, 32), reference), (Z0, _capture(seen, "z"))]
+        fwd_hooks=[*swap_feature_hooks(neurons(Z0, 32), reference), (Z0, _capture(seen, "z"))]
     ):
         model(tokens)
     torch.testing.assert_close(seen["z"][:, -1].reshape(8, 32), reference)
     torch.testing.assert_close(seen["z"][:, :-1].reshape(8, 11, 32), z[:, :-1])
     assert _no_hooks(model)
     with pytest.raises(ValueError, match="out of range"):
-        steer_hooks(pca, add={99: 1.0})
+        steer_feature_hooks(model, pca, add={99: 1.0})
+
+
+def test_feature_steering_positions_follow_the_code_intervention_rules():
+    model = tiny_model("gpt2")
+    fit = torch.randint(0, 10, (8, 12), generator=torch.Generator().manual_seed(0))
+    pca = pca_features(cache_activations(model, fit, [MLP1])[MLP1], MLP1)
+    tokens = fit[:2, :6]
+    seen = {}
+    last = steer_feature_hooks(model, pca, clamp={0: 7.0}, positions=-1)
+    with model.hooks(fwd_hooks=[*last, (MLP1, _capture(seen, "x"))]):
+        model(tokens)
+    features = pca.encode(seen["x"])
+    torch.testing.assert_close(features[:, -1, 0], torch.full((2,), 7.0))
+    assert not torch.isclose(features[:, :-1, 0], torch.tensor(7.0)).any()
+    # a position past the sequence is an error, not a silent no-op
+    outside = steer_feature_hooks(model, pca, clamp={0: 7.0}, positions=[3, 6])
+    with pytest.raises(ValueError, match=r"positions \[6\] are outside the 6-token"):
+        with model.hooks(fwd_hooks=outside):
+            model(tokens)
+    # under `intervene` a position may come later (generation), but must be reached
+    with pytest.raises(ValueError, match="matched no token"):
+        with intervene(model, outside):
+            model(tokens)
+    with intervene(model, outside):
+        model.generate(tokens, max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False)
+    assert _no_hooks(model)
 
 
 # ---------------------------------------------------------------- experiment glue
@@ -312,9 +348,9 @@ def test_fit_baselines_and_feature_swaps_on_a_codebook_model(tokens):
     for m in methods:
         assert [f.site for f in m.features] == sites and m.seconds > 0
         assert set(m.metrics) == set(sites)
-    values = bl.encode_all(base, methods[1].features, tokens, torch.ones_like(tokens, dtype=bool))
+    values = encode_all(base, methods[1].features, tokens, torch.ones_like(tokens, dtype=bool))
     assert values.shape == (tokens.numel(), sum(f.n_features for f in methods[1].features))
-    cost = bl.splice_loss_cost(base, methods[2].features, tokens)
+    cost = splice_loss_cost(base, methods[2].features, tokens)
     assert abs(cost["loss_cost"]) < 1e-4  # PCA with a full basis reconstructs exactly
     assert _no_hooks(base)
     lines = bl.table_markdown([{"method": "x", "state_precision": 0.5}, {"method": "y"}])

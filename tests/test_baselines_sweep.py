@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from codelens.baselines import SAEConfig, neurons, sae_metrics
+from codelens.baselines import SAEConfig, encode_all, encode_batch_size, neurons, sae_metrics
 from codelens.baselines.sweep import check_grid, pick_best, sweep_l0
 from codelens.experiments import baselines as bl
 
@@ -98,19 +98,19 @@ def test_encode_all_streamed_equals_unstreamed_with_bounded_batches():
     tokens = torch.randint(0, 10, (7, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.rand(7, 12, generator=torch.Generator().manual_seed(1)) > 0.3
     features = [neurons(SITES[0], 32), neurons("blocks.1.attn.hook_z", 32)]
-    whole = bl.encode_all(model, features, tokens, mask)
+    whole = encode_all(model, features, tokens, mask)
     assert calls == [7]  # one batch under the default budget
     assert whole.shape == (int(mask.sum()), 64)
 
     n_kept, per_sequence = int(mask.sum()), 4 * 12 * (64 + 64)
     budget = (4 * n_kept * 64 + 2 * per_sequence) / 2**20  # the result and two sequences
-    assert bl.encode_batch_size(n_kept, 12, 64, 64, budget) == 2
+    assert encode_batch_size(n_kept, 12, 64, 64, budget) == 2
     calls.clear()
-    streamed = bl.encode_all(model, features, tokens, mask, memory_budget_mb=budget)
+    streamed = encode_all(model, features, tokens, mask, memory_budget_mb=budget)
     assert calls == [2, 2, 2, 1]  # never more than two sequences at a time
     torch.testing.assert_close(streamed, whole, rtol=0, atol=0)
 
-    half = bl.encode_all(model, features, tokens, mask, dtype=torch.float16)
+    half = encode_all(model, features, tokens, mask, dtype=torch.float16)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), whole, rtol=1e-3, atol=1e-3)
     model.hook_dict["hook_embed"].remove_hooks()
@@ -121,9 +121,9 @@ def test_encode_all_refuses_a_budget_it_cannot_keep():
     tokens = torch.zeros(4, 12, dtype=torch.long)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     with pytest.raises(ValueError, match="over memory_budget_mb"):
-        bl.encode_all(model, [neurons(SITES[0], 32)], tokens, mask, memory_budget_mb=0.001)
+        encode_all(model, [neurons(SITES[0], 32)], tokens, mask, memory_budget_mb=0.001)
     with pytest.raises(ValueError, match="no features"):
-        bl.encode_all(model, [], tokens, mask)
+        encode_all(model, [], tokens, mask)
     with pytest.raises(ValueError, match="bool mask"):
-        bl.encode_all(model, [neurons(SITES[0], 32)], tokens, mask.long())
+        encode_all(model, [neurons(SITES[0], 32)], tokens, mask.long())
     model.hook_dict["hook_embed"].remove_hooks()

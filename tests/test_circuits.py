@@ -27,8 +27,9 @@ from codelens.circuits import (
     faithfulness_curve,
     fast_path,
 )
-from codelens.circuits.planted import planted_model
+from codelens.circuits.graph import node_stage
 from codelens.circuits.result import node_of
+from codelens.experiments.planted_circuit import planted_model
 
 CODEBOOK = CodebookConfig(n_codes=16, k=2, mlp_groups=2)
 
@@ -93,6 +94,23 @@ def test_zero_ablating_every_edge_out_of_a_head_equals_zeroing_the_head(arch):
     torch.testing.assert_close(patched, expected)
     # with parallel attention and MLP, a layer's MLP reads nothing its heads write
     assert ("a0.h1->m0" in graph.edge_index()) == (arch == "gpt2")
+
+
+def test_code_senders_carry_their_code_and_node():
+    model = tiny_model("gpt2", CODEBOOK)
+    clean, corrupted = pair()
+    graph = build_graph(model, "codes", active_codes(model, clean, corrupted))
+    assert graph.sender_codes, "the code graph has code senders"
+    for column, code in graph.sender_codes.items():
+        name, node = graph.senders[column], graph.sender_nodes[column]
+        assert code.site in graph.code_sites and name.endswith(f":{code.id}")
+        assert name.startswith(node) and graph.sender_stage[column] == node_stage(node)
+    nodes = graph.node_columns()
+    assert sorted(c for cols in nodes.values() for c in cols) == list(range(len(graph.senders)))
+    assert node_stage("embed") == 0 and node_stage("m1:3") == node_stage("m1") == 4
+    assert node_stage("a1.h2<q>") == 3 and node_stage("logits") > node_stage("m1")
+    with pytest.raises(ValueError, match="not a circuit node"):
+        node_stage("x1")
 
 
 def test_hooks_and_flags_are_restored_when_the_forward_raises(monkeypatch):
@@ -291,8 +309,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_fsm_task_pairs_states_that_favour_different_first_digits():
-    from codelens.circuits.tasks import fsm_next_state_task
     from codelens.data.fsm import FSMConfig, TokFSM
+    from codelens.experiments.circuit_tasks import fsm_next_state_task
 
     fsm = TokFSM(FSMConfig(n_states=20, n_successors=4, seq_len=25, seed=42))
     task = fsm_next_state_task(fsm, n_pairs=16, state_index=1)
@@ -314,9 +332,9 @@ def test_logit_difference_averages_sets_of_words():
 
 
 def test_story_task_pairs_two_topics_and_scores_their_words():
-    from codelens.circuits.tasks import story_topic_task
     from codelens.data.stories import LEXICONS, generate_stories
     from codelens.data.text import train_bpe_tokenizer
+    from codelens.experiments.circuit_tasks import story_topic_task
 
     tokenizer = train_bpe_tokenizer([s.text for s in generate_stories(300, seed=5)], 1000)
     task = story_topic_task(tokenizer, "snow", "fire", n_pairs=4, length=24)
@@ -329,8 +347,8 @@ def test_story_task_pairs_two_topics_and_scores_their_words():
 
 
 def test_study_writes_circuits_curves_and_figures(tmp_path, planted):
-    from codelens.circuits.study import run_study
-    from codelens.circuits.tasks import Task
+    from codelens.experiments.circuit_study import run_study
+    from codelens.experiments.circuit_tasks import Task
 
     task = Task("planted", planted.clean, planted.corrupted, planted.metric)
     report = run_study(

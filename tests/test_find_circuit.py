@@ -16,7 +16,7 @@ from codelens.circuits import (
     faithfulness,
     find_circuit,
 )
-from codelens.circuits.planted import planted_model
+from codelens.experiments.planted_circuit import planted_model
 
 
 @pytest.fixture(scope="module")

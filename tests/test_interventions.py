@@ -10,9 +10,11 @@ from codelens.interventions import (
     ablate_codes,
     force_codes,
     intervene,
+    paste_codes_hooks,
     swap_code_sets,
     swap_codes,
 )
+from codelens.vocab import collect_codes
 
 ARCHS = ["gpt_neox", "llama"]
 MLP, ATTN = "blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"
@@ -177,6 +179,30 @@ def test_swap_code_sets_replaces_each_sites_codes(tokens):
 
 
 # ---------------------------------------------------------------- ablate
+
+
+def test_paste_codes_puts_the_reference_codes_at_one_position(tokens):
+    model = make()
+    reference = tokens.flip(0)
+    ref = collect_codes(model, reference)
+    clean = collect_codes(model, tokens)
+    pasted = collect_codes(model, tokens, hooks=paste_codes_hooks({MLP: ref[MLP]}, position=-1))
+    assert torch.equal(pasted[MLP][:, -1], ref[MLP][:, -1])
+    assert torch.equal(pasted[MLP][:, :-1], clean[MLP][:, :-1])
+    assert torch.equal(pasted[ATTN], clean[ATTN]), "only the named sites change"
+    # the pasted ids are the site's output: the same as running the reference there
+    _, quantized = site_cache(model, tokens, MLP)
+    with model.hooks(fwd_hooks=paste_codes_hooks({MLP: ref[MLP]}, position=2)):
+        ids, after = site_cache(model, tokens, MLP)
+    torch.testing.assert_close(after[:, 2], code_sum(model, MLP, ref[MLP][:, 2]))
+    torch.testing.assert_close(after[:, 3:], quantized[:, 3:])
+    with pytest.raises(ValueError, match="outside the sequence"):
+        model.run_with_hooks(tokens, fwd_hooks=paste_codes_hooks({MLP: ref[MLP]}, position=99))
+    with pytest.raises(ValueError, match="do not fit"):
+        model.run_with_hooks(tokens[:1], fwd_hooks=paste_codes_hooks({MLP: ref[MLP]}))
+    with pytest.raises(ValueError, match="no sites"):
+        paste_codes_hooks({})
+    assert all_hooks_removed(model)
 
 
 def test_ablate_zero_empties_the_slots_where_the_code_is_active(tokens):

@@ -10,13 +10,21 @@ import torch
 from conftest import tiny_model
 
 from codelens import CodebookConfig
-from codelens.analysis import token_strings, topic_codes, topic_stats, topic_swaps
+from codelens.analysis import (
+    TopicCode,
+    TopicSwap,
+    token_strings,
+    topic_codes,
+    topic_stats,
+    topic_swaps,
+)
 from codelens.data.stories import TOPICS, TopicClassifier, generate_stories
 from codelens.data.text import train_bpe_tokenizer
 from codelens.experiments.steering import (
     QUICK,
     _past_broken,
     option_hooks,
+    option_record,
     regex_search,
     run_experiment,
     steering_options,
@@ -25,13 +33,16 @@ from codelens.experiments.steering import (
     write_report,
 )
 from codelens.steering import (
+    SteeringTrial,
     continuation_texts,
-    force_hooks,
+    force_code_hooks,
     generate_texts,
     on_topic_share,
     perplexity,
-    swap_hooks,
+    swap_code_hooks,
+    sweep_steering,
 )
+from codelens.vocab import Code
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +150,16 @@ def test_topic_codes_rank_by_precision_above_the_recall_floor(random_topic_stats
     model, stats = random_topic_stats
     found = topic_codes(stats, top=4, min_recall=0.1, min_count=2)
     assert len(found) == 3
-    for picks in found:
+    for topic, picks in enumerate(found):
         assert picks, "random codes spread over every topic"
-        precision = [p["precision"] for p in picks]
+        precision = [p.precision for p in picks]
         assert precision == sorted(precision, reverse=True)
-        assert all(p["recall"] >= 0.1 and p["count"] >= 2 for p in picks)
-        assert {p["site"] for p in picks} <= set(model.codebooks)
+        assert all(p.recall >= 0.1 and p.count >= 2 for p in picks)
+        assert {p.code.site for p in picks} <= set(model.codebooks)
+        for p in picks:
+            index = stats.firing.code_index(p.code)
+            assert p.precision == float(stats.precision[index, topic])
+            assert p.as_dict()["code"] == p.code.id and p.as_dict()["site"] == p.code.site
 
 
 def test_topic_codes_one_per_head(random_topic_stats):
@@ -152,14 +167,15 @@ def test_topic_codes_one_per_head(random_topic_stats):
     found = topic_codes(stats, top=50, min_recall=0.1, min_count=2, one_per_head=True)
     every = topic_codes(stats, top=50, min_recall=0.1, min_count=2)
     for picks, all_picks in zip(found, every, strict=True):
-        heads = [(p["site"], p["group"]) for p in picks]
+        heads = [(p.code.site, p.code.group) for p in picks]
         assert len(heads) == len(set(heads)) and len(picks) < len(all_picks)
         assert picks[0] == all_picks[0]
 
 
 def test_steering_options_go_from_swaps_to_many_heads():
-    codes = [{"site": "s", "group": g, "code": g} for g in range(5)]
-    swaps = {"first": [{"site": "s", "group": 0, "code": 1, "sources": [2]}], "none": []}
+    codes = [TopicCode(Code("s", g, g), 0.9, 0.5, 10) for g in range(5)]
+    swap = TopicSwap(TopicCode(Code("s", 0, 1), 0.9, 0.5, 10), (2,))
+    swaps = {"first": [swap], "none": []}
     options = steering_options(codes, swaps, k=8)
     assert options[:2] == [
         {"swaps": swaps["first"], "heads": "first", "force": False},
@@ -171,6 +187,36 @@ def test_steering_options_go_from_swaps_to_many_heads():
         assert heads == [1, 2, 4, 5]
     assert all(o["slots"] == "all" for o in steering_options(codes, {}, k=1))
     assert steering_options([], {}, k=8) == []
+    record = option_record({**options[1], "on_topic": 0.5})
+    assert record == {"swaps": [swap.as_dict()], "heads": "first", "force": True, "on_topic": 0.5}
+    assert json.loads(json.dumps(option_record(options[2])))["codes"] == [codes[0].as_dict()]
+
+
+def test_sweep_steering_picks_the_most_on_topic_fluent_option():
+    results = {1: (0.9, 30.0), 2: (0.6, 12.0), 3: (0.6, 11.0), 4: (0.2, 10.0)}
+    tried = []
+
+    def trial(option):
+        tried.append(option["n"])
+        on_topic, ppl = results[option["n"]]
+        return SteeringTrial(on_topic, ppl, [f"text {option['n']}"])
+
+    options = [{"n": n} for n in results]
+    swept, best = sweep_steering(options, trial, perplexity_before=10.0, max_perplexity_ratio=2.0)
+    assert [o["perplexity_ratio"] for o in swept] == [3.0, 1.2, 1.1, 1.0]
+    assert best == {"n": 2, "on_topic": 0.6, "perplexity_ratio": 1.2}  # 1 is not fluent; tie: first
+    swept, best = sweep_steering(
+        options,
+        trial,
+        perplexity_before=10.0,
+        max_perplexity_ratio=2.0,
+        skip=lambda option, done: option["n"] == 2,
+    )
+    assert [o["n"] for o in swept] == [1, 3, 4] and best["n"] == 3
+    assert (
+        sweep_steering(options[:1], trial, perplexity_before=10.0, max_perplexity_ratio=2.0)[1]
+        is None
+    )
 
 
 def test_sweep_skips_more_forced_heads_once_fewer_broke_the_fluency_guard():
@@ -200,25 +246,25 @@ def test_topic_swaps_map_other_topics_codes_to_this_topics_best_code():
     site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
     swaps = topic_swaps(stats, 0, sites=[site], min_count=3, target_precision=0.6)
     assert swaps, "marker tokens give every head topic codes"
-    assert len({s["group"] for s in swaps}) == len(swaps), "one target per head"
+    assert len({s.target.code.group for s in swaps}) == len(swaps), "one target per head"
     for s in swaps:
-        assert s["site"] == site and s["precision"] >= 0.6
-        for code in s["sources"]:
-            index = stats.firing.code_index(site, s["group"], code)
+        target = s.target.code
+        assert target.site == site and s.target.precision >= 0.6
+        for code in s.sources:
+            index = stats.firing.code_index(Code(site, target.group, code))
             assert int(stats.majority[index]) != 0
             assert float(stats.majority_precision[index]) >= 0.5
+        head = [stats.firing.code_index(Code(site, target.group, c)) for c in range(16)]
         same_head = [
-            stats.firing.code_index(site, s["group"], c)
-            for c in range(16)
-            if float(stats.precision[stats.firing.code_index(site, s["group"], c), 0]) >= 0.6
-            and int(stats.count[stats.firing.code_index(site, s["group"], c)]) >= 3
+            i for i in head if float(stats.precision[i, 0]) >= 0.6 and int(stats.count[i]) >= 3
         ]
-        assert s["recall"] == max(float(stats.recall[i, 0]) for i in same_head)
+        assert s.target.recall == max(float(stats.recall[i, 0]) for i in same_head)
+        assert s.as_dict() == {**s.target.as_dict(), "sources": list(s.sources)}
     with pytest.raises(ValueError, match="not above chance"):
         topic_swaps(stats, 0, source_precision=0.3)
 
 
-def test_swap_hooks_swap_sources_and_optionally_force_the_target():
+def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
     torch.manual_seed(0)
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
@@ -228,13 +274,13 @@ def test_swap_hooks_swap_sources_and_optionally_force_the_target():
     ids = clean[name][:, :, 1]
     source = int(ids[0, 0, 0])
     target = (source + 1) % 8
-    swaps = [{"site": site, "group": 1, "code": target, "sources": [source]}]
-    with model.hooks(fwd_hooks=swap_hooks(model, swaps)):
+    swaps = [TopicSwap(TopicCode(Code(site, 1, target), 1.0, 1.0, 1), (source,))]
+    with model.hooks(fwd_hooks=swap_code_hooks(model, swaps)):
         _, cache = model.run_with_cache(tokens, names_filter=name)
     expected = torch.where(ids == source, target, ids)
     assert torch.equal(cache[name][:, :, 1], expected)
     assert torch.equal(cache[name][:, :, 0], clean[name][:, :, 0])
-    with model.hooks(fwd_hooks=swap_hooks(model, swaps, force=True)):
+    with model.hooks(fwd_hooks=swap_code_hooks(model, swaps, force=True)):
         _, cache = model.run_with_cache(tokens, names_filter=name)
     assert (cache[name][:, :, 1, -1] == target).all()
 
@@ -242,7 +288,7 @@ def test_swap_hooks_swap_sources_and_optionally_force_the_target():
 def test_option_hooks_force_only_the_prompt_tokens():
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
-    option = {"codes": [{"site": site, "group": 1, "code": 3}], "slots": "all"}
+    option = {"codes": [TopicCode(Code(site, 1, 3), 1.0, 1.0, 1)], "slots": "all"}
     tokens = torch.randint(0, 10, (2, 7))
     name = f"{site}.hook_codes"
     _, clean = model.run_with_cache(tokens, names_filter=name)
@@ -256,20 +302,22 @@ def test_option_hooks_force_only_the_prompt_tokens():
         assert torch.equal(cache[name][:, :, 0], clean[name][:, :, 0])
 
 
-def test_force_hooks_put_codes_of_one_head_together():
+def test_force_code_hooks_put_codes_of_one_head_together():
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
-    codes = [{"site": site, "group": 1, "code": 3}, {"site": site, "group": 1, "code": 5}]
-    assert len(force_hooks(model, codes, "all")) == 1
-    assert len(force_hooks(model, [*codes, {"site": site, "group": 0, "code": 2}], "all")) == 2
+    codes = [Code(site, 1, 3), Code(site, 1, 5)]
+    assert len(force_code_hooks(model, codes, "all")) == 1
+    assert len(force_code_hooks(model, [*codes, Code(site, 0, 2)], "all")) == 2
+    with pytest.raises(TypeError, match="Code"):
+        force_code_hooks(model, [{"site": site, "group": 1, "code": 3}], "all")
     tokens = torch.randint(0, 10, (2, 6))
     _, cache = model.run_with_cache(tokens, names_filter=f"{site}.hook_codes")
-    with model.hooks(fwd_hooks=force_hooks(model, codes, "all")):
+    with model.hooks(fwd_hooks=force_code_hooks(model, codes, "all")):
         _, forced = model.run_with_cache(tokens, names_filter=f"{site}.hook_codes")
     ids = forced[f"{site}.hook_codes"]
     assert sorted(ids[0, 0, 1].tolist()) == [3, 5]
     assert torch.equal(ids[:, :, 0], cache[f"{site}.hook_codes"][:, :, 0])
-    with model.hooks(fwd_hooks=force_hooks(model, codes[:1], "all")):
+    with model.hooks(fwd_hooks=force_code_hooks(model, codes[:1], "all")):
         _, forced = model.run_with_cache(tokens, names_filter=f"{site}.hook_codes")
     assert (forced[f"{site}.hook_codes"][:, :, 1] == 3).all(), "one code fills all k slots"
 

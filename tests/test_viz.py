@@ -12,6 +12,7 @@ import pytest
 import torch
 from _chromium import script_elements, visible_text
 
+from codelens.files import atomic_write_text
 from codelens.viz import (
     BrowserData,
     CircuitsVisView,
@@ -30,7 +31,7 @@ from codelens.viz import (
     top_examples,
     training_curves,
 )
-from codelens.viz._page import _atomic_write, _script_json
+from codelens.viz._page import _script_json
 
 NASTY = ["<bos>", "</script>", "<!--", "&amp;", "\u2028", ' "q" ', "\n"]
 
@@ -113,8 +114,8 @@ def test_view_repr_html_is_self_contained():
 
 def test_atomic_write_replaces_and_cleans_up(tmp_path):
     target = tmp_path / "sub" / "page.html"
-    _atomic_write(target, "one")
-    _atomic_write(target, "two")
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["page.html"]
     assert stat.S_IMODE(os.stat(target).st_mode) & 0o044  # not a private 0600 temp file

@@ -66,6 +66,15 @@ def test_collect_codes_matches_one_forward_and_removes_its_hooks(tokens):
         next(cached_batches(model, tokens, [site], batch_size=0))
 
 
+def test_cached_batches_leave_grad_mode_and_hooks_to_the_caller(tokens):
+    model = tiny_model("gpt2", CodebookConfig(n_codes=8, k=2))
+    hook = (codes_hook(mlp_site(0)), lambda ids, hook: ids)
+    for _, cache in cached_batches(model, tokens, [mlp_site(0)], batch_size=1, hooks=[hook]):
+        assert torch.is_grad_enabled(), "the caller's loop body may train"
+        assert not cache[mlp_site(0)].requires_grad
+        assert all(not h.fwd_hooks for h in model.hook_dict.values())
+
+
 def test_atomic_writes_leave_no_temporary_file(tmp_path):
     path = atomic_write_text(tmp_path / "a" / "b.txt", "hello")
     assert path.read_text() == "hello" and os.listdir(path.parent) == ["b.txt"]

@@ -19,9 +19,10 @@ One module per idea, every public name importable from here:
 - `codelens.analysis.topics`: codes of the topic of a story, for steering;
 - `codelens.analysis.examples`: the top activating examples of one code (`top_examples`).
 
-TokFSM use, with ``states`` the FSM state per token (-1 at BOS):
+TokFSM use, with ``codes = codelens.vocab.collect_codes(model, tokens)`` and ``states`` the
+FSM state per token (-1 at BOS):
 
-    firing = code_firing({site: cache[f"{site}.hook_codes"] for site in sites}, n_codes)
+    firing = code_firing({site: codes[site] for site in sites}, n_codes)
     per_class = codes_for_classes(firing, states, n_states)
     found = per_class.best_code >= 0
     labels = states.reshape(-1, 1) == found.nonzero().reshape(1, -1)
@@ -47,7 +48,7 @@ from codelens.analysis.neurons import (
     neuron_precision_at_recall,
 )
 from codelens.analysis.search import SearchResult, regex_labels, search_codes, token_strings
-from codelens.analysis.topics import topic_codes, topic_stats, topic_swaps
+from codelens.analysis.topics import TopicCode, TopicSwap, topic_codes, topic_stats, topic_swaps
 
 __all__ = [
     "ClassCodes",
@@ -68,6 +69,8 @@ __all__ = [
     "search_codes",
     "token_strings",
     "top_examples",
+    "TopicCode",
+    "TopicSwap",
     "topic_codes",
     "topic_stats",
     "topic_swaps",

@@ -27,6 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from codelens.analysis.firing import CodeFiring, _cooccurrence, _token_tensor
+from codelens.vocab import Code
 
 __all__ = [
     "ClassCodes",
@@ -58,9 +59,7 @@ class CodeStats:
 class CodeMatch:
     """One code's quality as a classifier of a label (``index``: its global code index)."""
 
-    site: str
-    group: int
-    code: int
+    code: Code
     precision: float
     recall: float
     count: int
@@ -68,10 +67,11 @@ class CodeMatch:
     index: int = -1
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, flat: ``{"site", "group", "code", "precision", ...}``."""
         return {
-            "site": self.site,
-            "group": self.group,
-            "code": self.code,
+            "site": self.code.site,
+            "group": self.code.group,
+            "code": self.code.id,
             "precision": self.precision,
             "recall": self.recall,
             "count": self.count,
@@ -146,12 +146,9 @@ def best_codes_for_labels(
         best = _rank(stats.precision, stats.recall, eligible, top)
     matches = []
     for index in best.tolist():
-        site, group, code = firing.describe(index)
         matches.append(
             CodeMatch(
-                site,
-                group,
-                code,
+                firing.code(index),
                 float(stats.precision[index]),
                 float(stats.recall[index]),
                 int(stats.count[index]),
@@ -194,13 +191,13 @@ class ClassCodes:
         for c, index in enumerate(self.best_code.tolist()):
             if index < 0:
                 continue
-            site, group, code = self.firing.describe(index)
+            code = self.firing.code(index)
             rows.append(
                 {
                     "class": c,
-                    "site": site,
-                    "group": group,
-                    "code": code,
+                    "site": code.site,
+                    "group": code.group,
+                    "code": code.id,
                     "precision": float(self.best_precision[c]),
                     "recall": float(self.best_recall[c]),
                     "count": int(self.count[index]),

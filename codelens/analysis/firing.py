@@ -23,6 +23,8 @@ from einops import rearrange
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from codelens.vocab import Code
+
 __all__ = ["CodeFiring", "code_firing"]
 
 _EVENTS_PER_CHUNK = 1 << 22
@@ -61,8 +63,9 @@ class CodeFiring:
     def n_codes_total(self) -> int:
         return self.offsets[-1]
 
-    def code_index(self, site: str, group: int, code: int) -> int:
-        """The global index of code ``code`` of group ``group`` at ``site``."""
+    def code_index(self, code: Code) -> int:
+        """The global index of ``code`` (the inverse of `code`)."""
+        site, group, code = code.site, code.group, code.id
         if site not in self.sites:
             raise ValueError(f"unknown site {site!r}; sites: {list(self.sites)}")
         s = self.sites.index(site)
@@ -87,10 +90,10 @@ class CodeFiring:
         per_group = torch.tensor(self.codes_per_group)[site]
         return site, local // per_group, local % per_group
 
-    def describe(self, index: int) -> tuple[str, int, int]:
-        """``(site, group, code)`` of one code index."""
+    def code(self, index: int) -> Code:
+        """The `Code` of one code index."""
         site, group, code = (int(v) for v in self.decode(torch.tensor([int(index)])))
-        return self.sites[site], group, code
+        return Code(self.sites[site], group, code)
 
     def pairs(self) -> tuple[Int[Tensor, " E"], Int[Tensor, " E"]]:
         """Every firing as (token, code index) pairs, sorted by token."""

@@ -103,6 +103,33 @@ def best_neurons_for_labels(
     """
     neurons = _check_neurons(neurons)
     n_tokens, n_neurons = neurons.shape
+    groups, n_positive = _label_groups(labels_matrix, recalls, n_tokens, neurons.device)
+    best = _Best(n_positive, neurons.device)
+    chunk = max(1, int(memory_budget_mb * 2**20) // (24 * n_tokens))
+    for start in range(0, n_neurons, chunk):
+        x = neurons[:, start : start + chunk].float()
+        all_sorted = _sort_rows(x.T.contiguous())  # [Dc, N] ascending
+        for group in groups:
+            fires, hits, thresholds = _candidates(x, all_sorted, group)
+            best.update(group.pairs, start, fires, hits, thresholds)
+    return best.matches()
+
+
+class _LabelGroup(NamedTuple):
+    """The (label, recall) pairs that share one distinct label column: the column, the
+    pairs' indices, each pair's ``m`` (positives to keep: ceil(recall * p)) and ``p``."""
+
+    positive: Bool[Tensor, " N"]
+    pairs: Int[Tensor, " J"]
+    m: Int[Tensor, " J"]
+    p: int
+
+
+def _label_groups(
+    labels_matrix: Any, recalls: Any, n_tokens: int, device: torch.device
+) -> tuple[list[_LabelGroup], Int[Tensor, " L"]]:
+    """Check the labels and recalls; group the pairs by distinct label column. Also returns
+    each pair's number of positive tokens."""
     labels = torch.as_tensor(labels_matrix)
     if labels.ndim == 1:
         labels = labels[:, None]
@@ -129,8 +156,6 @@ def best_neurons_for_labels(
     if empty:
         raise ValueError(f"label columns {empty} have no positive token")
     column_of = column_of.expand(n_pairs)
-
-    device = neurons.device
     groups = []
     for u in range(columns.shape[1]):
         pairs = (column_of == u).nonzero().squeeze(1)
@@ -138,67 +163,79 @@ def best_neurons_for_labels(
             continue
         p = int(n_positive[u])
         m = torch.ceil(target[pairs] * p - 1e-6).long().clamp(1, p)
-        groups.append((columns[:, u].to(device), pairs.to(device), m.to(device), p))
+        groups.append(_LabelGroup(columns[:, u].to(device), pairs.to(device), m.to(device), p))
+    return groups, n_positive[column_of].to(device)
 
-    best_p = torch.full((n_pairs,), -1.0, dtype=torch.float64, device=device)
-    best_hits = torch.zeros(n_pairs, dtype=torch.long, device=device)
-    best_fires = torch.ones(n_pairs, dtype=torch.long, device=device)
-    best_neuron = torch.zeros(n_pairs, dtype=torch.long, device=device)
-    best_sign = torch.ones(n_pairs, dtype=torch.long, device=device)
-    best_t = torch.zeros(n_pairs, dtype=torch.float64, device=device)
 
-    chunk = max(1, int(memory_budget_mb * 2**20) // (24 * n_tokens))
-    for start in range(0, n_neurons, chunk):
-        x = neurons[:, start : start + chunk].float()
-        all_sorted = _sort_rows(x.T.contiguous())  # [Dc, N] ascending
-        for positive, pairs, m, p in groups:
-            pos_sorted = _sort_rows(x[positive].T.contiguous())  # [Dc, P]
-            high = pos_sorted[:, p - m].contiguous()  # m-th largest: x >= high keeps m
-            low = pos_sorted[:, m - 1].contiguous()  # m-th smallest: x <= low keeps m
-            fires = torch.stack(
-                [
-                    n_tokens - torch.searchsorted(all_sorted, high),
-                    torch.searchsorted(all_sorted, low, right=True),
-                ],
-                dim=1,
-            )  # [Dc, 2, J]
-            hits = torch.stack(
-                [
-                    p - torch.searchsorted(pos_sorted, high),
-                    torch.searchsorted(pos_sorted, low, right=True),
-                ],
-                dim=1,
-            )
-            thresholds = torch.stack([high, -low], dim=1).double()
-            fires, hits, thresholds = (
-                rearrange(t, "d s j -> (d s) j") for t in (fires, hits, thresholds)
-            )
-            precision = hits.double() / fires.double()
-            tied = precision == precision.max(dim=0, keepdim=True).values
-            pick = torch.where(tied, hits, -1).argmax(dim=0)  # first: lower neuron, sign +
-            cols = torch.arange(pick.shape[0], device=device)
-            p_new, h_new = precision[pick, cols], hits[pick, cols]
-            better = (p_new > best_p[pairs]) | (
-                (p_new == best_p[pairs]) & (h_new > best_hits[pairs])
-            )
-            upd = pairs[better]
-            best_p[upd] = p_new[better]
-            best_hits[upd] = h_new[better]
-            best_fires[upd] = fires[pick, cols][better]
-            best_neuron[upd] = start + pick[better] // 2
-            best_sign[upd] = 1 - 2 * (pick[better] % 2)
-            best_t[upd] = thresholds[pick, cols][better]
-
-    pos_per_pair = n_positive[column_of].to(device)
-    return NeuronMatches(
-        best_p,
-        best_hits.double() / pos_per_pair.double(),
-        best_neuron,
-        best_sign,
-        best_t,
-        best_hits,
-        best_fires,
+def _candidates(
+    x: Float[Tensor, "N Dc"], all_sorted: Float[Tensor, "Dc N"], group: _LabelGroup
+) -> tuple[Int[Tensor, "DS J"], Int[Tensor, "DS J"], Float[Tensor, "DS J"]]:
+    """Every neuron of the chunk, both signs (rows ``2d`` and ``2d + 1``), at the loosest
+    threshold that keeps ``m`` positives: tokens fired, positives hit, thresholds."""
+    n_tokens = x.shape[0]
+    positive, _, m, p = group
+    pos_sorted = _sort_rows(x[positive].T.contiguous())  # [Dc, P]
+    high = pos_sorted[:, p - m].contiguous()  # m-th largest: x >= high keeps m
+    low = pos_sorted[:, m - 1].contiguous()  # m-th smallest: x <= low keeps m
+    fires = torch.stack(
+        [
+            n_tokens - torch.searchsorted(all_sorted, high),
+            torch.searchsorted(all_sorted, low, right=True),
+        ],
+        dim=1,
+    )  # [Dc, 2, J]
+    hits = torch.stack(
+        [p - torch.searchsorted(pos_sorted, high), torch.searchsorted(pos_sorted, low, right=True)],
+        dim=1,
     )
+    thresholds = torch.stack([high, -low], dim=1).double()
+    return tuple(rearrange(t, "d s j -> (d s) j") for t in (fires, hits, thresholds))
+
+
+class _Best:
+    """The best neuron so far for every (label, recall) pair, over chunks of neurons."""
+
+    def __init__(self, n_positive: Int[Tensor, " L"], device: torch.device) -> None:
+        n_pairs = n_positive.shape[0]
+        self.n_positive = n_positive
+        self.precision = torch.full((n_pairs,), -1.0, dtype=torch.float64, device=device)
+        self.hits = torch.zeros(n_pairs, dtype=torch.long, device=device)
+        self.fires = torch.ones(n_pairs, dtype=torch.long, device=device)
+        self.neuron = torch.zeros(n_pairs, dtype=torch.long, device=device)
+        self.sign = torch.ones(n_pairs, dtype=torch.long, device=device)
+        self.threshold = torch.zeros(n_pairs, dtype=torch.float64, device=device)
+
+    def update(
+        self, pairs: Tensor, start: int, fires: Tensor, hits: Tensor, thresholds: Tensor
+    ) -> None:
+        """Keep, per pair, the chunk's best candidate where it beats the best so far (ties
+        in precision: more hits; within the chunk: lower neuron, then sign +)."""
+        precision = hits.double() / fires.double()
+        tied = precision == precision.max(dim=0, keepdim=True).values
+        pick = torch.where(tied, hits, -1).argmax(dim=0)
+        cols = torch.arange(pick.shape[0], device=pick.device)
+        p_new, h_new = precision[pick, cols], hits[pick, cols]
+        better = (p_new > self.precision[pairs]) | (
+            (p_new == self.precision[pairs]) & (h_new > self.hits[pairs])
+        )
+        upd = pairs[better]
+        self.precision[upd] = p_new[better]
+        self.hits[upd] = h_new[better]
+        self.fires[upd] = fires[pick, cols][better]
+        self.neuron[upd] = start + pick[better] // 2
+        self.sign[upd] = 1 - 2 * (pick[better] % 2)
+        self.threshold[upd] = thresholds[pick, cols][better]
+
+    def matches(self) -> NeuronMatches:
+        return NeuronMatches(
+            self.precision,
+            self.hits.double() / self.n_positive.double(),
+            self.neuron,
+            self.sign,
+            self.threshold,
+            self.hits,
+            self.fires,
+        )
 
 
 def _sort_rows(x: Float[Tensor, "R M"]) -> Float[Tensor, "R M"]:

@@ -21,7 +21,7 @@ from torch import Tensor
 from codelens.analysis.codes import CodeMatch, RankBy, _check_labels, best_codes_for_labels
 from codelens.analysis.firing import CodeFiring, _token_tensor, code_firing
 from codelens.analysis.neurons import NeuronMatches, best_neurons_for_labels
-from codelens.progress import bar
+from codelens.vocab import cached_batches, check_tokens, codes_hook, every_layer, is_block_hook
 
 __all__ = ["SearchResult", "regex_labels", "search_codes", "token_strings"]
 
@@ -95,8 +95,10 @@ def _label_sequence(tokens: Sequence[str], regex: re.Pattern[str], group: int | 
 
 def token_strings(tokenizer: Any, tokens: Tensor) -> list[list[str]]:
     """Each token decoded on its own (BOS as ""), so a row joins into the text it spells."""
+    tokens = torch.as_tensor(tokens)
     bos = tokenizer.bos_token_id
-    return [[tokenizer.decode([t]) if t != bos else "" for t in row] for row in tokens.tolist()]
+    spelled = {t: "" if t == bos else tokenizer.decode([t]) for t in tokens.unique().tolist()}
+    return [[spelled[t] for t in row] for row in tokens.tolist()]
 
 
 # ---------------------------------------------------------------- end-to-end search
@@ -172,15 +174,15 @@ class SearchResult:
 
 
 def _neuron_hook_names(model: Any, neuron_hooks: Sequence[str]) -> list[str]:
-    """Full hook names: ``"blocks.…"`` names as given, other suffixes for every layer."""
+    """Full hook names: ``blocks.{layer}.…`` names as given, other suffixes for every layer."""
     if isinstance(neuron_hooks, str):
         neuron_hooks = (neuron_hooks,)
     names: list[str] = []
     for hook in neuron_hooks:
-        if hook.startswith("blocks.") or hook in model.hook_dict:
+        if is_block_hook(hook) or hook in model.hook_dict:
             candidates = [hook]
         else:
-            candidates = [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)]
+            candidates = every_layer(model.cfg.n_layers, hook)
         missing = [c for c in candidates if c not in model.hook_dict]
         if missing:
             raise ValueError(f"the model has no hook points {missing} (neuron hook {hook!r})")
@@ -210,13 +212,7 @@ def search_codes(
     used as given; ``()`` skips neurons), gathered on the CPU. ``token_mask`` drops tokens
     (BOS, padding) from all statistics.
     """
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise ValueError(
-            f"tokens must be a non-empty [batch, pos] tensor, got {tuple(tokens.shape)}"
-        )
+    tokens = check_tokens(tokens)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     labels = torch.as_tensor(labels)
@@ -232,37 +228,33 @@ def search_codes(
     if unknown or not sites:
         raise ValueError(f"no codebook at sites {unknown}; codebook sites: {list(codebooks)}")
     neuron_names = _neuron_hook_names(model, neuron_hooks)
-    names = [f"{s}.hook_codes" for s in sites] + neuron_names
+    names = [codes_hook(s) for s in sites] + neuron_names
 
-    device = next(model.parameters()).device
     codes: dict[str, list[Tensor]] = {s: [] for s in sites}
     widths: dict[str, int] = {}
     acts: Tensor | None = None
     n_tokens = tokens.numel()
     row = 0
-    with torch.no_grad():
-        starts = range(0, tokens.shape[0], batch_size)
-        for start in bar(starts, desc="code search, batches"):
-            batch = tokens[start : start + batch_size].to(device)
-            _, cache = model.run_with_cache(batch, names_filter=names)
-            for site in sites:
-                codes[site].append(cache[f"{site}.hook_codes"].cpu())
-            if neuron_names:
-                cols = []
-                for name in neuron_names:
-                    value = cache[name]
-                    if tuple(value.shape[:2]) != tuple(batch.shape):
-                        raise ValueError(
-                            f"{name} has shape {tuple(value.shape)}: not one vector per token"
-                        )
-                    cols.append(value.reshape(batch.numel(), -1).float().cpu())
-                    widths[name] = cols[-1].shape[1]
-                block = torch.cat(cols, dim=1)
-                if acts is None:
-                    acts = torch.empty(n_tokens, block.shape[1])
-                acts[row : row + block.shape[0]] = block
-            row += batch.numel()
-            del cache
+    for rows, cache in cached_batches(model, tokens, names, batch_size=batch_size):
+        batch_shape = tokens[rows].shape
+        for site in sites:
+            codes[site].append(cache[codes_hook(site)].cpu())
+        if neuron_names:
+            cols = []
+            for name in neuron_names:
+                value = cache[name]
+                if tuple(value.shape[:2]) != tuple(batch_shape):
+                    raise ValueError(
+                        f"{name} has shape {tuple(value.shape)}: not one vector per token"
+                    )
+                cols.append(value.reshape(batch_shape.numel(), -1).float().cpu())
+                widths[name] = cols[-1].shape[1]
+            block = torch.cat(cols, dim=1)
+            if acts is None:
+                acts = torch.empty(n_tokens, block.shape[1])
+            acts[row : row + block.shape[0]] = block
+        row += batch_shape.numel()
+        del cache
 
     firing = code_firing(
         {s: torch.cat(codes[s]) for s in sites}, {s: codebooks[s].n_codes for s in sites}

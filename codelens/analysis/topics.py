@@ -1,13 +1,14 @@
 """Topic codes: every code as a classifier of "this token is in a story about topic t".
 
 `topic_stats` runs the model over stories (one row each, a topic per row) and scores every
-code for every topic; `topic_codes` picks each topic's most precise codes (to force them)
-and `topic_swaps` each head's codes of other topics with this topic's code to swap them to
-(`codelens.steering.swap_hooks` turns those into hooks).
+code for every topic; `topic_codes` picks each topic's most precise codes (`TopicCode`, to
+force them) and `topic_swaps` each head's codes of other topics with this topic's code to
+swap them to (`TopicSwap`; `codelens.steering.swap_code_hooks` turns those into hooks).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,11 +16,46 @@ from torch import Tensor
 
 from codelens.analysis.codes import ClassCodes, codes_for_classes
 from codelens.analysis.firing import code_firing
+from codelens.vocab import Code, collect_codes
 
 if TYPE_CHECKING:
     from codelens.model import HookedCodebookTransformer
 
-__all__ = ["topic_codes", "topic_stats", "topic_swaps"]
+__all__ = ["TopicCode", "TopicSwap", "topic_codes", "topic_stats", "topic_swaps"]
+
+
+@dataclass(frozen=True)
+class TopicCode:
+    """A code as a classifier of "this token is in a story of the topic"."""
+
+    code: Code
+    precision: float
+    recall: float
+    count: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, flat: ``{"site", "group", "code", "precision", "recall", "count"}``."""
+        c = self.code
+        return {
+            "site": c.site,
+            "group": c.group,
+            "code": c.id,
+            "precision": self.precision,
+            "recall": self.recall,
+            "count": self.count,
+        }
+
+
+@dataclass(frozen=True)
+class TopicSwap:
+    """In one head: other topics' codes (``sources``, ids in the head) and the topic's
+    ``target`` code that replaces them."""
+
+    target: TopicCode
+    sources: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.target.as_dict(), "sources": list(self.sources)}
 
 
 @torch.no_grad()
@@ -36,30 +72,19 @@ def topic_stats(
     Each row is one story; its first ``skip`` tokens are left out (BOS, and an opening
     that has not named the topic yet). `topic_codes` and `topic_swaps` read the result.
     """
-    sites = list(model.codebooks)
-    names = [f"{s}.hook_codes" for s in sites]
-    codes: dict[str, list[Tensor]] = {s: [] for s in sites}
-    for start in range(0, len(tokens), 32):
-        _, cache = model.run_with_cache(tokens[start : start + 32], names_filter=names)
-        for site in sites:
-            codes[site].append(cache[f"{site}.hook_codes"][:, skip:])
-    firing = code_firing(
-        {s: torch.cat(c) for s, c in codes.items()}, {s: model.codebooks[s].n_codes for s in sites}
-    )
+    codes = {s: ids[:, skip:] for s, ids in collect_codes(model, tokens).items()}
+    firing = code_firing(codes, {s: model.codebooks[s].n_codes for s in codes})
     classes = topic_of_row[:, None].expand(-1, tokens.shape[1] - skip).reshape(-1)
     return codes_for_classes(firing, classes, n_topics)
 
 
-def _code_row(stats: ClassCodes, index: int, topic: int) -> dict[str, Any]:
-    site, group, code = stats.firing.describe(index)
-    return {
-        "site": site,
-        "group": group,
-        "code": code,
-        "precision": float(stats.precision[index, topic]),
-        "recall": float(stats.recall[index, topic]),
-        "count": int(stats.count[index]),
-    }
+def _topic_code(stats: ClassCodes, index: int, topic: int) -> TopicCode:
+    return TopicCode(
+        stats.firing.code(index),
+        float(stats.precision[index, topic]),
+        float(stats.recall[index, topic]),
+        int(stats.count[index]),
+    )
 
 
 def topic_codes(
@@ -69,7 +94,7 @@ def topic_codes(
     min_recall: float,
     min_count: int = 20,
     one_per_head: bool = False,
-) -> list[list[dict[str, Any]]]:
+) -> list[list[TopicCode]]:
     """For each topic, its ``top`` codes by precision for "token in a story of this topic".
 
     A code qualifies when it fires on at least ``min_count`` tokens and on at least
@@ -82,16 +107,16 @@ def topic_codes(
     result = []
     for t in range(score.shape[1]):
         order = torch.sort(score[:, t], descending=True, stable=True).indices
-        picks: list[dict[str, Any]] = []
+        picks: list[TopicCode] = []
         heads: set[tuple[str, int]] = set()
         for index in order.tolist():
             if score[index, t] < 0 or len(picks) == top:
                 break
-            site, group, _ = stats.firing.describe(index)
-            if one_per_head and (site, group) in heads:
+            code = stats.firing.code(index)
+            if one_per_head and (code.site, code.group) in heads:
                 continue
-            heads.add((site, group))
-            picks.append(_code_row(stats, index, t))
+            heads.add((code.site, code.group))
+            picks.append(_topic_code(stats, index, t))
         result.append(picks)
     return result
 
@@ -104,7 +129,7 @@ def topic_swaps(
     min_count: int = 20,
     source_precision: float = 0.5,
     target_precision: float = 0.8,
-) -> list[dict[str, Any]]:
+) -> list[TopicSwap]:
     """Per head: the codes of every other topic, and this topic's code to swap them to.
 
     A code belongs to topic u when it fires on at least ``min_count`` tokens and at
@@ -141,5 +166,6 @@ def topic_swaps(
         if head in heads or not sources.any():
             continue
         heads.add(head)
-        swaps.append({**_code_row(stats, index, topic), "sources": code_of[sources].tolist()})
+        ids = tuple(code_of[sources].tolist())
+        swaps.append(TopicSwap(_topic_code(stats, index, topic), ids))
     return swaps

@@ -15,17 +15,18 @@ from codelens.baselines.activations import (
     store_activations,
 )
 from codelens.baselines.directions import ica_features, pca_features
+from codelens.baselines.encoding import encode_all, encode_batch_size, identity_features
 from codelens.baselines.features import (
     LinearFeatures,
     ProjectionFeatures,
     neurons,
     splice_hooks,
-    steer_hooks,
-    swap_hooks,
+    steer_feature_hooks,
+    swap_feature_hooks,
     zero_hooks,
 )
 from codelens.baselines.ica import ICAResult, amari_distance, fast_ica
-from codelens.baselines.loss_score import ce_loss_score, lm_loss, spliced
+from codelens.baselines.loss_score import ce_loss_score, lm_loss, splice_loss_cost, spliced
 from codelens.baselines.sae import (
     SAEConfig,
     SparseAutoencoder,
@@ -51,8 +52,11 @@ __all__ = [
     "auxk_loss",
     "cache_activations",
     "ce_loss_score",
+    "encode_all",
+    "encode_batch_size",
     "fast_ica",
     "ica_features",
+    "identity_features",
     "iter_activations",
     "lm_loss",
     "load_features",
@@ -61,10 +65,11 @@ __all__ = [
     "sae_metrics",
     "site_width",
     "splice_hooks",
+    "splice_loss_cost",
     "spliced",
-    "steer_hooks",
+    "steer_feature_hooks",
     "store_activations",
-    "swap_hooks",
+    "swap_feature_hooks",
     "sweep_l0",
     "train_sae",
     "zero_hooks",

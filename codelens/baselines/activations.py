@@ -3,7 +3,7 @@
 A site is a hook name: ``blocks.{l}.attn.hook_z`` (the heads' outputs before W_O, seen by
 hooks as ``[batch, pos, heads, d_head]``), ``blocks.{l}.hook_mlp_out`` or any other hook
 whose activation is one vector per token (``mlp.hook_post`` neurons, ``hook_resid_post``).
-``head`` picks one head of a ``hook_z`` site; without it the heads are concatenated into
+``group`` picks one group (head) of a ``hook_z`` site; without it they are concatenated into
 one ``heads * d_head`` vector, the layout W_O reads.
 
 With codebooks installed the site hooks still see the activation before quantisation, so
@@ -27,28 +27,32 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from codelens.files import atomic_path, atomic_write_json
+from codelens.vocab import attn_site, cached_batches, check_tokens, mlp_site
 
 
-def site_view(x: Tensor, head: int | None = None) -> Float[Tensor, "... d"]:
-    """A site activation as one vector per token: heads concatenated, or one ``head``."""
-    if head is not None:
+def site_view(x: Tensor, group: int | None = None) -> Float[Tensor, "... d"]:
+    """A site activation as one vector per token: groups (heads) concatenated, or one
+    ``group`` (a head of ``hook_z``)."""
+    if group is not None:
         if x.ndim < 4:
-            raise ValueError(f"head={head} needs a per-head activation, got shape {tuple(x.shape)}")
-        if not 0 <= head < x.shape[-2]:
-            raise ValueError(f"head must be in [0, {x.shape[-2]}), got {head}")
-        return x[..., head, :]
+            raise ValueError(
+                f"group={group} needs a per-group activation, got shape {tuple(x.shape)}"
+            )
+        if not 0 <= group < x.shape[-2]:
+            raise ValueError(f"group must be in [0, {x.shape[-2]}), got {group}")
+        return x[..., group, :]
     if x.ndim >= 4:
         return rearrange(x, "... h d -> ... (h d)")
     return x
 
 
-def site_width(model: Any, site: str, head: int | None = None) -> int:
+def site_width(model: Any, site: str, group: int | None = None) -> int:
     """Width of one token's vector at ``site`` (runs the model on one token to see it)."""
     check_sites(model, [site])
     seen: dict[str, int] = {}
 
     def look(x: Tensor, hook: Any) -> None:
-        seen["d"] = site_view(x, head).shape[-1]
+        seen["d"] = site_view(x, group).shape[-1]
 
     bos = model.tokenizer.bos_token_id if model.tokenizer is not None else 0
     with torch.no_grad(), model.hooks(fwd_hooks=[(site, look)]):
@@ -65,8 +69,7 @@ def check_sites(model: Any, sites: Sequence[str]) -> None:
     missing = [s for s in sites if s not in model.hook_dict]
     if missing:
         raise ValueError(
-            f"the model has no hook points {missing}; e.g. blocks.0.attn.hook_z, "
-            "blocks.0.hook_mlp_out"
+            f"the model has no hook points {missing}; e.g. {attn_site(0)}, {mlp_site(0)}"
         )
 
 
@@ -79,7 +82,7 @@ def iter_activations(
     tokens: Int[Tensor, "batch pos"],
     sites: Sequence[str],
     *,
-    heads: dict[str, int] | None = None,
+    groups: dict[str, int] | None = None,
     batch_size: int = 32,
     token_mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> Iterator[dict[str, Float[Tensor, "n d"]]]:
@@ -87,9 +90,9 @@ def iter_activations(
 
     Capture hooks go on with ``model.hooks`` and come off after every batch, also when
     the forward pass or the consumer raises. ``token_mask`` keeps only the tokens marked
-    true (drop BOS, padding); ``heads`` picks one head per ``hook_z`` site.
+    true (drop BOS, padding); ``groups`` picks one group (head) per ``hook_z`` site.
     """
-    tokens = _check_tokens(tokens)
+    tokens = check_tokens(tokens)
     check_sites(model, sites)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -100,32 +103,21 @@ def iter_activations(
                 f"token_mask must be a bool tensor of the tokens' shape {tuple(tokens.shape)}, "
                 f"got {token_mask.dtype} {tuple(token_mask.shape)}"
             )
-    heads = heads or {}
-    device = _device(model)
-    raw: dict[str, Tensor] = {}
-
-    def capture(x: Tensor, hook: Any, site: str) -> None:
-        raw[site] = x.detach()
-
-    hooks = [(s, lambda x, hook, s=s: capture(x, hook, s)) for s in sites]
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size]
-        raw.clear()
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):  # off again before the yield
-            model(batch.to(device))
+    groups = groups or {}
+    for rows, cache in cached_batches(model, tokens, sites, batch_size=batch_size):
         out: dict[str, Tensor] = {}
         for site in sites:
-            value = site_view(raw[site], heads.get(site))
-            if value.shape[:2] != batch.shape:
+            value = site_view(cache[site], groups.get(site))
+            if value.shape[:2] != tokens[rows].shape:
                 raise ValueError(
-                    f"{site} has shape {tuple(raw[site].shape)}: not one vector per token"
+                    f"{site} has shape {tuple(cache[site].shape)}: not one vector per token"
                 )
             value = value.float().cpu()
             if token_mask is not None:
-                out[site] = value[token_mask[start : start + batch_size]]
+                out[site] = value[token_mask[rows]]
             else:
                 out[site] = value.reshape(-1, value.shape[-1])
-        raw.clear()
+        del cache
         yield out
 
 
@@ -134,7 +126,7 @@ def cache_activations(
     tokens: Int[Tensor, "batch pos"],
     sites: Sequence[str],
     *,
-    heads: dict[str, int] | None = None,
+    groups: dict[str, int] | None = None,
     batch_size: int = 32,
     token_mask: Bool[Tensor, "batch pos"] | None = None,
     memory_budget_mb: float = 2048.0,
@@ -144,9 +136,9 @@ def cache_activations(
     Raises before running the model if the result would exceed ``memory_budget_mb``;
     stream with `iter_activations` for more.
     """
-    tokens = _check_tokens(tokens)
+    tokens = check_tokens(tokens)
     n = int(token_mask.sum()) if token_mask is not None else tokens.numel()
-    widths = {s: site_width(model, s, (heads or {}).get(s)) for s in sites}
+    widths = {s: site_width(model, s, (groups or {}).get(s)) for s in sites}
     needed = 4 * n * sum(widths.values()) / 2**20
     if needed > memory_budget_mb:
         raise ValueError(
@@ -156,26 +148,13 @@ def cache_activations(
     out = {s: torch.empty(n, d) for s, d in widths.items()}
     row = 0
     for block in iter_activations(
-        model, tokens, sites, heads=heads, batch_size=batch_size, token_mask=token_mask
+        model, tokens, sites, groups=groups, batch_size=batch_size, token_mask=token_mask
     ):
         rows = next(iter(block.values())).shape[0]
         for site, value in block.items():
             out[site][row : row + rows] = value
         row += rows
     return out
-
-
-def _check_tokens(tokens: Any) -> Tensor:
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise ValueError(
-            f"tokens must be a non-empty [batch, pos] tensor, got {tuple(tokens.shape)}"
-        )
-    if tokens.is_floating_point() or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
-    return tokens
 
 
 STORE_HEADER = "activation_store.json"
@@ -226,7 +205,7 @@ def store_activations(
     sites: Sequence[str],
     out_dir: str | os.PathLike,
     *,
-    heads: dict[str, int] | None = None,
+    groups: dict[str, int] | None = None,
     batch_size: int = 32,
     token_mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> ActivationStore:
@@ -236,9 +215,9 @@ def store_activations(
     Each shard is filled in a temporary file and renamed into place; the header is
     written last, so a store with a header is complete.
     """
-    tokens = _check_tokens(tokens)
+    tokens = check_tokens(tokens)
     n = int(token_mask.sum()) if token_mask is not None else tokens.numel()
-    widths = {s: site_width(model, s, (heads or {}).get(s)) for s in sites}
+    widths = {s: site_width(model, s, (groups or {}).get(s)) for s in sites}
     out_dir = Path(out_dir)
     files = {s: f"{i:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', s)}.f32" for i, s in enumerate(sites)}
     with contextlib.ExitStack() as stack:
@@ -248,7 +227,7 @@ def store_activations(
         }
         row = 0
         for block in iter_activations(
-            model, tokens, sites, heads=heads, batch_size=batch_size, token_mask=token_mask
+            model, tokens, sites, groups=groups, batch_size=batch_size, token_mask=token_mask
         ):
             rows = next(iter(block.values())).shape[0]
             for site, value in block.items():
@@ -260,7 +239,7 @@ def store_activations(
     header = {
         "n_tokens": n,
         "sites": {
-            s: {"file": files[s], "width": widths[s], "head": (heads or {}).get(s)} for s in sites
+            s: {"file": files[s], "width": widths[s], "group": (groups or {}).get(s)} for s in sites
         },
     }
     atomic_write_json(out_dir / STORE_HEADER, header)

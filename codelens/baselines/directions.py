@@ -53,7 +53,7 @@ def pca_features(
     site: str,
     n_components: int | None = None,
     *,
-    head: int | None = None,
+    group: int | None = None,
     max_tokens: int = 100_000,
     seed: int = 0,
 ) -> ProjectionFeatures:
@@ -65,7 +65,7 @@ def pca_features(
     pca = _sklearn().PCA(n_components=n, random_state=seed).fit(x)
     components = torch.from_numpy(pca.components_).float()  # [F, d], orthonormal rows
     return ProjectionFeatures(
-        site, components.T, components, torch.from_numpy(pca.mean_), method="pca", head=head
+        site, components.T, components, torch.from_numpy(pca.mean_), method="pca", group=group
     )
 
 
@@ -74,7 +74,7 @@ def ica_features(
     site: str,
     n_components: int | None = None,
     *,
-    head: int | None = None,
+    group: int | None = None,
     max_tokens: int | None = 20_000,
     max_iter: int = 400,
     seed: int = 0,
@@ -86,4 +86,4 @@ def ica_features(
     acts, n = _check(acts, n_components)
     rows = _sample_rows(acts.shape[0], max_tokens, seed)
     ica = fast_ica(acts, n, rows=rows, max_iter=max_iter, seed=seed, device=device)
-    return ProjectionFeatures(site, ica.unmixing, ica.mixing, ica.mean, method="ica", head=head)
+    return ProjectionFeatures(site, ica.unmixing, ica.mixing, ica.mean, method="ica", group=group)

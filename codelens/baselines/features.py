@@ -9,7 +9,7 @@ measure them with the same code:
 
 Interventions are hook lists for ``model.hooks`` / `codelens.interventions.intervene`:
 `splice_hooks` replaces the site by the reconstruction (the SAE in the forward pass),
-`steer_hooks` clamps or adds features, `swap_hooks` pastes another token's features.
+`steer_feature_hooks` clamps or adds features, `swap_feature_hooks` pastes another token's features.
 `save` writes safetensors + JSON; `codelens.baselines.saving.load_features` reads them.
 Each changes only the part of the activation the features read out, and leaves the
 residual (what they do not explain) as it was.
@@ -17,8 +17,6 @@ residual (what they do not explain) as it was.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -33,25 +31,27 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from codelens.baselines.activations import site_view
+from codelens.files import atomic_write_json, sha256_file
+from codelens.interventions import HookList, Positions, position_selector
 
 FORMAT = "codelens-features"
 TENSOR_FILE = "features.safetensors"
 META_FILE = "features.json"
-Hook = tuple[str, Callable[..., Tensor]]
 
 
 class LinearFeatures(nn.Module):
-    """Features of the activation at ``site`` (one ``head`` of a ``hook_z`` site, or all
-    heads concatenated) with a linear read-out ``decoder`` ``[F, d]`` and ``offset`` ``[d]``."""
+    """Features of the activation at ``site`` (one ``group``, i.e. head, of a ``hook_z``
+    site, or all of them concatenated) with a linear read-out ``decoder`` ``[F, d]`` and
+    ``offset`` ``[d]``."""
 
     kind: ClassVar[str] = ""
     decoder: Tensor
     offset: Tensor
 
-    def __init__(self, site: str, head: int | None = None) -> None:
+    def __init__(self, site: str, group: int | None = None) -> None:
         super().__init__()
         self.site = site
-        self.head = head
+        self.group = group
 
     @property
     def d_in(self) -> int:
@@ -81,7 +81,7 @@ class LinearFeatures(nn.Module):
     # ------------------------------------------------------------ saving
 
     def meta(self) -> dict[str, Any]:
-        return {"site": self.site, "head": self.head}
+        return {"site": self.site, "group": self.group}
 
     def save(self, out_dir: str | Path) -> Path:
         """Write safetensors + JSON into ``out_dir`` atomically (a new directory renamed
@@ -99,9 +99,9 @@ class LinearFeatures(nn.Module):
                 "kind": self.kind,
                 **self.meta(),
                 "shapes": {k: list(v.shape) for k, v in tensors.items()},
-                "sha256": sha256(tmp / TENSOR_FILE),
+                "sha256": sha256_file(tmp / TENSOR_FILE),
             }
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            atomic_write_json(tmp / META_FILE, meta)
             for file in tmp.iterdir():
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
@@ -119,10 +119,6 @@ class LinearFeatures(nn.Module):
         return out_dir
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class ProjectionFeatures(LinearFeatures):
     """Linear features ``(x - offset) @ encoder`` read out by ``decoder``: PCA components,
     ICA sources, or the identity (`neurons`). ``method`` names which."""
@@ -137,9 +133,9 @@ class ProjectionFeatures(LinearFeatures):
         offset: Float[Tensor, " d"],
         *,
         method: str,
-        head: int | None = None,
+        group: int | None = None,
     ) -> None:
-        super().__init__(site, head)
+        super().__init__(site, group)
         d, f = encoder.shape
         if decoder.shape != (f, d) or offset.shape != (d,):
             raise ValueError(
@@ -166,14 +162,19 @@ class ProjectionFeatures(LinearFeatures):
             tensors["decoder"],
             tensors["offset"],
             method=meta["method"],
-            head=meta["head"],
+            group=_saved_group(meta),
         )
 
 
-def neurons(site: str, d: int, head: int | None = None) -> ProjectionFeatures:
+def _saved_group(meta: dict[str, Any]) -> int | None:
+    """The group of saved features (files written before the rename call it ``head``)."""
+    return meta["group"] if "group" in meta else meta.get("head")
+
+
+def neurons(site: str, d: int, group: int | None = None) -> ProjectionFeatures:
     """Every activation dimension of ``site`` as a feature (the identity read-out)."""
     eye = torch.eye(d)
-    return ProjectionFeatures(site, eye, eye, torch.zeros(d), method="neurons", head=head)
+    return ProjectionFeatures(site, eye, eye, torch.zeros(d), method="neurons", group=group)
 
 
 # ---------------------------------------------------------------- hooks
@@ -184,12 +185,12 @@ def _edit(features: LinearFeatures, edit: Callable[[Tensor], Tensor]) -> Callabl
     site's own layout (per-head ``hook_z`` included)."""
 
     def hook(x: Tensor, hook: Any = None) -> Tensor:
-        view = site_view(x, features.head)
+        view = site_view(x, features.group)
         features.check_input(view)
         new = edit(view.to(features.decoder.dtype)).to(x.dtype)
-        if features.head is not None:
+        if features.group is not None:
             x = x.clone()
-            x[..., features.head, :] = new
+            x[..., features.group, :] = new
             return x
         if x.ndim >= 4:
             return rearrange(new, "... (h d) -> ... h d", h=x.shape[-2])
@@ -198,27 +199,30 @@ def _edit(features: LinearFeatures, edit: Callable[[Tensor], Tensor]) -> Callabl
     return hook
 
 
-def splice_hooks(features: Sequence[LinearFeatures] | LinearFeatures) -> list[Hook]:
+def splice_hooks(features: Sequence[LinearFeatures] | LinearFeatures) -> HookList:
     """Replace each site's activation by its features' reconstruction (error dropped)."""
     items = [features] if isinstance(features, LinearFeatures) else list(features)
     return [(f.site, _edit(f, f.reconstruct)) for f in items]
 
 
-def zero_hooks(features: Sequence[LinearFeatures] | LinearFeatures) -> list[Hook]:
+def zero_hooks(features: Sequence[LinearFeatures] | LinearFeatures) -> HookList:
     """Zero-ablate each site (the CE loss score's floor)."""
     items = [features] if isinstance(features, LinearFeatures) else list(features)
     return [(f.site, _edit(f, torch.zeros_like)) for f in items]
 
 
-def steer_hooks(
+def steer_feature_hooks(
+    model: nn.Module,
     features: LinearFeatures,
     *,
     clamp: Mapping[int, float] | None = None,
     add: Mapping[int, float] | None = None,
-    positions: Sequence[int] | None = None,
-) -> list[Hook]:
+    positions: Positions = None,
+) -> HookList:
     """Clamp features to values (``x + (v - f_i(x)) d_i``) and/or add ``a * d_i``, at
-    ``positions`` (default all; absolute only without a KV cache) of the site."""
+    ``positions`` of the site (default all). Positions follow the rules of code
+    interventions (`codelens.interventions.PositionSelector`): absolute, negative from
+    the end, following the KV cache under `intervene`, and an error when out of range."""
     clamp, add = dict(clamp or {}), dict(add or {})
     if not clamp and not add:
         raise ValueError("give features to clamp or add")
@@ -230,6 +234,7 @@ def steer_hooks(
     push = torch.zeros(features.d_in)
     for i, a in add.items():
         push = push + float(a) * features.decoder[int(i)].detach().cpu()
+    where = position_selector(model, positions, features.site)
 
     def edit(x: Tensor) -> Tensor:
         delta = push.to(x.device).expand_as(x)
@@ -237,18 +242,17 @@ def steer_hooks(
             current = features.encode(x)[..., ids.to(x.device)]
             change = values.to(x.device) - current
             delta = delta + change @ features.decoder[ids.to(x.device)]
-        if positions is not None:
-            keep = torch.zeros(x.shape[-2], 1, dtype=x.dtype, device=x.device)
-            keep[[p for p in positions if p < x.shape[-2]]] = 1
-            delta = delta * keep
+        keep = where.mask(x.shape[-2], x.device)
+        if keep is not None:
+            delta = delta * keep[:, None].to(x.dtype)
         return x + delta
 
     return [(features.site, _edit(features, edit))]
 
 
-def swap_hooks(
+def swap_feature_hooks(
     features: LinearFeatures, reference: Float[Tensor, "batch d"], position: int = -1
-) -> list[Hook]:
+) -> HookList:
     """At ``position`` of every row, replace the features by those of ``reference`` (the
     same site's vector from another sequence): ``x + (f(ref) - f(x)) @ decoder``."""
 

@@ -69,3 +69,12 @@ def spliced(model: Any, features: Sequence[LinearFeatures] | LinearFeatures) -> 
     come off on exit, also when the body raises."""
     with model.hooks(fwd_hooks=splice_hooks(features)):
         yield model
+
+
+def splice_loss_cost(
+    model: Any, features: list[LinearFeatures], tokens: Tensor
+) -> dict[str, float]:
+    """Loss with every site replaced by its reconstruction, and the base loss."""
+    clean = lm_loss(model, tokens)
+    loss = lm_loss(model, tokens, splice_hooks(features))
+    return {"loss": loss, "base_loss": clean, "loss_cost": loss - clean}

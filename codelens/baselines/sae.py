@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from codelens.baselines.features import LinearFeatures
+from codelens.baselines.features import LinearFeatures, _saved_group
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,10 @@ class SparseAutoencoder(LinearFeatures):
 
     kind: ClassVar[str] = "sae"
 
-    def __init__(self, site: str, d_in: int, config: SAEConfig, *, head: int | None = None) -> None:
-        super().__init__(site, head)
+    def __init__(
+        self, site: str, d_in: int, config: SAEConfig, *, group: int | None = None
+    ) -> None:
+        super().__init__(site, group)
         if d_in < 1:
             raise ValueError(f"d_in must be >= 1, got {d_in}")
         self.config = config
@@ -124,7 +126,7 @@ class SparseAutoencoder(LinearFeatures):
             config = SAEConfig(**meta["config"])
         except TypeError as err:
             raise ValueError(f"saved SAE config is not valid: {err}") from err
-        sae = cls(meta["site"], int(meta["d_in"]), config, head=meta["head"])
+        sae = cls(meta["site"], int(meta["d_in"]), config, group=_saved_group(meta))
         expected = {k: list(v.shape) for k, v in sae.state_dict().items()}
         got = {k: list(v.shape) for k, v in tensors.items()}
         if expected != got:
@@ -159,7 +161,7 @@ def train_sae(
     site: str,
     config: SAEConfig,
     *,
-    head: int | None = None,
+    group: int | None = None,
     device: str | torch.device | None = None,
     chunk_rows: int = 65_536,
 ) -> tuple[SparseAutoencoder, TrainStats]:
@@ -189,7 +191,7 @@ def train_sae(
     mean = total / n
     variance = float(squares / n - (mean**2).sum())  # mean squared norm about the mean
     scale = math.sqrt(max(variance, 0.0)) / math.sqrt(d) or 1.0
-    sae = SparseAutoencoder(site, d, config, head=head).to(device)
+    sae = SparseAutoencoder(site, d, config, group=group).to(device)
     with torch.no_grad():
         sae.offset.copy_(mean.float() / scale)
     gen = torch.Generator().manual_seed(config.seed)

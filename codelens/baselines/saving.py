@@ -14,9 +14,9 @@ from codelens.baselines.features import (
     TENSOR_FILE,
     LinearFeatures,
     ProjectionFeatures,
-    sha256,
 )
 from codelens.baselines.sae import SparseAutoencoder
+from codelens.files import sha256_file
 
 
 def load_features(path: str | Path) -> LinearFeatures:
@@ -31,7 +31,7 @@ def load_features(path: str | Path) -> LinearFeatures:
         raise ValueError(f"{meta_path} is not valid JSON: {err}") from err
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} is not a codelens features file")
-    if sha256(tensor_path) != meta.get("sha256"):
+    if sha256_file(tensor_path) != meta.get("sha256"):
         raise ValueError(f"{tensor_path} does not match its recorded hash: corrupted or replaced")
     tensors = load_file(str(tensor_path))
     shapes = {k: list(v.shape) for k, v in tensors.items()}

@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import re
-
 import plotly.graph_objects as go
 
 from codelens.circuits.evaluate import Curve
+from codelens.circuits.graph import node_stage
 from codelens.circuits.result import Circuit, node_of
-
-
-def _stage(node: str) -> float:
-    """Left-to-right position of a node: embed, then each layer's heads and MLP, logits."""
-    if node == "embed":
-        return 0.0
-    if node == "logits":
-        return 1e6
-    match = re.match(r"([am])(\d+)", node)
-    if match is None:
-        raise ValueError(f"not a circuit node name: {node!r}")
-    return 2 * int(match[2]) + (1 if match[1] == "a" else 2)
 
 
 def circuit_figure(circuit: Circuit, title: str | None = None) -> go.Figure:
     """The circuit's nodes in columns by layer, its edges as lines (width ~ |score|)."""
     nodes = circuit.nodes
-    stages = sorted({_stage(n) for n in nodes})
+    stages = sorted({node_stage(n) for n in nodes})
     column = {s: i for i, s in enumerate(stages)}
     rows: dict[float, int] = {}
     pos = {}
-    for node in sorted(nodes, key=_stage):
-        s = _stage(node)
+    for node in sorted(nodes, key=node_stage):
+        s = node_stage(node)
         pos[node] = (column[s], rows.get(s, 0))
         rows[s] = rows.get(s, 0) + 1
     top = max((abs(circuit.scores[e]) for e in circuit.edges), default=1.0) or 1.0

@@ -15,7 +15,6 @@ attention and MLP, as in GPT-NeoX, a layer's MLP does not read that layer's head
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,12 +24,21 @@ from einops import rearrange
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from codelens.vocab import hook_in_block, is_attn_site, is_mlp_site
+from codelens.vocab import (
+    Code,
+    attn_site,
+    cached_batches,
+    codes_hook,
+    hook_in_block,
+    is_attn_site,
+    is_block_hook,
+    is_mlp_site,
+    mlp_site,
+)
 
 Level = Literal["components", "codes"]
 LEVELS = ("components", "codes")
 QKV = ("q", "k", "v")
-_NODE = re.compile(r"embed|a\d+\.h\d+|m\d+")
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,9 @@ class Graph:
     """Senders, receivers and which (receiver, sender) pairs are edges.
 
     ``valid[r, s]`` is True where sender ``s`` writes before receiver ``r`` reads.
-    Build one with `build_graph`.
+    Build one with `build_graph`. Sender and receiver names are for display and for the
+    edge names a `Circuit` saves; ``sender_nodes[s]`` is the node sender ``s`` belongs to
+    (a code's head or MLP) and ``sender_codes[s]`` the `Code` of a code sender.
     """
 
     n_layers: int
@@ -65,6 +75,8 @@ class Graph:
     receiver_stage: Int[Tensor, " R"]
     component_columns: dict[str, tuple[int, int]] = field(default_factory=dict)
     code_sites: dict[str, CodeSite] = field(default_factory=dict)
+    sender_nodes: list[str] = field(default_factory=list)
+    sender_codes: dict[int, Code] = field(default_factory=dict)
 
     @property
     def valid(self) -> Bool[Tensor, "R S"]:
@@ -94,8 +106,8 @@ class Graph:
         """Node -> its sender columns: one for a component, one per code at a code site
         (``a1.h2:64`` belongs to head ``a1.h2``, ``m0.g1:5`` to MLP ``m0``)."""
         nodes: dict[str, list[int]] = {}
-        for column, name in enumerate(self.senders):
-            nodes.setdefault(_NODE.match(name).group(0), []).append(column)
+        for column, node in enumerate(self.sender_nodes):
+            nodes.setdefault(node, []).append(column)
         return nodes
 
     def receiver_rows(self, name: str) -> slice:
@@ -141,7 +153,7 @@ def check_codebook_sites(sites: Iterable[str]) -> None:
         s
         for s in sites
         if not (is_attn_site(s) or is_mlp_site(s))
-        and not (s.startswith("blocks.") and hook_in_block(s) in INSIDE_COMPONENT)
+        and not (is_block_hook(s) and hook_in_block(s) in INSIDE_COMPONENT)
     ]
     if outside:
         raise ValueError(
@@ -151,6 +163,19 @@ def check_codebook_sites(sites: Iterable[str]) -> None:
             f"MLP ({', '.join(INSIDE_COMPONENT)}); take the others off with "
             "model.remove_codebook(site) first"
         )
+
+
+def node_stage(node: str) -> float:
+    """Where a node or sender name of this module sits, left to right: ``embed`` 0, layer
+    l's heads ``2l + 1`` and its MLP ``2l + 2`` (codes with their head or MLP), logits last."""
+    if node == "embed":
+        return 0.0
+    if node == "logits":
+        return float("inf")
+    layer = node[1:].split(".", 1)[0].split(":", 1)[0].split("<", 1)[0]
+    if node[:1] not in ("a", "m") or not layer.isdigit():
+        raise ValueError(f"not a circuit node name: {node!r}")
+    return 2 * int(layer) + (1 if node[0] == "a" else 2)
 
 
 def build_graph(
@@ -182,13 +207,15 @@ def build_graph(
         if missing:
             raise ValueError(f"active_codes lacks the codebook sites {sorted(missing)}")
     senders: list[str] = ["embed"]
+    nodes: list[str] = ["embed"]
+    sender_codes: dict[int, Code] = {}
     stages: list[int] = [0]
     component_columns: dict[str, tuple[int, int]] = {"embed": (0, 1)}
     code_specs: list[tuple[str, str, int, Tensor, int]] = []
     for layer in range(n_layers):
         for kind, hook, stage in (
-            ("attn", f"blocks.{layer}.attn.hook_z", 2 * layer + 1),
-            ("mlp", f"blocks.{layer}.hook_mlp_out", 2 * layer + 2),
+            ("attn", attn_site(layer), 2 * layer + 1),
+            ("mlp", mlp_site(layer), 2 * layer + 2),
         ):
             start = len(senders)
             if level == "codes" and hook in sites:
@@ -201,12 +228,11 @@ def build_graph(
                     )
                 groups, codes = active.nonzero(as_tuple=True)
                 for g, c in zip(groups.tolist(), codes.tolist(), strict=True):
-                    if kind == "attn":
-                        senders.append(f"a{layer}.h{g}:{c}")
-                    elif cb.n_groups == 1:
-                        senders.append(f"m{layer}:{c}")
-                    else:
-                        senders.append(f"m{layer}.g{g}:{c}")
+                    node = f"a{layer}.h{g}" if kind == "attn" else f"m{layer}"
+                    group = "" if kind == "attn" or cb.n_groups == 1 else f".g{g}"
+                    sender_codes[len(senders)] = Code(hook, g, c)
+                    senders.append(f"{node}{group}:{c}")
+                    nodes.append(node)
                     stages.append(stage)
                 code_specs.append((hook, kind, layer, active, start))
             else:
@@ -214,6 +240,7 @@ def build_graph(
                     [f"a{layer}.h{h}" for h in range(n_heads)] if kind == "attn" else [f"m{layer}"]
                 )
                 senders += names
+                nodes += names
                 stages += [stage] * len(names)
                 component_columns[hook] = (start, len(senders))
     spare = len(senders)
@@ -243,6 +270,8 @@ def build_graph(
         receiver_stage=torch.tensor(receiver_stage),
         component_columns=component_columns,
         code_sites=code_sites,
+        sender_nodes=nodes,
+        sender_codes=sender_codes,
     )
 
 
@@ -252,14 +281,14 @@ def active_codes(model, *tokens: Int[Tensor, "batch pos"]) -> dict[str, Bool[Ten
     sites = dict(getattr(model, "codebooks", {}))
     if not sites:
         raise ValueError("the model has no codebooks")
-    names = [f"{site}.hook_codes" for site in sites]
+    names = [codes_hook(site) for site in sites]
     found = {
         site: torch.zeros(cb.n_groups, cb.n_codes, dtype=torch.bool) for site, cb in sites.items()
     }
     for batch in tokens:
-        _, cache = model.run_with_cache(batch, names_filter=names)
+        _, cache = next(cached_batches(model, batch, names, batch_size=len(batch)))
         for site, cb in sites.items():
-            ids = rearrange(cache[f"{site}.hook_codes"], "... g k -> g (... k)").cpu()
+            ids = rearrange(cache[codes_hook(site)], "... g k -> g (... k)").cpu()
             group = torch.arange(cb.n_groups)[:, None].expand_as(ids)
             keep = ids >= 0
             found[site][group[keep], ids[keep]] = True

@@ -235,72 +235,10 @@ def fast_path(
         check_threshold("keep_above", keep_above)
     if keep_above is not None and keep_above < screen:
         raise ValueError(f"keep_above ({keep_above}) must be >= screen ({screen})")
-    graph = patcher.graph
-    damage = _Damage(patcher, metric)
-    valid = graph.valid
-    mask = patcher.empty_mask()
-    scores = torch.zeros(valid.shape)
-    state = {"current": damage(mask)}
-    columns = {node: torch.tensor(cols) for node, cols in graph.node_columns().items()}
-    codes = graph.level == "codes"
-
-    def sweep(edges: list[tuple[int, int]]) -> None:
-        """ACDC on ``edges``, in order, removing runs of them at once while a run adds
-        less than ``tau``; a run that adds more is split in two."""
-        if not edges:
-            return
-        rows, cols = torch.tensor(edges).T
-        mask[rows, cols] = 1.0
-        new = damage(mask)
-        increase = new - state["current"]
-        if increase < tau:
-            state["current"] = new
-            scores[rows, cols] = increase / len(edges)
-            return
-        mask[rows, cols] = 0.0
-        if len(edges) == 1:
-            scores[rows, cols] = increase
-            return
-        half = len(edges) // 2
-        sweep(edges[:half])
-        sweep(edges[half:])
-
-    backwards = 0
-    for stage in graph.receiver_stage.unique().flip(0).tolist():
-        rows = [
-            r
-            for r in reversed(range(valid.shape[0]))
-            if graph.receiver_stage[r] == stage and valid[r].any()
-        ]
-        # a node is dead when every outgoing edge is removed (final: they enter later stages)
-        gone = (mask.cpu() == 1) | ~valid
-        is_dead = {}
-        for r in rows:
-            cols = columns.get(node_of(graph.receivers[r]))
-            is_dead[r] = cols is not None and bool(gone[:, cols].all())
-        if not codes:
-            for r in rows:
-                if is_dead[r]:
-                    mask[r, valid[r]] = 1.0
-            rows = [r for r in rows if not is_dead[r]]
-        attribution = None
-        if not all(is_dead[r] for r in rows):
-            attribution = _gradient_at(patcher, attr_metric, mask).abs()
-            backwards += 1
-        run: list[tuple[int, int]] = []
-        for r in rows:
-            for s in reversed(valid[r].nonzero().flatten().tolist()):
-                strength = 0.0 if is_dead[r] else float(attribution[r, s])
-                if strength < screen:
-                    run.append((r, s))
-                elif keep_above is not None and strength >= keep_above:
-                    scores[r, s] = strength
-                else:
-                    sweep(run)
-                    sweep([(r, s)])
-                    run = []
-        sweep(run)
-    kept = (mask.cpu() == 0) & valid
+    run = _FastPath(patcher, _Damage(patcher, metric), attr_metric, tau, screen, keep_above)
+    for stage in patcher.graph.receiver_stage.unique().flip(0).tolist():
+        run.stage(stage)
+    kept = (run.mask.cpu() == 0) & patcher.graph.valid
     settings = {
         "tau": tau,
         "screen": screen,
@@ -309,15 +247,101 @@ def fast_path(
         "attribution_metric": _name(attr_metric),
     }
     return Circuit.from_tensors(
-        graph,
+        patcher.graph,
         kept,
-        scores,
+        run.scores,
         "fast",
         settings,
         forwards=patcher.forwards - forwards,
-        backwards=backwards,
+        backwards=run.backwards,
         seconds=time.perf_counter() - started,
     )
+
+
+class _FastPath:
+    """One `fast_path` run: the mask of removed edges so far, every edge's score, the
+    damage of the current circuit, and the backward passes spent on attribution."""
+
+    def __init__(
+        self,
+        patcher: Patcher,
+        damage: _Damage,
+        attr_metric: Metric,
+        tau: float,
+        screen: float,
+        keep_above: float | None,
+    ) -> None:
+        self.patcher, self.damage, self.attr_metric = patcher, damage, attr_metric
+        self.tau, self.screen, self.keep_above = tau, screen, keep_above
+        self.graph = patcher.graph
+        self.valid = self.graph.valid
+        self.mask = patcher.empty_mask()
+        self.scores = torch.zeros(self.valid.shape)
+        self.current = damage(self.mask)
+        self.backwards = 0
+        self.columns = {n: torch.tensor(c) for n, c in self.graph.node_columns().items()}
+
+    def stage(self, stage: int) -> None:
+        """Decide every edge into one stage of receivers, in ACDC's order."""
+        rows = [
+            r
+            for r in reversed(range(self.valid.shape[0]))
+            if self.graph.receiver_stage[r] == stage and self.valid[r].any()
+        ]
+        is_dead = self._dead(rows)
+        if self.graph.level != "codes":  # dead components: ACDC's decision, no forward
+            for r in rows:
+                if is_dead[r]:
+                    self.mask[r, self.valid[r]] = 1.0
+            rows = [r for r in rows if not is_dead[r]]
+        attribution = None
+        if not all(is_dead[r] for r in rows):
+            attribution = _gradient_at(self.patcher, self.attr_metric, self.mask).abs()
+            self.backwards += 1
+        run: list[tuple[int, int]] = []
+        for r in rows:
+            for s in reversed(self.valid[r].nonzero().flatten().tolist()):
+                strength = 0.0 if is_dead[r] else float(attribution[r, s])
+                if strength < self.screen:
+                    run.append((r, s))
+                elif self.keep_above is not None and strength >= self.keep_above:
+                    self.scores[r, s] = strength
+                else:
+                    self.remove(run)
+                    self.remove([(r, s)])
+                    run = []
+        self.remove(run)
+
+    def _dead(self, rows: list[int]) -> dict[int, bool]:
+        """Receivers whose node has every outgoing edge removed (those edges enter later
+        stages, so this is final), read from one copy of the mask."""
+        gone = (self.mask.cpu() == 1) | ~self.valid
+        is_dead = {}
+        for r in rows:
+            cols = self.columns.get(node_of(self.graph.receivers[r]))
+            is_dead[r] = cols is not None and bool(gone[:, cols].all())
+        return is_dead
+
+    def remove(self, edges: list[tuple[int, int]]) -> None:
+        """ACDC on ``edges``, in order, removing runs of them at once while a run adds
+        less than ``tau``; a run that adds more is split in two."""
+        if not edges:
+            return
+        rows, cols = torch.tensor(edges).T
+        self.mask[rows, cols] = 1.0
+        new = self.damage(self.mask)
+        increase = new - self.current
+        if increase < self.tau:
+            self.current = new
+            self.scores[rows, cols] = increase / len(edges)
+            return
+        self.mask[rows, cols] = 0.0
+        if len(edges) == 1:
+            self.scores[rows, cols] = increase
+            return
+        half = len(edges) // 2
+        self.remove(edges[:half])
+        self.remove(edges[half:])
 
 
 def discover(patcher: Patcher, method: str, metric: Metric, tau: float, **kwargs) -> Circuit:

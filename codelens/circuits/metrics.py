@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-Positions = int | Int[Tensor, " batch"]
+ReadAt = int | Int[Tensor, " batch"]
+"""Where a metric reads the logits: one position for every row, or one per row."""
 
 
-def _at(logits: Float[Tensor, "b t v"], positions: Positions) -> Float[Tensor, "b v"]:
+def _at(logits: Float[Tensor, "b t v"], positions: ReadAt) -> Float[Tensor, "b v"]:
     rows = torch.arange(logits.shape[0], device=logits.device)
     if isinstance(positions, int):
         return logits[:, positions]
@@ -39,7 +40,7 @@ class LogitDifference:
     name = "logit_difference"
 
     def __init__(
-        self, correct: Int[Tensor, " b"], wrong: Int[Tensor, " b"], positions: Positions = -1
+        self, correct: Int[Tensor, " b"], wrong: Int[Tensor, " b"], positions: ReadAt = -1
     ):
         if correct.dim() not in (1, 2) or wrong.dim() != correct.dim():
             raise ValueError(
@@ -66,7 +67,7 @@ class KLDivergence:
     is_distance = True
     name = "kl_divergence"
 
-    def __init__(self, clean_logits: Float[Tensor, "b t v"], positions: Positions = -1):
+    def __init__(self, clean_logits: Float[Tensor, "b t v"], positions: ReadAt = -1):
         self.positions = positions
         self.reference = _at(clean_logits, positions).detach().float().log_softmax(-1)
 

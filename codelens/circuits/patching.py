@@ -28,6 +28,16 @@ from torch import Tensor
 
 from codelens.circuits.graph import Graph
 from codelens.codebook import EMPTY_SLOT
+from codelens.vocab import (
+    attn_input,
+    attn_site,
+    codes_hook,
+    mlp_in,
+    mlp_site,
+    quantized_hook,
+    resid_post,
+    resid_pre,
+)
 
 Ablation = Literal["corrupted", "mean", "zero"]
 ABLATIONS = ("corrupted", "mean", "zero")
@@ -153,31 +163,25 @@ class Patcher:
 
     def _hooks(self, rec: _Record, mask: Tensor | None) -> list[tuple[str, Callable]]:
         g = self.graph
-        hooks: list[tuple[str, Callable]] = [
-            ("blocks.0.hook_resid_pre", self._record_component(rec, "embed"))
-        ]
+        hooks: list[tuple[str, Callable]] = [(resid_pre(0), self._record_component(rec, "embed"))]
         for layer in range(g.n_layers):
-            attn_site, mlp_site = f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"
+            attn, mlp = attn_site(layer), mlp_site(layer)
             if mask is not None:
                 for kind in ("q", "k", "v"):
                     rows = g.receiver_rows(f"a{layer}<{kind}>")
-                    hooks.append(
-                        (f"blocks.{layer}.attn.hook_{kind}_input", self._receive(rec, mask, rows))
-                    )
+                    hooks.append((attn_input(layer, kind), self._receive(rec, mask, rows)))
                 rows = g.receiver_rows(f"m{layer}")
-                hooks.append((f"blocks.{layer}.hook_mlp_in", self._receive(rec, mask, rows)))
-            for site in (attn_site, mlp_site):
+                hooks.append((mlp_in(layer), self._receive(rec, mask, rows)))
+            for site in (attn, mlp):
                 if site in self._codebooks:
-                    hooks.append((f"{site}.hook_codes", self._record_ids(rec, site)))
-            z_hook = f"{attn_site}.hook_quantized" if attn_site in self._codebooks else attn_site
+                    hooks.append((codes_hook(site), self._record_ids(rec, site)))
+            z_hook = quantized_hook(attn) if attn in self._codebooks else attn
             hooks.append((z_hook, self._record_z(rec, layer)))
-            out_hook = f"{mlp_site}.hook_quantized" if mlp_site in self._codebooks else mlp_site
-            hooks.append((out_hook, self._record_component(rec, mlp_site)))
+            out_hook = quantized_hook(mlp) if mlp in self._codebooks else mlp
+            hooks.append((out_hook, self._record_component(rec, mlp)))
         if mask is not None:
             rows = g.receiver_rows("logits")
-            hooks.append(
-                (f"blocks.{g.n_layers - 1}.hook_resid_post", self._receive(rec, mask, rows))
-            )
+            hooks.append((resid_post(g.n_layers - 1), self._receive(rec, mask, rows)))
         return hooks
 
     def _record_component(self, rec: _Record, key: str):
@@ -220,7 +224,7 @@ class Patcher:
                 term = einsum(m[:, start:stop], diff, "r n, b t n d -> b t r d")
                 delta = term if delta is None else delta + term
         for layer, z in rec.z.items():
-            site = f"blocks.{layer}.attn.hook_z"
+            site = attn_site(layer)
             if site in g.code_sites:
                 continue
             start, stop = g.component_columns[site]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from codelens.circuits.graph import Graph
+from codelens.files import atomic_write_text
 
 FORMAT = "codelens-circuit/1"
 
@@ -117,7 +116,7 @@ class Circuit:
 
     def save(self, path: str | Path) -> Path:
         """Write JSON atomically (a temporary file renamed into place)."""
-        return write_atomic(path, json.dumps(self.to_dict()))
+        return atomic_write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> Circuit:
@@ -137,19 +136,3 @@ class Circuit:
         if stray:
             raise ValueError(f"{path}: circuit edges without a score: {stray[:5]}")
         return cls(**data)
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` through a temporary file renamed into place: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a saved result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

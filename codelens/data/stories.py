@@ -24,13 +24,14 @@ import math
 import os
 import random
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from codelens.files import atomic_write_text
 
 __all__ = [
     "B_NAMES",
@@ -510,19 +511,8 @@ def write_corpus(
     """Write ``n`` generated stories as JSON lines ``{"text", "topic"}``, atomically."""
     path = Path(path)
     stories = generate_stories(n, seed=seed, topics=topics)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for story in stories:
-                f.write(json.dumps({"text": story.text, "topic": story.topic}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    lines = (json.dumps({"text": s.text, "topic": s.topic}) + "\n" for s in stories)
+    atomic_write_text(path, "".join(lines))
     return path
 
 

@@ -8,7 +8,7 @@ then measured by the same code as the codes:
   `codelens.analysis.best_neurons_for_labels`, at the recall of the codebook model's
   best code for the state or pattern;
 - swaps: at the token completing state s, the features of a sequence in state t replace
-  those of s (`codelens.baselines.swap_hooks`), in the same variants as the code swaps;
+  those of s (`codelens.baselines.swap_feature_hooks`), in the same variants as the code swaps;
 - loss cost: next-token loss with every site replaced by its reconstruction, minus the
   base model's (for codes: the codebook model's loss minus the base model's).
 
@@ -39,18 +39,17 @@ from codelens.baselines import (
     LinearFeatures,
     SAEConfig,
     cache_activations,
+    encode_all,
     ica_features,
-    iter_activations,
-    lm_loss,
-    neurons,
+    identity_features,
     pca_features,
     sae_metrics,
-    site_width,
-    splice_hooks,
-    steer_hooks,
+    splice_loss_cost,
+    steer_feature_hooks,
     store_activations,
 )
 from codelens.baselines.sweep import L0Sweep, sweep_l0, train_and_measure
+from codelens.vocab import every_layer
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "sweep_ks": [4, 8, 16, 32, 64, 128],  # the L0 sweep's grid of TopK k (per site)
@@ -251,80 +250,6 @@ def _fit_all(
     return out, sweep
 
 
-def encode_batch_size(
-    n_kept: int,
-    seq_len: int,
-    n_features: int,
-    width: int,
-    memory_budget_mb: float,
-    itemsize: int = 4,
-    max_batch: int = 64,
-) -> int:
-    """Sequences per batch for `encode_all`: the result (``n_kept`` x ``n_features`` of
-    ``itemsize`` bytes) plus one batch's float32 site activations (``width`` summed over
-    sites) and features must fit ``memory_budget_mb``. Raises if not even one sequence
-    fits."""
-    budget = memory_budget_mb * 2**20
-    result = n_kept * n_features * itemsize
-    per_sequence = 4 * seq_len * (n_features + width)
-    if result + per_sequence > budget:
-        raise ValueError(
-            f"encoding {n_kept} tokens x {n_features} features needs "
-            f"{(result + per_sequence) / 2**20:.1f} MB with one sequence per batch, over "
-            f"memory_budget_mb={memory_budget_mb}: use fewer tokens or features, or a "
-            "smaller dtype"
-        )
-    return int(min(max_batch, (budget - result) // per_sequence))
-
-
-@torch.no_grad()
-def encode_all(
-    model: Any,
-    features: list[LinearFeatures],
-    tokens: Int[Tensor, "batch pos"],
-    mask: Bool[Tensor, "batch pos"],
-    *,
-    memory_budget_mb: float = 1024.0,
-    dtype: torch.dtype = torch.float32,
-) -> Float[Tensor, "n F"]:
-    """``[kept tokens, total features]``: every site's features side by side, in ``dtype``.
-
-    Written into one preallocated tensor while sequences stream through the model in
-    batches (`encode_batch_size`), so what this holds (the result and one batch's
-    activations and features) stays within ``memory_budget_mb``, as `cache_activations`
-    bounds caching; raises before running the model if it cannot.
-    """
-    if not features:
-        raise ValueError("no features given")
-    tokens, mask = torch.as_tensor(tokens), torch.as_tensor(mask)
-    if tokens.ndim != 2 or mask.shape != tokens.shape or mask.dtype != torch.bool:
-        raise ValueError(
-            f"tokens must be [batch, pos] with a bool mask of the same shape, got "
-            f"{tuple(tokens.shape)} and {mask.dtype} {tuple(mask.shape)}"
-        )
-    n_features = sum(f.n_features for f in features)
-    sites = list(dict.fromkeys(f.site for f in features))
-    width = sum(next(f.d_in for f in features if f.site == s) for s in sites)
-    batch_size = encode_batch_size(
-        int(mask.sum()),
-        tokens.shape[1],
-        n_features,
-        width,
-        memory_budget_mb,
-        torch.empty((), dtype=dtype).element_size(),
-    )
-    out = torch.empty(int(mask.sum()), n_features, dtype=dtype)
-    row = 0
-    for block in iter_activations(model, tokens, sites, token_mask=mask, batch_size=batch_size):
-        rows = next(iter(block.values())).shape[0]
-        column = 0
-        for f in features:
-            out[row : row + rows, column : column + f.n_features] = f.encode(block[f.site])
-            column += f.n_features
-        row += rows
-    return out
-
-
 def precision_at_recalls(
     values: Tensor, labels: Tensor, recalls: Tensor
 ) -> dict[str, float | list[float]]:
@@ -334,20 +259,6 @@ def precision_at_recalls(
         "mean_precision": float(matches.precision.mean()),
         "precision": matches.precision.tolist(),
     }
-
-
-def splice_loss_cost(
-    model: Any, features: list[LinearFeatures], tokens: Tensor
-) -> dict[str, float]:
-    """Loss with every site replaced by its reconstruction, and the base loss."""
-    clean = lm_loss(model, tokens)
-    spliced = lm_loss(model, tokens, splice_hooks(features))
-    return {"loss": spliced, "base_loss": clean, "loss_cost": spliced - clean}
-
-
-def identity_features(model: Any, sites: list[str]) -> list[LinearFeatures]:
-    """Every dimension of each site as a feature (for swaps: plain activation patching)."""
-    return [neurons(s, site_width(model, s)) for s in sites]
 
 
 # ---------------------------------------------------------------------------- stories
@@ -395,15 +306,22 @@ def steer_with_features(
         x = sign * topic_values[:, column]
         on = topic_labels[:, t] & (x >= float(matches.threshold[t]))
         value = sign * float(x[on].mean())
-        sweep = []
-        for strength in settings_strengths(exp):
-            hooks = steer_hooks(site_features, clamp={local: strength * value})
-            gen = st.generate_texts(
-                base, sweep_prompts, exp.sweep_samples, exp.new_tokens, exp.seed + 200, hooks
-            )
-            share = st.on_topic_share(classifier, st.continuation_texts(base.tokenizer, gen), topic)
-            ratio = st.perplexity(base, gen) / plain["sweep_perplexity"]
-            sweep.append({"strength": strength, "on_topic": share, "perplexity_ratio": ratio})
+
+        def clamped(option: dict[str, Any], features=site_features, local=local, value=value):
+            return steer_feature_hooks(base, features, clamp={local: option["strength"] * value})
+
+        def trial(option: dict[str, Any], topic: str = topic, clamped=clamped):
+            return st.steering_trial(
+                base, base, classifier, topic, clamped(option), sweep_prompts,
+                samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
+            )  # fmt: skip
+
+        sweep, best = st.sweep_steering(
+            [{"strength": strength} for strength in settings_strengths(exp)],
+            trial,
+            perplexity_before=plain["sweep_perplexity"],
+            max_perplexity_ratio=exp.max_perplexity_ratio,
+        )
         row: dict[str, Any] = {
             "topic": topic,
             "site": site_features.site,
@@ -413,19 +331,16 @@ def steer_with_features(
             "before": plain["before"][topic],
             "sweep": sweep,
         }
-        fluent = [o for o in sweep if o["perplexity_ratio"] <= exp.max_perplexity_ratio]
-        if fluent:
-            best = max(fluent, key=lambda o: o["on_topic"])
-            hooks = steer_hooks(site_features, clamp={local: best["strength"] * value})
-            gen = st.generate_texts(
-                base, eval_prompts, exp.samples, exp.new_tokens, exp.seed + 100, hooks
-            )
-            texts = st.continuation_texts(base.tokenizer, gen)
+        if best is not None:
+            final = st.steering_trial(
+                base, base, classifier, topic, clamped(best), eval_prompts,
+                samples=exp.samples, new_tokens=exp.new_tokens, seed=exp.seed + 100,
+            )  # fmt: skip
             row |= {
                 "strength": best["strength"],
-                "after": st.on_topic_share(classifier, texts, topic),
-                "perplexity_ratio": st.perplexity(base, gen) / plain["perplexity"],
-                "example": texts[0],
+                "after": final.on_topic,
+                "perplexity_ratio": final.perplexity / plain["perplexity"],
+                "example": final.texts[0],
             }
         rows.append(row)
     return rows
@@ -433,6 +348,159 @@ def steer_with_features(
 
 def settings_strengths(exp: Any) -> list[float]:
     return list({**DEFAULT_SETTINGS, **(getattr(exp, "baselines", None) or {})}["strengths"])
+
+
+@dataclass
+class StoryLabels:
+    """What features are scored against in the steering experiment: each regex pattern
+    that has a code (``regex``: its labels at the ``mask`` tokens, ``regex_recalls``: its
+    code's recall; None if no pattern has a code), and each steered topic
+    (``topic_labels`` at the ``topic_mask`` tokens, ``topic_recalls``: its best code's)."""
+
+    mask: Tensor
+    found: list[dict[str, Any]]
+    regex: Tensor | None
+    regex_recalls: Tensor
+    topic_mask: Tensor
+    topic_labels: Tensor
+    topic_recalls: Tensor
+
+    def score(self, base: Any, features: list[LinearFeatures], tokens: Tensor) -> float:
+        """Regex precision; topic precision where no pattern has a code (the SAE sweep's)."""
+        if self.regex is not None:
+            values = encode_all(base, features, tokens, self.mask)
+            precision = precision_at_recalls(values, self.regex, self.regex_recalls)
+        else:
+            values = encode_all(base, features, tokens, self.topic_mask)
+            precision = precision_at_recalls(values, self.topic_labels, self.topic_recalls)
+        return float(precision["mean_precision"])
+
+
+def story_labels(
+    exp: Any,
+    report: dict[str, Any],
+    tokens: Tensor,
+    strings: list[list[str]],
+    topic_of_row: Tensor,
+) -> StoryLabels:
+    """The `StoryLabels` of the search stories (BOS first), from the codes' report."""
+    from codelens.analysis import regex_labels
+    from codelens.data.stories import PATTERNS, TOPICS
+
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    found = [r for r in report["regex"] if "code" in r]
+    regex = (
+        torch.stack(
+            [(regex_labels(strings, PATTERNS[r["pattern"]]) & mask)[mask] for r in found], 1
+        )
+        if found
+        else None
+    )
+    topic_mask = torch.zeros_like(mask)
+    topic_mask[:, exp.topic_skip :] = True
+    row_topic = topic_of_row[:, None].expand_as(tokens)[topic_mask]
+    steered_ids = torch.tensor([TOPICS.index(t) for t in exp.topics])
+    topic_recalls = [
+        r["candidates"][0]["recall"] if r.get("candidates") else exp.min_topic_recall
+        for r in report["steering"]["topics"]
+    ]
+    return StoryLabels(
+        mask,
+        found,
+        regex,
+        torch.tensor([r["recall"] for r in found], dtype=torch.float64),
+        topic_mask,
+        row_topic[:, None] == steered_ids[None, :],
+        torch.tensor(topic_recalls, dtype=torch.float64),
+    )
+
+
+def unsteered(
+    base: Any, classifier: Any, exp: Any, prompts: tuple[tuple[str, ...], tuple[str, ...]]
+) -> dict[str, Any]:
+    """The base model's perplexity on the eval and sweep prompts, and its on-topic shares."""
+    from codelens import steering as st
+
+    eval_prompts, sweep_prompts = prompts
+    plain_gen = st.generate_texts(base, eval_prompts, exp.samples, exp.new_tokens, exp.seed + 100)
+    plain_texts = st.continuation_texts(base.tokenizer, plain_gen)
+    sweep_gen = st.generate_texts(
+        base, sweep_prompts, exp.sweep_samples, exp.new_tokens, exp.seed + 200
+    )
+    return {
+        "perplexity": st.perplexity(base, plain_gen),
+        "sweep_perplexity": st.perplexity(base, sweep_gen),
+        "before": {t: st.on_topic_share(classifier, plain_texts, t) for t in exp.topics},
+    }
+
+
+def codes_row(report: dict[str, Any], found: list[dict[str, Any]]) -> dict[str, Any]:
+    """The codes' row of the comparison, from the steering report."""
+    losses, code_rows = report["heldout_loss"], report["steering"]["topics"]
+    return {
+        "method": "codes",
+        "regex_precision": sum(r["precision"] for r in found) / len(found) if found else None,
+        "steering_success": sum(steered(r) for r in code_rows) / len(code_rows),
+        "loss_cost": losses["codebooks"] - losses["baseline"],
+        "seconds": report["timings"].get("codebook training s"),
+    }
+
+
+def base_neuron_baselines(base: Any) -> list[Baseline]:
+    """The base model's MLP hidden units and residual stream dims, as (free) baselines."""
+    return [
+        Baseline(
+            f"{label} (base model)",
+            identity_features(base, every_layer(base.cfg.n_layers, hook)),
+            0.0,
+        )
+        for label, hook in (
+            ("MLP hidden units", "mlp.hook_post"),
+            ("residual stream dims", "hook_resid_post"),
+        )
+    ]
+
+
+def compare_method(
+    base: Any,
+    method: Baseline,
+    labels: StoryLabels,
+    tokens: Tensor,
+    heldout: Tensor,
+    classifier: Any,
+    exp: Any,
+    plain: dict[str, Any],
+    prompts: tuple[tuple[str, ...], tuple[str, ...]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One method's row (regex precision, steering success, loss cost) and its details."""
+    row = method.row()
+    detail: dict[str, Any] = {"metrics": method.metrics}
+    if labels.regex is not None:
+        values = encode_all(base, method.features, tokens, labels.mask)
+        precision = precision_at_recalls(values, labels.regex, labels.regex_recalls)
+        row["regex_precision"] = precision["mean_precision"]
+        detail["regex"] = precision
+        del values
+    values = encode_all(base, method.features, tokens, labels.topic_mask)
+    topics = steer_with_features(
+        base,
+        method.features,
+        values,
+        labels.topic_labels,
+        labels.topic_recalls,
+        classifier,
+        exp,
+        plain,
+        prompts,
+    )
+    row["steering_success"] = sum(steered(r) for r in topics) / len(topics)
+    detail["steering"] = topics
+    if method.seconds:
+        cost = splice_loss_cost(base, method.features, heldout)
+        row |= {"loss_cost": cost["loss_cost"], "seconds": method.seconds}
+        detail["loss"] = cost
+    return row, detail
 
 
 @torch.no_grad()
@@ -456,122 +524,32 @@ def steering_comparison(
     ``topic_of_row``: each story's corpus topic index; ``train_tokens``: blocks of training
     stories to fit on; ``heldout``: blocks for reconstruction metrics and loss;
     ``prompts``: (eval prompts, sweep prompts) of the code steering."""
-    from codelens import steering as st
-    from codelens.analysis import regex_labels
-    from codelens.data.stories import PATTERNS, TOPICS
-
-    eval_prompts, sweep_prompts = prompts
     settings = check_settings(getattr(exp, "baselines", None) or {})
-    sites = list(model.codebooks)
-    held = cache_activations(base, heldout, sites, batch_size=32)
-
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    mask[:, 0] = False
-    found = [r for r in report["regex"] if "code" in r]
-    regex = (
-        torch.stack(
-            [(regex_labels(strings, PATTERNS[r["pattern"]]) & mask)[mask] for r in found], 1
-        )
-        if found
-        else None
-    )
-    regex_recalls = torch.tensor([r["recall"] for r in found], dtype=torch.float64)
-    topic_mask = torch.zeros_like(mask)
-    topic_mask[:, exp.topic_skip :] = True
-    row_topic = topic_of_row[:, None].expand_as(tokens)[topic_mask]
-    steered_ids = torch.tensor([TOPICS.index(t) for t in exp.topics])
-    topic_labels = row_topic[:, None] == steered_ids[None, :]
-    topic_recalls = torch.tensor(
-        [
-            r["candidates"][0]["recall"] if r.get("candidates") else exp.min_topic_recall
-            for r in report["steering"]["topics"]
-        ],
-        dtype=torch.float64,
-    )
-
-    def score(features: list[LinearFeatures]) -> float:
-        """Regex precision; topic precision where no pattern has a code."""
-        if regex is not None:
-            values = encode_all(base, features, tokens, mask)
-            return float(precision_at_recalls(values, regex, regex_recalls)["mean_precision"])
-        values = encode_all(base, features, tokens, topic_mask)
-        return float(precision_at_recalls(values, topic_labels, topic_recalls)["mean_precision"])
-
+    held = cache_activations(base, heldout, list(model.codebooks), batch_size=32)
+    labels = story_labels(exp, report, tokens, strings, topic_of_row)
     methods, sweep = fit_baselines(
-        base, model, train_tokens, None, held, settings, exp.seed, score=score, ce_tokens=heldout
+        base,
+        model,
+        train_tokens,
+        None,
+        held,
+        settings,
+        exp.seed,
+        score=lambda features: labels.score(base, features, tokens),
+        ce_tokens=heldout,
     )
-    plain_gen = st.generate_texts(base, eval_prompts, exp.samples, exp.new_tokens, exp.seed + 100)
-    plain_texts = st.continuation_texts(base.tokenizer, plain_gen)
-    sweep_gen = st.generate_texts(
-        base, sweep_prompts, exp.sweep_samples, exp.new_tokens, exp.seed + 200
-    )
-    plain = {
-        "perplexity": st.perplexity(base, plain_gen),
-        "sweep_perplexity": st.perplexity(base, sweep_gen),
-        "before": {t: st.on_topic_share(classifier, plain_texts, t) for t in exp.topics},
-    }
-
-    losses = report["heldout_loss"]
-    code_rows = report["steering"]["topics"]
-    rows: list[dict[str, Any]] = [
-        {
-            "method": "codes",
-            "regex_precision": sum(r["precision"] for r in found) / len(found) if found else None,
-            "steering_success": sum(steered(r) for r in code_rows) / len(code_rows),
-            "loss_cost": losses["codebooks"] - losses["baseline"],
-            "seconds": report["timings"].get("codebook training s"),
-        }
-    ]
+    plain = unsteered(base, classifier, exp, prompts)
+    rows: list[dict[str, Any]] = [codes_row(report, labels.found)]
     details: dict[str, Any] = {"base_model_unsteered": plain}
-    candidates = [
-        *methods,
-        *(
-            Baseline(
-                f"{label} (base model)",
-                identity_features(
-                    base, [f"blocks.{layer}.{hook}" for layer in range(base.cfg.n_layers)]
-                ),
-                0.0,
-            )
-            for label, hook in (
-                ("MLP hidden units", "mlp.hook_post"),
-                ("residual stream dims", "hook_resid_post"),
-            )
-        ),
-    ]
-    for method in candidates:
-        row = method.row()
-        detail: dict[str, Any] = {"metrics": method.metrics}
-        if regex is not None:
-            values = encode_all(base, method.features, tokens, mask)
-            precision = precision_at_recalls(values, regex, regex_recalls)
-            row["regex_precision"] = precision["mean_precision"]
-            detail["regex"] = precision
-            del values
-        values = encode_all(base, method.features, tokens, topic_mask)
-        topics = steer_with_features(
-            base,
-            method.features,
-            values,
-            topic_labels,
-            topic_recalls,
-            classifier,
-            exp,
-            plain,
-            prompts,
+    for method in [*methods, *base_neuron_baselines(base)]:
+        row, details[method.name] = compare_method(
+            base, method, labels, tokens, heldout, classifier, exp, plain, prompts
         )
-        row["steering_success"] = sum(steered(r) for r in topics) / len(topics)
-        detail["steering"] = topics
-        if method.seconds:
-            cost = splice_loss_cost(base, method.features, heldout)
-            row |= {"loss_cost": cost["loss_cost"], "seconds": method.seconds}
-            detail["loss"] = cost
         rows.append(row)
-        details[method.name] = detail
     return {
         "settings": settings,
         "best_sae": best_sae(sweep, settings),
-        "sweep_score": "regex precision" if regex is not None else "topic precision",
+        "sweep_score": "regex precision" if labels.regex is not None else "topic precision",
         "sae_sweep": sweep.as_dict(),
         "rows": rows,
         "details": details,

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from codelens.environment import describe
+from codelens.files import atomic_write_text
 from codelens.viz import Page, intervention_results, precision_recall, training_curves
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _pct(x: float) -> str:
@@ -115,8 +106,8 @@ def baselines_markdown(section: dict[str, Any]) -> list[str]:
 def write_report(report: dict[str, Any], run_dir: Path, curves: list[Path] = ()) -> None:
     """``report.json``, ``report.md`` and ``report.html`` in ``run_dir``."""
     run_dir = Path(run_dir)
-    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2))
-    _atomic_write(run_dir / "report.md", markdown(report))
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(run_dir / "report.md", markdown(report))
     page = Page("codelens report")
     for name, entry in report["models"].items():
         if "state_codes" in entry:

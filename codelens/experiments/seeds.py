@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from codelens.experiments.report import _atomic_write
+from codelens.files import atomic_write_text
 
 
 def run_seeds(module: ModuleType, exp: Any, seeds: Sequence[int]) -> dict[str, Any]:
@@ -32,8 +32,8 @@ def run_seeds(module: ModuleType, exp: Any, seeds: Sequence[int]) -> dict[str, A
         reports[seed] = _finished_report(run) or module.run_experiment(run)
     summary = summarise(module, reports)
     run_dir = Path(exp.run_dir)
-    _atomic_write(run_dir / "seeds.json", json.dumps(summary, indent=2))
-    _atomic_write(run_dir / "seeds.md", markdown(summary))
+    atomic_write_text(run_dir / "seeds.json", json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "seeds.md", markdown(summary))
     return summary
 
 

@@ -46,6 +46,7 @@ from codelens.analysis import (
     topic_stats,
     topic_swaps,
 )
+from codelens.analysis.topics import TopicCode, TopicSwap
 from codelens.data.stories import (
     PATTERNS,
     TOPICS,
@@ -57,19 +58,23 @@ from codelens.data.stories import (
 from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokenizer
 from codelens.environment import check_cached_generation, describe, stack
 from codelens.experiments.baselines import check_settings, steering_comparison
-from codelens.experiments.report import _atomic_write
 from codelens.experiments.stages import train_stage
-from codelens.model import HookedCodebookTransformer, attn_site
+from codelens.files import atomic_write_text
+from codelens.model import HookedCodebookTransformer
 from codelens.steering import (
+    SteeringTrial,
     continuation_texts,
-    force_hooks,
+    force_code_hooks,
     generate_texts,
     heldout_loss,
     on_topic_share,
     perplexity,
-    swap_hooks,
+    steering_trial,
+    swap_code_hooks,
+    sweep_steering,
 )
 from codelens.viz import Page, precision_recall, steering_results, training_curves
+from codelens.vocab import attn_site, cached_batches, every_layer, is_attn_site
 
 # Topic-neutral story openings: the steered code alone has to pick the topic.
 EVAL_PROMPTS = ("Once upon a time,", "One day,", "There was a little girl.", "It was a sunny day.")
@@ -264,11 +269,11 @@ def _mlp_neurons(
 ) -> Tensor:
     """``[n_masked_tokens, n_layers * d_mlp]``: every layer's MLP neurons at the kept tokens."""
     model.eval()
-    names = [f"blocks.{layer}.mlp.hook_post" for layer in range(model.cfg.n_layers)]
-    chunks = []
-    for i in range(0, len(tokens), batch_size):
-        _, cache = model.run_with_cache(tokens[i : i + batch_size], names_filter=names)
-        chunks.append(torch.cat([cache[n] for n in names], -1)[mask[i : i + batch_size]])
+    names = every_layer(model.cfg.n_layers, "mlp.hook_post")
+    chunks = [
+        torch.cat([cache[n] for n in names], -1)[mask[rows].to(cache[names[0]].device)]
+        for rows, cache in cached_batches(model, tokens, names, batch_size=batch_size)
+    ]
     return torch.cat(chunks)
 
 
@@ -276,7 +281,7 @@ def _mlp_neurons(
 
 
 def steering_options(
-    codes: list[dict[str, Any]], swaps: dict[str, list[dict[str, Any]]], k: int
+    codes: list[TopicCode], swaps: dict[str, list[TopicSwap]], k: int
 ) -> list[dict[str, Any]]:
     """What the sweep tries for one topic, lightest touch first.
 
@@ -306,11 +311,19 @@ def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> Ca
 
     def hooks(prompt_length: int) -> list:
         if "swaps" in option:
-            return swap_hooks(model, option["swaps"], option["force"])
+            return swap_code_hooks(model, option["swaps"], option["force"])
         positions = tuple(range(1, prompt_length)) if option["positions"] == "prompt" else None
-        return force_hooks(model, option["codes"], option["slots"], positions)
+        codes = [c.code for c in option["codes"]]
+        return force_code_hooks(model, codes, option["slots"], positions)
 
     return hooks
+
+
+def option_record(option: dict[str, Any]) -> dict[str, Any]:
+    """A `steering_options` entry (or a swept one) as report JSON: codes and swaps as dicts."""
+    return {
+        k: [c.as_dict() for c in v] if k in ("codes", "swaps") else v for k, v in option.items()
+    }
 
 
 def _past_broken(option: dict[str, Any], swept: list[dict[str, Any]], limit: float) -> bool:
@@ -329,8 +342,8 @@ def steer_topics(
     model: HookedCodebookTransformer,
     base: HookedCodebookTransformer,
     classifier: TopicClassifier,
-    candidates: list[list[dict[str, Any]]],
-    swaps: list[dict[str, list[dict[str, Any]]]],
+    candidates: list[list[TopicCode]],
+    swaps: list[dict[str, list[TopicSwap]]],
     exp: SteeringExperiment,
 ) -> dict[str, Any]:
     """Pick each topic's steering option on sweep prompts, then evaluate before/after.
@@ -354,50 +367,42 @@ def steer_topics(
     )
     sweep_ppl = perplexity(base, sweep_plain)
     sweep_plain_texts = continuation_texts(tok, sweep_plain)
+    limit = exp.max_perplexity_ratio
     rows = []
     for t, topic in enumerate(exp.topics):
-        sweep = []
-        for option in steering_options(candidates[t], swaps[t], model.codebook_config.k):
-            if _past_broken(option, sweep, exp.max_perplexity_ratio):
-                continue
-            gen = generate_texts(
-                model,
-                SWEEP_PROMPTS,
-                exp.sweep_samples,
-                exp.new_tokens,
-                exp.seed + 200,
-                option_hooks(model, option),
-            )
-            share = on_topic_share(classifier, continuation_texts(tok, gen), topic)
-            ratio = perplexity(base, gen) / sweep_ppl
-            sweep.append({**option, "on_topic": share, "perplexity_ratio": ratio})
+
+        def trial(option: dict[str, Any], topic: str = topic) -> SteeringTrial:
+            return steering_trial(
+                model, base, classifier, topic, option_hooks(model, option), SWEEP_PROMPTS,
+                samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
+            )  # fmt: skip
+
+        sweep, best = sweep_steering(  # ties: the earlier, simpler option
+            steering_options(candidates[t], swaps[t], model.codebook_config.k),
+            trial,
+            perplexity_before=sweep_ppl,
+            max_perplexity_ratio=limit,
+            skip=lambda option, swept: _past_broken(option, swept, limit),
+        )
         row: dict[str, Any] = {
             "topic": topic,
             "before": on_topic_share(classifier, plain_texts, topic),
             "sweep_before": on_topic_share(classifier, sweep_plain_texts, topic),  # same seeds
-            "sweep": sweep,
+            "sweep": [option_record(o) for o in sweep],
         }
-        fluent = [o for o in sweep if o["perplexity_ratio"] <= exp.max_perplexity_ratio]
-        if fluent:
-            best = max(fluent, key=lambda o: o["on_topic"])  # ties: the earlier, simpler option
-            gen = generate_texts(
-                model,
-                EVAL_PROMPTS,
-                exp.samples,
-                exp.new_tokens,
-                exp.seed + 100,
-                option_hooks(model, best),
-            )
-            texts = continuation_texts(tok, gen)
-            ppl = perplexity(base, gen)
+        if best is not None:
+            final = steering_trial(
+                model, base, classifier, topic, option_hooks(model, best), EVAL_PROMPTS,
+                samples=exp.samples, new_tokens=exp.new_tokens, seed=exp.seed + 100,
+            )  # fmt: skip
             row |= {
-                "steer": {
-                    k: v for k, v in best.items() if k not in ("on_topic", "perplexity_ratio")
-                },
-                "after": on_topic_share(classifier, texts, topic),
-                "perplexity": ppl,
-                "perplexity_ratio": ppl / plain_ppl,
-                "example": texts[0],
+                "steer": option_record(
+                    {k: v for k, v in best.items() if k not in ("on_topic", "perplexity_ratio")}
+                ),
+                "after": final.on_topic,
+                "perplexity": final.perplexity,
+                "perplexity_ratio": final.perplexity / plain_ppl,
+                "example": final.texts[0],
             }
         rows.append(row)
     return {"unsteered_perplexity": plain_ppl, "unsteered_example": plain_texts[0], "topics": rows}
@@ -452,7 +457,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         stats, top=exp.candidates, min_recall=exp.min_topic_recall, one_per_head=True
     )
     candidates = [found[i] for i in steered]
-    attention = [s for s in model.codebooks if s.endswith("attn.hook_z")]
+    attention = [s for s in model.codebooks if is_attn_site(s)]
     first_layer = [s for s in attention if s == attn_site(0)]
     swaps = [
         {
@@ -464,7 +469,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     t = lap("topic code search s", t)
     steering = steer_topics(model, base, classifier, candidates, swaps, exp)
     for row, found in zip(steering["topics"], candidates, strict=True):
-        row["candidates"] = found
+        row["candidates"] = [c.as_dict() for c in found]
     t = lap("steering s", t)
     circuit = topic_circuit(model, tokenizer, exp) if exp.circuit_pairs else None
     t = lap("topic circuit s", t)
@@ -511,7 +516,7 @@ def topic_task(
 ):
     """Story openings of the first steered topic against the second (see `story_topic_task`);
     by default the experiment's pairs and seed."""
-    from codelens.circuits.tasks import story_topic_task
+    from codelens.experiments.circuit_tasks import story_topic_task
 
     pairs = exp.circuit_pairs if n_pairs is None else n_pairs
     seed = exp.seed + 3 if seed is None else seed
@@ -521,7 +526,7 @@ def topic_task(
 def topic_circuit(model: HookedCodebookTransformer, tokenizer: Any, exp: SteeringExperiment):
     """The circuit that tells the first steered topic from the second, written to
     ``circuits/`` in the run directory (`TOPIC_CIRCUIT_METHODS`)."""
-    from codelens.circuits.study import run_study
+    from codelens.experiments.circuit_study import run_study
 
     return run_study(
         model,
@@ -615,7 +620,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Examples", "", f"- unsteered: {steering['unsteered_example']!r}"]
     lines += [f"- {r['topic']}: {r['example']!r}" for r in steering["topics"] if "example" in r]
     if "circuit" in report:
-        from codelens.circuits.study import markdown as circuit_markdown
+        from codelens.experiments.circuit_study import markdown as circuit_markdown
 
         section = circuit_markdown(report["circuit"]).replace("\n## ", "\n### ")
         lines += ["", section.replace("# Circuits:", "## Topic circuit:", 1).rstrip()]
@@ -628,8 +633,8 @@ def markdown(report: dict[str, Any]) -> str:
 def write_report(report: dict[str, Any], run_dir: Path) -> None:
     """``report.json``, ``report.md`` and ``report.html`` in ``run_dir``."""
     run_dir = Path(run_dir)
-    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2))
-    _atomic_write(run_dir / "report.md", markdown(report))
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(run_dir / "report.md", markdown(report))
     page = Page("codelens steering report")
     rows = [r for r in report["steering"]["topics"] if "after" in r]
     page.add(steering_results(rows), heading="topic steering")
@@ -643,7 +648,7 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
     ]
     page.add(precision_recall(codes, neurons), heading="regex features: codes vs neurons")
     if "circuit" in report:
-        from codelens.circuits.study import figures
+        from codelens.experiments.circuit_study import figures
 
         for heading, figure in figures(report["circuit"], run_dir / "circuits"):
             page.add(figure, heading=f"topic circuit: {heading}")

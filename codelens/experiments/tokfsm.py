@@ -26,11 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from codelens.analysis import best_neurons_for_labels, code_firing, codes_for_classes
-from codelens.baselines import LinearFeatures, iter_activations, swap_hooks
+from codelens.baselines import (
+    LinearFeatures,
+    encode_all,
+    identity_features,
+    iter_activations,
+    splice_loss_cost,
+    swap_feature_hooks,
+)
 from codelens.data.fsm import (
     FSMConfig,
     TokFSM,
@@ -41,7 +48,17 @@ from codelens.data.fsm import (
 from codelens.environment import check_cached_generation, stack
 from codelens.experiments.report import write_report
 from codelens.experiments.stages import train_stage
+from codelens.interventions import paste_codes_hooks
 from codelens.model import HookedCodebookTransformer
+from codelens.vocab import (
+    cached_batches,
+    codes_hook,
+    collect_codes,
+    every_layer,
+    is_attn_site,
+    is_mlp_site,
+    layer_of,
+)
 
 NEURON_HOOKS = {"MLP hidden units": "mlp.hook_post", "residual stream dims": "hook_resid_post"}
 
@@ -194,20 +211,15 @@ def state_code_analysis(
     at_state_end = (digit == fsm.n_digits - 1).reshape(-1)
     classes = state.reshape(-1)[at_state_end]
     sites = list(model.codebooks)
-    names = [f"{s}.hook_codes" for s in sites]
     neuron_names = {
-        label: [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)]
-        for label, hook in NEURON_HOOKS.items()
+        label: every_layer(model.cfg.n_layers, hook) for label, hook in NEURON_HOOKS.items()
     }
-    wanted = set(names) | {n for group in neuron_names.values() for n in group}
+    wanted = [codes_hook(s) for s in sites] + [n for g in neuron_names.values() for n in g]
     codes: dict[str, list[Tensor]] = {s: [] for s in sites}
     acts: dict[str, list[Tensor]] = {label: [] for label in neuron_names}
-    for start in range(0, len(tokens), 128):
-        _, cache = model.run_with_cache(
-            tokens[start : start + 128], names_filter=lambda n: n in wanted
-        )
+    for _, cache in cached_batches(model, tokens, wanted, batch_size=128):
         for site in sites:
-            codes[site].append(cache[f"{site}.hook_codes"])
+            codes[site].append(cache[codes_hook(site)])
         for label, group in neuron_names.items():
             flat = [cache[n].reshape(cache[n].shape[0] * cache[n].shape[1], -1) for n in group]
             acts[label].append(torch.cat(flat, dim=1))
@@ -271,11 +283,11 @@ def _jsd(p: Tensor, q: Tensor) -> Tensor:
 
 def _intervention_variants(model: HookedCodebookTransformer) -> dict[str, list[str]]:
     sites = list(model.codebooks)
-    mlp = [s for s in sites if s.endswith("hook_mlp_out")]
-    attn = [s for s in sites if s.endswith("attn.hook_z")]
+    mlp = [s for s in sites if is_mlp_site(s)]
+    attn = [s for s in sites if is_attn_site(s)]
     variants = {"MLP, all layers": mlp, "attention, all layers": attn, "all sites": sites}
     for site in mlp:
-        variants[f"MLP, layer {site.split('.')[1]} only"] = [site]
+        variants[f"MLP, layer {layer_of(site)} only"] = [site]
     return {k: v for k, v in variants.items() if v}
 
 
@@ -349,13 +361,12 @@ def swap_state_codes(
     variants = _intervention_variants(model)
     totals = {name: {"success": 0.0, "jsd_target": 0.0} for name in ["clean", *variants]}
     n = 0
-    names = [f"{s}.hook_codes" for s in model.codebooks]
     for p, (rows, refs) in trials.by_position.items():
         prompt, reference = trials.tokens[rows, : p + 1], trials.tokens[refs, : p + 1]
-        _, ref_cache = model.run_with_cache(reference, names_filter=names)
+        ref_codes = collect_codes(model, reference, batch_size=len(reference))
         outcomes = {"clean": model(prompt)}
         for name, sites in variants.items():
-            hooks = [(f"{s}.hook_codes", _paste_last(ref_cache[f"{s}.hook_codes"])) for s in sites]
+            hooks = paste_codes_hooks({s: ref_codes[s] for s in sites}, position=-1)
             outcomes[name] = model.run_with_hooks(prompt, fwd_hooks=hooks)
         for name, logits in outcomes.items():
             success, jsd = trials.score(logits, rows, refs, p)
@@ -381,7 +392,7 @@ def feature_swaps(
             model, reference, sites, token_mask=last, batch_size=len(reference)
         )
         for name, feats in variants.items():
-            hooks = [h for f in feats for h in swap_hooks(f, ref[f.site])]
+            hooks = [h for f in feats for h in swap_feature_hooks(f, ref[f.site])]
             with model.hooks(fwd_hooks=hooks):
                 logits = model(prompt)
             success, jsd = trials.score(logits, rows, refs, p)
@@ -389,15 +400,6 @@ def feature_swaps(
             totals[name]["jsd_target"] += jsd
         n += len(rows)
     return swap_rows(totals, n)
-
-
-def _paste_last(reference_ids: Int[Tensor, "batch pos G k"]):
-    def paste(ids: Tensor, hook: Any) -> Tensor:
-        ids = ids.clone()
-        ids[:, -1] = reference_ids[:, -1]
-        return ids
-
-    return paste
 
 
 # ---------------------------------------------------------------------------- baselines
@@ -420,7 +422,7 @@ class BaselineData:
         """Mean state precision of ``features`` at the codes' recall (the sweep's score)."""
         from codelens.experiments import baselines as bl
 
-        values = bl.encode_all(base, features, self.tokens, self.at_end)
+        values = encode_all(base, features, self.tokens, self.at_end)
         return float(bl.precision_at_recalls(values, self.labels, self.recalls)["mean_precision"])
 
 
@@ -504,10 +506,10 @@ def baseline_comparison(
         )
     details: dict[str, Any] = {}
     for method in methods:
-        values = bl.encode_all(base, method.features, tokens, at_end)
+        values = encode_all(base, method.features, tokens, at_end)
         precision = bl.precision_at_recalls(values, labels, recalls)
         swaps = feature_swaps(base, trials, {v: method.at(s) for v, s in variants.items()})
-        cost = bl.splice_loss_cost(base, method.features, tokens)
+        cost = splice_loss_cost(base, method.features, tokens)
         rows.append(
             {
                 **method.row(),
@@ -526,15 +528,15 @@ def baseline_comparison(
             **precision,
         }
     for label, hook in NEURON_HOOKS.items():
-        names = [f"blocks.{layer}.{hook}" for layer in range(base.cfg.n_layers)]
-        values = bl.encode_all(base, bl.identity_features(base, names), tokens, at_end)
+        names = every_layer(base.cfg.n_layers, hook)
+        values = encode_all(base, identity_features(base, names), tokens, at_end)
         precision = bl.precision_at_recalls(values, labels, recalls)
         rows.append(
             {"method": f"{label} (base model)", "state_precision": precision["mean_precision"]}
         )
         details[label] = precision
     patch = feature_swaps(
-        base, trials, {v: bl.identity_features(base, s) for v, s in variants.items()}
+        base, trials, {v: identity_features(base, s) for v, s in variants.items()}
     )
     rows.append(
         {

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from codelens import checkpoint
+from codelens.files import atomic_write_text
 from codelens.model import HookedCodebookTransformer
 
 PREFIX = "step-"
@@ -66,7 +67,7 @@ def save_state(
         tensors |= _rng_tensors()
         checkpoint.save_tensors(tensors, tmp / "trainer.safetensors")
         meta |= {"step": step, "python_random": _python_random_state(), "config": config}
-        (tmp / "trainer.json").write_text(json.dumps(meta))
+        atomic_write_text(tmp / "trainer.json", json.dumps(meta))
         fields = {"format": "codelens-trainer-state", "version": 1}
         checkpoint.write_manifest(tmp, STATE_MANIFEST, fields, skip=("model",))
         if final.exists():

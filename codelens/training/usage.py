@@ -16,6 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from codelens.model import HookedCodebookTransformer
+from codelens.vocab import codes_hook
 
 
 class CodebookMonitor:
@@ -44,7 +45,7 @@ class CodebookMonitor:
         """Forward hooks for ``model.hooks(...)`` (removed by the caller's context)."""
         hooks = []
         for site in self.model.codebooks:
-            hooks.append((f"{site}.hook_codes", self._count_hook(site)))
+            hooks.append((codes_hook(site), self._count_hook(site)))
             hooks.append((site, self._input_hook(site)))
         return hooks
 

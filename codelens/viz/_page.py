@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from codelens.files import atomic_write_text
+
 __all__ = ["CircuitsVisView", "Page", "render_page"]
 
 _CSS = """
@@ -97,27 +99,6 @@ def _plotly_bundle() -> str:
     from plotly.offline import get_plotlyjs
 
     return _safe_inline_js(get_plotlyjs())
-
-
-def _atomic_write(path: str | os.PathLike, text: str) -> Path:
-    """Write text to path via a temp file in the same folder and os.replace.
-
-    Readers never see a half-written file; the temp file gets normal (umask) permissions.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 class CircuitsVisView:
@@ -248,7 +229,7 @@ class Page:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the page to path atomically; returns the path."""
-        return _atomic_write(path, self.html())
+        return atomic_write_text(path, self.html())
 
     def _repr_html_(self) -> str:
         prefix = f"codelens-{uuid.uuid4().hex[:8]}-"
@@ -266,5 +247,5 @@ def render_page(title: str, sections: Iterable[Any], path: str | os.PathLike | N
     """
     text = Page(title, sections).html()
     if path is not None:
-        _atomic_write(path, text)
+        atomic_write_text(path, text)
     return text

@@ -34,7 +34,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from codelens.viz._page import _atomic_write, _script_json
+from codelens.files import atomic_write_text
+from codelens.viz._page import _script_json
+from codelens.vocab import CODES_HOOK
 
 __all__ = ["BrowserData", "CodeSummary", "build_browser", "collect_browser_data"]
 
@@ -65,7 +67,7 @@ class BrowserData:
 
 def _site_name(key: str) -> str:
     """Display name of a cache key: drop the trailing `.hook_codes`."""
-    return key[: -len(".hook_codes")] if key.endswith(".hook_codes") else key
+    return key.removesuffix(f".{CODES_HOOK}")
 
 
 def _segment_rank(keys: Tensor) -> Tensor:
@@ -258,7 +260,7 @@ def build_browser(
         f'<script type="application/json" id="codelens-data">{blob}</script>\n'
         f"<script>{_JS}</script>\n</body>\n</html>\n"
     )
-    return _atomic_write(path, page)
+    return atomic_write_text(path, page)
 
 
 _CSS = """

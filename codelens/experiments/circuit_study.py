@@ -18,8 +18,9 @@ from codelens.circuits.figure import circuit_figure, curves_figure
 from codelens.circuits.graph import active_codes, build_graph
 from codelens.circuits.methods import discover
 from codelens.circuits.patching import Patcher
-from codelens.circuits.result import Circuit, write_atomic
-from codelens.circuits.tasks import Task
+from codelens.circuits.result import Circuit
+from codelens.experiments.circuit_tasks import Task
+from codelens.files import atomic_write_text
 
 
 def run_study(
@@ -169,8 +170,8 @@ def _write(report: dict[str, Any], out: Path) -> None:
     from codelens.viz import Page
 
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "report.json", json.dumps(report, indent=2))
-    write_atomic(out / "report.md", markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", markdown(report))
     page = Page(f"codelens circuits: {report['task']}")
     for heading, figure in figures(report, out):
         page.add(figure, heading=heading)

@@ -20,12 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Int
 from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from codelens.circuits.metrics import LogitDifference
 from codelens.config import CodebookConfig
+from codelens.experiments.circuit_tasks import Task
+from codelens.vocab import attn_site, mlp_site
 
 N_TOKENS = 4
 D_MODEL, N_HEADS, BLOCK = 48, 2, 8
@@ -35,11 +36,10 @@ PAD = 5  # a first token that writes nothing: head 1 then averages it with the r
 
 
 @dataclass
-class Planted:
+class Planted(Task):
+    """The planted task (``[PAD, t]`` pairs), the model, and its planted edges per level."""
+
     model: object
-    clean: Int[Tensor, "batch 2"]
-    corrupted: Int[Tensor, "batch 2"]
-    metric: LogitDifference
     true_edges: dict[str, set[str]]  # level -> planted edges
 
 
@@ -110,9 +110,9 @@ def planted_model(seed: int = 0) -> Planted:
     with torch.no_grad():
         for cb in model.codebooks.values():
             cb.codes.copy_(torch.randn(cb.codes.shape, generator=gen))
-        model.codebook("blocks.0.attn.hook_z").codes[1, :N_TOKENS] = u
-        model.codebook("blocks.0.hook_mlp_out").codes[0, :N_TOKENS] = o
-        m1 = model.codebook("blocks.1.hook_mlp_out").codes
+        model.codebook(attn_site(0)).codes[1, :N_TOKENS] = u
+        model.codebook(mlp_site(0)).codes[0, :N_TOKENS] = o
+        m1 = model.codebook(mlp_site(1)).codes
         m1[0, :N_TOKENS] = p
         m1[0, NULL_CODE] = null
 
@@ -134,4 +134,4 @@ def planted_model(seed: int = 0) -> Planted:
         | {f"m1:{c}->logits" for c in codes}
         | {f"a0.h1:{c}->logits" for c in codes},
     }
-    return Planted(model, clean, corrupted, metric, true_edges)
+    return Planted("planted", clean, corrupted, metric, model, true_edges)
