@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from codelens.files import atomic_write_text
+from codelens.vocab import is_block_hook
 
 __all__ = ["ConfigFileNotFoundError", "TrainConfig", "apply_overrides"]
 
@@ -256,7 +257,7 @@ class TrainConfig:
         assert hooks is not None
         valid = sorted(_CODEBOOK_HOOK_KEYS)
         for hook, kwargs in hooks.items():
-            if not hook.startswith("blocks.") and not hook.startswith("hook_"):
+            if not is_block_hook(hook) and not hook.startswith("hook_"):
                 raise ValueError(f"codebook_hooks: {hook!r} is not a hook name")
             if not isinstance(kwargs, dict):
                 raise ValueError(f"codebook_hooks.{hook} must be a dict, got {kwargs!r}")

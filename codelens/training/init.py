@@ -10,7 +10,7 @@ from torch import Tensor
 
 from codelens.model import HookedCodebookTransformer
 from codelens.progress import bar
-from codelens.vocab import layer_of
+from codelens.vocab import is_block_hook, layer_of
 
 
 @torch.no_grad()
@@ -132,7 +132,7 @@ def init_codebooks(
 
 def _forward_order(site: str) -> int:
     """The block a site is in; embeddings before every block, the rest after them."""
-    if site.startswith("blocks."):
+    if is_block_hook(site):
         return layer_of(site)
     return -1 if "embed" in site else 1 << 30
 
