@@ -65,8 +65,17 @@ def is_checkpoint(path: Path) -> bool:
 # ------------------------------------------------------------------------ saving
 
 
-def save(model: nn.Module, out_dir: Path) -> Path:
-    """Write a `HookedCodebookTransformer` to ``out_dir`` atomically; returns ``out_dir``."""
+def save(
+    model: nn.Module,
+    out_dir: Path,
+    *,
+    tensors: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
+) -> Path:
+    """Write a `HookedCodebookTransformer` to ``out_dir`` atomically; returns ``out_dir``.
+
+    ``tensors``: the (base, codebook) tensors to write instead of the model's own, e.g. the
+    full values of a model sharded over several processes.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not is_checkpoint(out_dir) and any(out_dir.iterdir()):
         raise FileExistsError(
@@ -75,8 +84,9 @@ def save(model: nn.Module, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        save_file(base_state(model), str(tmp / BASE_FILE))
-        save_file(codebook_state(model), str(tmp / CODEBOOK_FILE))
+        base, codebooks = tensors or (base_state(model), codebook_state(model))
+        save_file(base, str(tmp / BASE_FILE))
+        save_file(codebooks, str(tmp / CODEBOOK_FILE))
         model.original_model.config.save_pretrained(tmp / HF_CONFIG_DIR)
         model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         config = model.codebook_config
