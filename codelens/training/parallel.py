@@ -168,6 +168,23 @@ def gradient_sync(trainable: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def root_gathered(model: nn.Module) -> Iterator[None]:
+    """Keep a sharded root's own weights whole inside (a collective on every rank).
+
+    FSDP gathers a module's weights when the module is called; TransformerLens's
+    ``run_with_cache`` calls ``forward`` itself, which would meet the root's shards.
+    """
+    if not hasattr(model, "unshard"):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 # ------------------------------------------------------------------------ sharded tensors
 
 

@@ -626,7 +626,7 @@ def _evaluate(run: _Run) -> dict[str, float]:
     every rank runs the forwards with it (each holds only part of the weights)."""
     if not (run.ranks.main or parallel.is_sharded(run.model)):
         return {}
-    with run.monitor.paused():
+    with run.monitor.paused(), parallel.root_gathered(run.model):
         return evaluate(run.model, run.eval_batches)
 
 
