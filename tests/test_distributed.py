@@ -11,6 +11,7 @@ a different way; float64 keeps every decision equal, so any difference is a real
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -61,9 +62,22 @@ def torchrun(
         *flags,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cfg_file.parent
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cfg_file.parent,
+        start_new_session=True,  # on a timeout, the launcher and its ranks go together
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def ok(done: subprocess.CompletedProcess) -> None:
