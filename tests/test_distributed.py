@@ -129,6 +129,7 @@ def test_ddp_matches_one_process_with_dead_code_replacement(single, ddp):
     assert_close(final_weights(single), final_weights(ddp), atol=EXACT)
 
 
+@pytest.mark.slow
 def test_killed_ddp_run_resumes_bit_equal(ddp, tmp_path):
     run = config(tmp_path / "run", **RUN)
     killed = torchrun(run, "--float64", "--kill-at", "12")
@@ -141,16 +142,25 @@ def test_killed_ddp_run_resumes_bit_equal(ddp, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_fsdp_matches_one_process_and_checkpoints_cross_over(single, tmp_path):
-    fsdp = config(tmp_path / "fsdp", **RUN, parallel="fsdp")
-    ok(torchrun(fsdp, "--float64"))
-    assert_close(final_weights(single), final_weights(tmp_path / "fsdp"), atol=EXACT)
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    ok(torchrun(config(run_dir, **RUN, parallel="fsdp"), "--float64"))
+    return run_dir
+
+
+def test_fsdp_matches_one_process_with_dead_code_replacement(single, fsdp):
+    assert_close(final_weights(single), final_weights(fsdp), atol=EXACT)
+
+
+@pytest.mark.slow
+def test_checkpoints_cross_between_fsdp_and_one_process(single, fsdp, tmp_path):
     # one process's step-10 checkpoint, resumed sharded
     resumed = resumable_copy(single, tmp_path / "to_fsdp", 10)
     ok(torchrun(config(resumed, **RUN, parallel="fsdp"), "--float64"))
     assert_close(final_weights(single), final_weights(resumed), atol=EXACT)
     # the sharded run's step-10 checkpoint, resumed in one process
-    back = resumable_copy(tmp_path / "fsdp", tmp_path / "from_fsdp", 10)
+    back = resumable_copy(fsdp, tmp_path / "from_fsdp", 10)
     train_float64(config(back, **RUN))
     assert_close(final_weights(single), final_weights(back), atol=EXACT)
 
