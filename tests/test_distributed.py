@@ -29,7 +29,9 @@ from codelens.training.trainer import train
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_run.py"
 # 20 steps of 384 tokens; the dead-code window closes every 3 steps, with dead codes to revive.
+# gloo on the CPU, also where a GPU is present (the ranks would otherwise each want one).
 RUN = dict(
+    device="cpu",
     steps=20,
     codebook={"n_codes": 64, "k": 1},
     dead_code_window=1000,
@@ -166,7 +168,7 @@ def test_checkpoints_cross_between_fsdp_and_one_process(single, fsdp, tmp_path):
 
 
 def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
-    done = torchrun(config(tmp_path / "run", steps=8), "--nan-at", "3")
+    done = torchrun(config(tmp_path / "run", steps=8, device="cpu"), "--nan-at", "3")
     ok(done)
     for rank in (0, 1):
         assert (tmp_path / f"nonfinite-rank{rank}.txt").read_text() == "3", done.stderr[-3000:]
@@ -174,8 +176,10 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
 
 def test_rank_0_decides_whether_to_resume(tmp_path):
     # rank 0's run_dir holds a checkpoint that rank 1, on a disk of its own, cannot see
-    train(config(tmp_path / "rank0" / "run", steps=4, checkpoint_every=2), progress=False)
-    done = torchrun(config("run", steps=8), "--own-dir", where=tmp_path, timeout=120)
+    first = config(tmp_path / "rank0" / "run", steps=4, checkpoint_every=2, device="cpu")
+    train(first, progress=False)
+    later = config("run", steps=8, device="cpu")
+    done = torchrun(later, "--own-dir", where=tmp_path, timeout=120)
     assert done.returncode != 0
     assert "rank 0 resumes from run/checkpoints/step-00000004, which this process (rank 1)" in (
         done.stderr
