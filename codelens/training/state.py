@@ -64,8 +64,10 @@ def save_state(
     with ``write`` writes (it returns None elsewhere). ``cuda_device``: the GPU whose
     random state is saved (this rank's training device).
     """
-    model_tensors = full_model_state(model)
-    tensors, meta = _optimizer_state(optimizer)
+    if not (write or parallel.is_sharded(model)):
+        return None
+    model_tensors = full_model_state(model, keep=write)
+    tensors, meta = _optimizer_state(optimizer, keep=write)
     if not write:
         return None
     root = Path(run_dir) / "checkpoints"
@@ -93,13 +95,19 @@ def save_state(
 
 
 def full_model_state(
-    model: HookedCodebookTransformer,
+    model: HookedCodebookTransformer, *, keep: bool = True
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(base, codebook) tensors on the CPU, whole even when the model is sharded (then a
-    collective on every rank)."""
+    collective on every rank: a rank with ``keep=False`` only lends its shards, and gets
+    empty dicts, holding one gathered tensor at a time)."""
 
     def gathered(refs: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {n: parallel.full(t.detach()).clone().contiguous().cpu() for n, t in refs.items()}
+        out = {}
+        for name, tensor in refs.items():
+            whole = parallel.full(tensor.detach())
+            if keep:
+                out[name] = whole.clone().contiguous().cpu()
+        return out
 
     return gathered(checkpoint.base_state_refs(model)), gathered(checkpoint.codebook_refs(model))
 
@@ -160,14 +168,20 @@ def saved_config(path: Path) -> dict[str, Any] | None:
         raise checkpoint.CheckpointError(f"{path} is unreadable: {err}") from err
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _optimizer_state(
+    optimizer: torch.optim.Optimizer, *, keep: bool = True
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The optimiser's tensors (whole: sharded moments are gathered, a collective) and the
+    rest; ``keep=False`` only lends this rank's shards."""
     state = optimizer.state_dict()
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, slots in state["state"].items():
         for key, value in slots.items():
             if isinstance(value, Tensor):
-                tensors[f"optim.{idx}.{key}"] = parallel.full(value.detach()).cpu().contiguous()
+                whole = parallel.full(value.detach())
+                if keep:
+                    tensors[f"optim.{idx}.{key}"] = whole.cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     return tensors, {"optimizer_groups": state["param_groups"], "optimizer_scalars": scalars}

@@ -650,7 +650,9 @@ def _save_checkpoint(run: _Run, done: int) -> None:
 
 def _finish(run: _Run) -> None:
     """The final model and evaluation, written by rank 0."""
-    tensors = train_state.full_model_state(run.model) if parallel.is_sharded(run.model) else None
+    tensors = None
+    if parallel.is_sharded(run.model):
+        tensors = train_state.full_model_state(run.model, keep=run.ranks.main)
     if run.ranks.main:
         checkpoint.save(run.model, run.run_dir / "final", tensors=tensors)
     if not run.final_eval and run.config.eval_batches:
