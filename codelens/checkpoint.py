@@ -81,7 +81,13 @@ def is_checkpoint(path: Path) -> bool:
 # ------------------------------------------------------------------------ saving
 
 
-def save(model: nn.Module, out_dir: Path, *, overwrite: bool = False) -> Path:
+def save(
+    model: nn.Module,
+    out_dir: Path,
+    *,
+    overwrite: bool = False,
+    tensors: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
+) -> Path:
     """Write a `HookedCodebookTransformer` to ``out_dir``; returns ``out_dir``.
 
     Only codelens's own entries (`OWNED`) are written or replaced; any other file in
@@ -89,7 +95,9 @@ def save(model: nn.Module, out_dir: Path, *, overwrite: bool = False) -> Path:
     checkpoint is refused unless ``overwrite=True``. The new files are staged in a
     hidden sub-directory and moved into place under an exclusive lock on ``out_dir``;
     a save killed at any point is finished or undone by the next save or load, so the
-    directory always holds the old checkpoint or the new one.
+    directory always holds the old checkpoint or the new one. ``tensors``: the (base,
+    codebook) tensors to write instead of the model's own, e.g. the full values of a
+    model sharded over several processes.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -103,7 +111,7 @@ def save(model: nn.Module, out_dir: Path, *, overwrite: bool = False) -> Path:
             stage = out_dir / f"{STAGING}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.mkdir(stage)  # the user's umask, like any directory they create
             try:
-                _write(model, stage)
+                _write(model, stage, tensors)
             except BaseException:
                 shutil.rmtree(stage, ignore_errors=True)
                 raise
@@ -117,10 +125,13 @@ def save(model: nn.Module, out_dir: Path, *, overwrite: bool = False) -> Path:
     return out_dir
 
 
-def _write(model: nn.Module, stage: Path) -> None:
+def _write(
+    model: nn.Module, stage: Path, tensors: tuple[dict[str, Tensor], dict[str, Tensor]] | None
+) -> None:
     """Every owned entry of a checkpoint into the empty directory ``stage``, manifest last."""
-    save_tensors(base_state(model), stage / BASE_FILE)
-    save_tensors(codebook_state(model), stage / CODEBOOK_FILE)
+    base, codebooks = tensors or (base_state(model), codebook_state(model))
+    save_tensors(base, stage / BASE_FILE)
+    save_tensors(codebooks, stage / CODEBOOK_FILE)
     model.original_model.config.save_pretrained(stage / HF_CONFIG_DIR)
     model.tokenizer.save_pretrained(stage / TOKENIZER_DIR)
     config = model.codebook_config

@@ -100,6 +100,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     bf16: bool = False  # bf16 autocast; CUDA only (an error elsewhere, never a quiet fp32 run)
     device: str = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # how several processes (torchrun) share the model
     wandb: bool = False
     tensorboard: bool = False
 

@@ -8,6 +8,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from codelens.codebook import CodebookLayer
 from codelens.model import HookedCodebookTransformer
 from codelens.progress import bar
 from codelens.vocab import is_block_hook, layer_of
@@ -173,17 +174,33 @@ def replace_dead_codes(
     replaced = {}
     for site, mask in dead.items():
         cb = model.codebook(site)
-        pool = inputs.get(site)
-        n_dead = int(mask.sum())
-        replaced[site] = n_dead
-        if n_dead == 0 or pool is None or len(pool) == 0:
-            continue
-        rows = torch.randint(len(pool), (cb.n_groups, cb.n_codes), generator=generator)
-        rows = rows.to(pool.device)
-        fresh = pool[rows, torch.arange(cb.n_groups, device=pool.device)[:, None]]
-        jitter = torch.randn(fresh.shape, generator=generator).to(fresh.device)
-        fresh = fresh + noise * fresh.std() * jitter
-        if cb.combine == "sum":
-            fresh = fresh / cb.k
-        cb.codes.copy_(torch.where(mask[..., None], fresh.to(cb.codes.dtype), cb.codes))
+        replaced[site] = int(mask.sum())
+        fresh = revived_codes(
+            cb, cb.codes, mask, inputs.get(site), generator=generator, noise=noise
+        )
+        cb.codes.copy_(fresh)
     return replaced
+
+
+@torch.no_grad()
+def revived_codes(
+    cb: CodebookLayer,
+    codes: Float[Tensor, "G C d"],
+    dead: Bool[Tensor, "G C"],
+    pool: Float[Tensor, "N G d"] | None,
+    *,
+    generator: torch.Generator | None = None,
+    noise: float = 0.01,
+) -> Float[Tensor, "G C d"]:
+    """``codes`` (the whole codebook of ``cb``) with the dead ones drawn afresh from
+    ``pool``; ``codes`` itself when nothing is dead or the pool is empty."""
+    if not bool(dead.any()) or pool is None or len(pool) == 0:
+        return codes
+    rows = torch.randint(len(pool), (cb.n_groups, cb.n_codes), generator=generator)
+    rows = rows.to(pool.device)
+    fresh = pool[rows, torch.arange(cb.n_groups, device=pool.device)[:, None]]
+    jitter = torch.randn(fresh.shape, generator=generator).to(fresh.device)
+    fresh = fresh + noise * fresh.std() * jitter
+    if cb.combine == "sum":
+        fresh = fresh / cb.k
+    return torch.where(dead[..., None], fresh.to(codes.dtype), codes)

@@ -6,6 +6,10 @@ model (`codelens.checkpoint` format) plus ``trainer.safetensors``,
 parsed). It is assembled in a temporary directory and renamed into place,
 so a run killed at any moment leaves only complete checkpoints; the newest
 ``keep`` are kept. Nothing is pickled.
+
+Checkpoints always hold full tensors, so one written by a sharded (FSDP) run loads into a
+single process and the reverse: saving gathers the shards (every rank calls `save_state`,
+one writes), and loading cuts each rank's part out of the full tensors.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor
 from codelens import checkpoint
 from codelens.files import atomic_write_text
 from codelens.model import HookedCodebookTransformer
+from codelens.training import parallel
 
 PREFIX = "step-"
 STATE_MANIFEST = "state.json"
@@ -48,12 +53,24 @@ def save_state(
     extra_tensors: dict[str, Tensor],
     keep: int,
     config: dict[str, Any] | None = None,
-) -> Path:
+    *,
+    cuda_device: torch.device | None = None,
+    write: bool = True,
+) -> Path | None:
     """Write the checkpoint for ``step`` atomically and prune to the newest ``keep``.
 
     ``config`` (the run's training config) is stored with it, so a resume can tell
-    whether it runs under the settings that produced this state.
+    whether it runs under the settings that produced this state. A sharded model's
+    tensors are gathered first, a collective: every rank calls this, and only the one
+    with ``write`` writes (it returns None elsewhere). ``cuda_device``: the GPU whose
+    random state is saved (this rank's training device).
     """
+    if not (write or parallel.is_sharded(model)):
+        return None
+    model_tensors = full_model_state(model, keep=write)
+    tensors, meta = _optimizer_state(optimizer, keep=write)
+    if not write:
+        return None
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -61,10 +78,9 @@ def save_state(
     tmp = root / f"{TEMPORARY}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # the user's umask (mkdtemp would make it 0700)
     try:
-        checkpoint.save(model, tmp / "model")
-        tensors, meta = _optimizer_state(optimizer)
+        checkpoint.save(model, tmp / "model", tensors=model_tensors)
         tensors |= {f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()}
-        tensors |= _rng_tensors()
+        tensors |= _rng_tensors(cuda_device)
         checkpoint.save_tensors(tensors, tmp / "trainer.safetensors")
         meta |= {"step": step, "python_random": _python_random_state(), "config": config}
         atomic_write_text(tmp / "trainer.json", json.dumps(meta))
@@ -123,10 +139,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def full_model_state(
+    model: HookedCodebookTransformer, *, keep: bool = True
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(base, codebook) tensors on the CPU, whole even when the model is sharded (then a
+    collective on every rank: a rank with ``keep=False`` only lends its shards, and gets
+    empty dicts, holding one gathered tensor at a time)."""
+
+    def gathered(refs: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for name, tensor in refs.items():
+            whole = parallel.full(tensor.detach())
+            if keep:
+                out[name] = whole.clone().contiguous().cpu()
+        return out
+
+    return gathered(checkpoint.base_state_refs(model)), gathered(checkpoint.codebook_refs(model))
+
+
 def load_state(
-    path: Path, model: HookedCodebookTransformer, optimizer: torch.optim.Optimizer
+    path: Path,
+    model: HookedCodebookTransformer,
+    optimizer: torch.optim.Optimizer,
+    *,
+    cuda_device: torch.device | None = None,
 ) -> tuple[int, dict[str, Tensor]]:
     """Restore a checkpoint into ``model`` and ``optimizer``; returns (step, extra tensors)."""
+    load_model_state(path, model)
+    return load_trainer_state(path, optimizer, cuda_device=cuda_device)
+
+
+def load_model_state(path: Path, model: HookedCodebookTransformer) -> None:
+    """Restore a checkpoint's base weights and codebooks into an unsharded ``model``."""
     path = Path(path)
     verify_state(path)
     checkpoint.load_base_state(
@@ -135,6 +179,15 @@ def load_state(
     checkpoint.load_codebook_state(
         model, checkpoint.read_tensors(path / "model" / checkpoint.CODEBOOK_FILE), source=path
     )
+
+
+def load_trainer_state(
+    path: Path, optimizer: torch.optim.Optimizer, *, cuda_device: torch.device | None = None
+) -> tuple[int, dict[str, Tensor]]:
+    """Restore the optimiser (each rank its shards) and the random states; returns
+    (step, extra tensors). ``cuda_device``: the GPU that takes the saved CUDA random state."""
+    path = Path(path)
+    checkpoint.verify(path, STATE_MANIFEST, required=STATE_FILES, skip=("model",))
     tensors = checkpoint.read_tensors(path / "trainer.safetensors")
     try:
         meta = json.loads((path / "trainer.json").read_text())
@@ -142,8 +195,8 @@ def load_state(
         raise checkpoint.CheckpointError(f"{path / 'trainer.json'} is unreadable: {err}") from err
     _load_optimizer_state(optimizer, tensors, meta)
     torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available() and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"], cuda_device or "cuda")
     random.setstate(_tuples(meta["python_random"]))
     extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     return int(meta["step"]), extra
@@ -159,14 +212,20 @@ def saved_config(path: Path) -> dict[str, Any] | None:
         raise checkpoint.CheckpointError(f"{path} is unreadable: {err}") from err
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _optimizer_state(
+    optimizer: torch.optim.Optimizer, *, keep: bool = True
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The optimiser's tensors (whole: sharded moments are gathered, a collective) and the
+    rest; ``keep=False`` only lends this rank's shards."""
     state = optimizer.state_dict()
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, slots in state["state"].items():
         for key, value in slots.items():
             if isinstance(value, Tensor):
-                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+                whole = parallel.full(value.detach())
+                if keep:
+                    tensors[f"optim.{idx}.{key}"] = whole.cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     return tensors, {"optimizer_groups": state["param_groups"], "optimizer_scalars": scalars}
@@ -185,13 +244,19 @@ def _load_optimizer_state(
     groups = meta["optimizer_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise checkpoint.CheckpointError("checkpoint optimiser has a different parameter layout")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, values in slots.items():
+        if idx < len(params):  # a sharded parameter takes this rank's part of its moments
+            for key, value in values.items():
+                if isinstance(value, Tensor) and value.shape == params[idx].shape:
+                    values[key] = parallel.local_part(value, params[idx])
     optimizer.load_state_dict({"state": slots, "param_groups": groups})
 
 
-def _rng_tensors() -> dict[str, Tensor]:
+def _rng_tensors(cuda_device: torch.device | None) -> dict[str, Tensor]:
     rng = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng["rng.cuda"] = torch.cuda.get_rng_state()
+        rng["rng.cuda"] = torch.cuda.get_rng_state(cuda_device or "cuda")
     return rng
 
 

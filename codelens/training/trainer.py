@@ -2,18 +2,21 @@
 
 Loss = next-token cross-entropy + ``recon_weight`` x codebook reconstruction MSE.
 Runs as a single process or under ``torchrun --nproc_per_node=N`` (DistributedDataParallel,
-gloo on CPU, nccl on GPU): every rank takes its rows of the same global batch, so N
-processes follow the same trajectory as one. Only rank 0 writes files.
+or FSDP2 with ``parallel: fsdp``; gloo on CPU, nccl on GPU): every rank takes its rows of
+the same global batch, so N processes follow the same trajectory as one. Only rank 0
+writes files. `train` runs its steps as named functions: `_prepare`, then per step
+`_forward_backward`, `_optimizer_step`, `_replace_dead`, `_evaluate`, `_save_checkpoint`,
+and `_finish`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from codelens import checkpoint
 from codelens.config import CodebookConfig
 from codelens.data.fsm import FSMConfig, TokFSM
 from codelens.model import HookedCodebookTransformer
+from codelens.training import parallel
 from codelens.training import state as train_state
 from codelens.training.batches import BlockBatches, FSMBatches, StreamingBatches
 from codelens.training.config import TrainConfig, bf16_error
-from codelens.training.init import init_codebooks, replace_dead_codes
+from codelens.training.init import init_codebooks, revived_codes
 from codelens.training.usage import (
     CodebookMonitor,
     reconstruction_metrics,
@@ -55,43 +60,7 @@ class TrainResult:
     seconds: float = 0.0
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 # ---------------------------------------------------------------------------- set-up
-
-
-def _setup_distributed(device: torch.device, batch_size: int) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    if batch_size % world:
-        raise ValueError(
-            f"batch_size {batch_size} does not split evenly over {world} processes "
-            f"(WORLD_SIZE={world}): ranks with fewer rows would weigh as much as the others, "
-            f"so the run would not match one process; use a multiple of {world}"
-        )
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return _Dist(dist.get_rank(), dist.get_world_size(), owns_group=True)
-    return _Dist(dist.get_rank(), dist.get_world_size())
-
-
-def _device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device(f"cuda:{local}")
-    return torch.device("cpu")
 
 
 def build_data(config: TrainConfig, tokenizer: Any = None, n_ctx: int | None = None):
@@ -310,15 +279,19 @@ def _freeze_unused(model: HookedCodebookTransformer, tokens: Tensor) -> None:
     torch.set_rng_state(rng)
 
 
+def _set_trainable(model: HookedCodebookTransformer, config: TrainConfig) -> None:
+    """Freeze the base model for ``train='codebooks'`` (before DDP or sharding see it)."""
+    if config.train != "codebooks":
+        return
+    if not model.codebook_parameters():
+        raise ValueError("train='codebooks' but the model has no codebooks")
+    for p in model.base_parameters():
+        p.requires_grad_(False)
+
+
 def _optimizer(model: HookedCodebookTransformer, config: TrainConfig) -> torch.optim.AdamW:
     codebooks = model.codebook_parameters()
     base = [p for p in model.base_parameters() if p.requires_grad]
-    if config.train == "codebooks":
-        if not codebooks:
-            raise ValueError("train='codebooks' but the model has no codebooks")
-        for p in base:
-            p.requires_grad_(False)
-        base = []
     decay = [p for p in base if p.ndim >= 2]
     no_decay = [p for p in base if p.ndim < 2]
     groups = [
@@ -451,6 +424,32 @@ def _line_step(line: str) -> float:
 # ---------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Run:
+    """What one training run holds from set-up to its last step."""
+
+    config: TrainConfig
+    ranks: parallel.Ranks
+    device: torch.device
+    model: HookedCodebookTransformer
+    trainable: torch.nn.Module  # what the step calls: the model, DDP around it, or it sharded
+    source: Any
+    optimizer: torch.optim.AdamW
+    monitor: CodebookMonitor
+    start: int
+    logger: _Logger
+    eval_batches: list[Tensor]
+    final_eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+    @property
+    def cuda_device(self) -> torch.device | None:
+        return self.device if self.device.type == "cuda" else None
+
+
 def train(
     config: TrainConfig,
     *,
@@ -459,18 +458,116 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train per ``config``, resuming from the newest checkpoint in ``run_dir`` if any."""
-    import time
-
     started = time.perf_counter()
-    device = _device(config.device)
+    world, local_rank = parallel.launch_world()
+    device = parallel.resolve_device(config.device, world=world, local_rank=local_rank)
     if config.bf16 and device.type != "cuda":
         raise ValueError(bf16_error(device))
+    ranks = parallel.start(device, config.batch_size, world)
+    try:
+        run = _prepare(config, model, ranks, device)
+        try:
+            _loop(run, on_step, progress)
+            _finish(run)
+        finally:
+            run.logger.close()
+    finally:
+        parallel.stop(ranks)
+    return TrainResult(
+        run.model, run.run_dir, config.steps, run.final_eval, time.perf_counter() - started
+    )
+
+
+def _prepare(
+    config: TrainConfig,
+    model: HookedCodebookTransformer | None,
+    ranks: parallel.Ranks,
+    device: torch.device,
+) -> _Run:
+    """Model, data, optimiser and counters, restored from the newest checkpoint or fresh."""
     run_dir = Path(config.run_dir)
-    found = train_state.checkpoint_dirs(run_dir)
-    changes = _resume_changes(found[-1], config) if found else {}
-    ranks = _setup_distributed(device, config.batch_size)
+    newest = _checkpoint_to_resume(run_dir, ranks, device)
+    changes = _resume_changes(newest, config) if newest else {}
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    model, source, added = _model_and_data(config, model)
+    model.to(device)
+    if ranks.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.json")
+    _freeze_unused(model, source.eval_batch(0)[:2].to(device))
+    _set_trainable(model, config)
+    monitor = CodebookMonitor(model)
+    if newest:
+        train_state.load_model_state(newest, model)
+    elif fresh := (added if config.model and not config.codebook else list(model.codebooks)):
+        # initialise new codebooks from training data; never overwrite those a saved model brought
+        init_codebooks(
+            model,
+            [b.to(device) for b in _init_batches(source, config, model)],
+            sites=fresh,
+            method=config.init,
+            samples=config.init_samples,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+    trainable = parallel.wrap(model, config.parallel, ranks)  # after init: every rank starts equal
+    optimizer = _optimizer(model, config)  # after sharding: it holds the sharded parameters
+    start = 0
+    if newest:
+        settings = [{k: g[k] for k in _GROUP_SETTINGS} for g in optimizer.param_groups]
+        cuda_device = device if device.type == "cuda" else None
+        start, extra = train_state.load_trainer_state(newest, optimizer, cuda_device=cuda_device)
+        for group, own in zip(optimizer.param_groups, settings, strict=True):
+            group.update(own)  # this config's learning rates and decay, not the checkpoint's
+        # the saved counts are the sum over ranks: one rank takes them, the others start at 0
+        monitor.load_state({k: v.to(device) for k, v in extra.items()}, holds_counts=ranks.main)
+        if changes and ranks.main:
+            _record_changes(run_dir, start, changes)
+    logger = _Logger(run_dir, config, start, ranks.main)
+    eval_batches = [source.eval_batch(i).to(device) for i in range(config.eval_batches)]
+    return _Run(
+        config,
+        ranks,
+        device,
+        model,
+        trainable,
+        source,
+        optimizer,
+        monitor,
+        start,
+        logger,
+        eval_batches,
+    )
+
+
+def _checkpoint_to_resume(
+    run_dir: Path, ranks: parallel.Ranks, device: torch.device
+) -> Path | None:
+    """The newest checkpoint in ``run_dir``, as rank 0 sees it; every rank follows its word.
+
+    Ranks that listed ``run_dir`` on their own could disagree (a disk that is not shared, a
+    stale network mount), and would then train from different states without an error.
+    """
+    found = train_state.checkpoint_dirs(run_dir) if ranks.main else []
+    name = parallel.rank0_says(found[-1].name if found else None, ranks)
+    if name is None:
+        return None
+    newest = run_dir / "checkpoints" / name
+    unseen = not newest.is_dir()
+    if parallel.any_rank(unseen, ranks, device):
+        who = f"this process (rank {ranks.rank})" if unseen else "another process"
+        raise FileNotFoundError(
+            f"rank 0 resumes from {newest}, which {who} cannot see: run_dir must be on a "
+            "filesystem every process shares"
+        )
+    return newest
+
+
+def _model_and_data(
+    config: TrainConfig, model: HookedCodebookTransformer | None
+) -> tuple[HookedCodebookTransformer, Any, list[str]]:
+    """The model to train (built, or the caller's with the config's codebooks), its data,
+    and the sites of the codebooks `TrainConfig.codebook_hooks` added."""
     if model is None and config.model:
         model = build_model(config, None, None)  # a pretrained model brings its tokenizer
     source, tokenizer, fsm = build_data(
@@ -491,124 +588,135 @@ def train(
             )
     added = _add_codebook_hooks(model, config.codebook_hooks or {})
     _check_context(source, model)
-    model.to(device)
-    if ranks.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.json")
-    _freeze_unused(model, source.eval_batch(0)[:2].to(device))
-    optimizer = _optimizer(model, config)
-    monitor = CodebookMonitor(model)
-    start = 0
-    if found:
-        settings = [{k: g[k] for k in _GROUP_SETTINGS} for g in optimizer.param_groups]
-        start, extra = train_state.load_state(found[-1], model, optimizer)
-        for group, own in zip(optimizer.param_groups, settings, strict=True):
-            group.update(own)  # this config's learning rates and decay, not the checkpoint's
-        monitor.load_state({k: v.to(device) for k, v in extra.items()})
-        if changes and ranks.main:
-            _record_changes(run_dir, start, changes)
-    elif fresh := (added if config.model and not config.codebook else list(model.codebooks)):
-        # initialise new codebooks from training data; never overwrite those a saved model brought
-        init_codebooks(
-            model,
-            [b.to(device) for b in _init_batches(source, config, model)],
-            sites=fresh,
-            method=config.init,
-            samples=config.init_samples,
-            generator=torch.Generator().manual_seed(config.seed),
-        )
-    trainable = model
-    if ranks.world > 1:
-        trainable = torch.nn.parallel.DistributedDataParallel(model)
-    logger = _Logger(run_dir, config, start, ranks.main)
-    eval_batches = [source.eval_batch(i).to(device) for i in range(config.eval_batches)]
-    autocast = torch.autocast(
-        "cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"
-    )
-    bar = tqdm(total=config.steps, initial=start, disable=not (progress and ranks.main))
+    return model, source, added
+
+
+def _loop(
+    run: _Run, on_step: Callable[[int, dict[str, float]], None] | None, progress: bool
+) -> None:
+    config, model, monitor = run.config, run.model, run.monitor
+    bar = tqdm(total=config.steps, initial=run.start, disable=not (progress and run.ranks.main))
     running: dict[str, Tensor] = {}
-    final_eval: dict[str, float] = {}
     validate_tokens = model.validate_tokens
     model.validate_tokens = False  # the batch sources produce in-range ids; no sync per step
     try:
         with model.hooks(fwd_hooks=monitor.hooks()):
-            for step in range(start, config.steps):
-                model.train()
-                rows = source.batch(step, ranks.rank, ranks.world).to(device)
-                micro_batches = rows.chunk(config.grad_accum)
-                for i, micro in enumerate(micro_batches):
-                    last = i == len(micro_batches) - 1
-                    sync = contextlib.nullcontext()
-                    if ranks.world > 1 and not last:
-                        sync = trainable.no_sync()
-                    with sync, autocast:
-                        lm_loss = trainable(micro, return_type="loss")
-                        recon = model.reconstruction_loss()
-                        loss = lm_loss + config.recon_weight * recon
-                        if config.commitment_weight:
-                            loss = loss + config.commitment_weight * model.commitment_loss()
-                        (loss * len(micro) / len(rows)).backward()
-                    for key, value in (("loss", loss), ("lm_loss", lm_loss), ("recon", recon)):
-                        running[key] = running.get(key, 0) + value.detach() * len(micro) / len(rows)
-                if not torch.isfinite(loss.detach()):
-                    sites = model.nonfinite_sites()
-                    where = f" (NaN or inf reached the codebooks at {', '.join(sites)})"
-                    raise NonFiniteLossError(
-                        f"loss became {float(loss.detach())} at step {step}{where if sites else ''}"
-                        "; stopping. The newest "
-                        f"checkpoint in {run_dir / 'checkpoints'} predates it and is untouched."
-                    )
-                monitor.add_tokens(rows.numel() * ranks.world)  # the global batch
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                factor = lr_factor(step, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * factor
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            for step in range(run.start, config.steps):
+                rows = run.source.batch(step, run.ranks.rank, run.ranks.world)
+                losses = _forward_backward(run, rows, step)
+                for key, value in zip(("loss", "lm_loss", "recon"), losses, strict=True):
+                    running[key] = running.get(key, 0) + value
+                monitor.add_tokens(rows.numel() * run.ranks.world)  # the global batch
+                factor = _optimizer_step(run, step)
                 done = step + 1
                 if config.dead_code_window and monitor.window_tokens >= config.dead_code_window:
-                    _replace_dead(model, monitor, optimizer, ranks, config.seed, done)
+                    _replace_dead(run, done)
                 metrics: dict[str, float] = {}
                 if done % config.log_every == 0 or done == config.steps:
                     metrics = _train_metrics(running, done, config, factor, monitor, model)
                     running = {}
-                    logger.log(done, "train", metrics)
+                    run.logger.log(done, "train", metrics)
                     bar.set_postfix_str(summarise(metrics), refresh=False)
                 if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-                    if ranks.main:
-                        final_eval = evaluate(model, eval_batches)
-                        logger.log(done, "eval", final_eval)
+                    run.final_eval = _evaluate(run)
+                    run.logger.log(done, "eval", run.final_eval)
                 if config.checkpoint_every and (
                     done % config.checkpoint_every == 0 or done == config.steps
                 ):
-                    if ranks.main:
-                        train_state.save_state(
-                            run_dir,
-                            done,
-                            model,
-                            optimizer,
-                            monitor.state(),
-                            config.keep_checkpoints,
-                            config=config.to_dict(),
-                        )
-                    if ranks.world > 1:
-                        dist.barrier()
+                    _save_checkpoint(run, done)
                 bar.update(1)
                 if on_step is not None:
                     on_step(done, metrics)
-        if ranks.main:
-            model.save_pretrained(run_dir / "final")
-            if not final_eval and config.eval_batches:
-                final_eval = evaluate(model, eval_batches)
-            (run_dir / "final_eval.json").write_text(json.dumps(final_eval, indent=2))
     finally:
         model.validate_tokens = validate_tokens
         bar.close()
-        logger.close()
-        if ranks.owns_group:
-            dist.destroy_process_group()
-    return TrainResult(model, run_dir, config.steps, final_eval, time.perf_counter() - started)
+
+
+def _forward_backward(run: _Run, rows: Tensor, step: int) -> Tensor:
+    """This rank's rows of the step's batch, forward and backward in micro-batches.
+
+    Returns the step's (loss, lm_loss, recon), averaged over ranks; a NaN or inf on any
+    rank stops every rank at the same step.
+    """
+    config, model = run.config, run.model
+    model.train()
+    rows = rows.to(run.device)
+    micro_batches = rows.chunk(config.grad_accum)
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=config.bf16 and run.device.type == "cuda"
+    )
+    losses = torch.zeros(3, device=run.device)
+    for i, micro in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with parallel.gradient_sync(run.trainable, enabled=last), autocast:
+            lm_loss = run.trainable(micro, return_type="loss")
+            recon = model.reconstruction_loss()
+            loss = lm_loss + config.recon_weight * recon
+            if config.commitment_weight:
+                loss = loss + config.commitment_weight * model.commitment_loss()
+            (loss * len(micro) / len(rows)).backward()
+        losses += torch.stack([loss, lm_loss, recon]).detach().float() * len(micro) / len(rows)
+    losses = parallel.mean_over_ranks(losses, run.ranks)
+    if not torch.isfinite(losses[0]):
+        sites = model.nonfinite_sites()
+        where = f" (NaN or inf reached the codebooks at {', '.join(sites)})" if sites else ""
+        raise NonFiniteLossError(
+            f"loss became {float(losses[0])} at step {step}{where}; stopping. The newest "
+            f"checkpoint in {run.run_dir / 'checkpoints'} predates it and is untouched."
+        )
+    return losses
+
+
+def _optimizer_step(run: _Run, step: int) -> float:
+    """Clip, set the scheduled learning rates, step; returns the schedule's factor."""
+    if run.config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    factor = lr_factor(step, run.config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return factor
+
+
+def _evaluate(run: _Run) -> dict[str, float]:
+    """Held-out metrics, not counted as code usage. Rank 0 evaluates; with a sharded model
+    every rank runs the forwards with it (each holds only part of the weights)."""
+    if not (run.ranks.main or parallel.is_sharded(run.model)):
+        return {}
+    with run.monitor.paused(), parallel.root_gathered(run.model):
+        return evaluate(run.model, run.eval_batches)
+
+
+def _save_checkpoint(run: _Run, done: int) -> None:
+    """A resumable checkpoint of step ``done``, written by rank 0 (every rank takes part:
+    the usage counts are summed, and a sharded model's tensors gathered)."""
+    train_state.save_state(
+        run.run_dir,
+        done,
+        run.model,
+        run.optimizer,
+        run.monitor.state(),
+        run.config.keep_checkpoints,
+        config=run.config.to_dict(),
+        cuda_device=run.cuda_device,
+        write=run.ranks.main,
+    )
+    if run.ranks.several:
+        dist.barrier()
+
+
+def _finish(run: _Run) -> None:
+    """The final model and evaluation, written by rank 0."""
+    tensors = None
+    if parallel.is_sharded(run.model):
+        tensors = train_state.full_model_state(run.model, keep=run.ranks.main)
+    if run.ranks.main:
+        checkpoint.save(run.model, run.run_dir / "final", tensors=tensors)
+    if not run.final_eval and run.config.eval_batches:
+        run.final_eval = _evaluate(run)
+    if run.ranks.main:
+        (run.run_dir / "final_eval.json").write_text(json.dumps(run.final_eval, indent=2))
 
 
 def _train_metrics(
@@ -634,20 +742,31 @@ def _train_metrics(
     return metrics
 
 
-def _replace_dead(model, monitor: CodebookMonitor, optimizer, ranks: _Dist, seed: int, step: int):
-    """Re-initialise codes unused for the window; rank 0 decides, every rank applies."""
+def _replace_dead(run: _Run, step: int) -> None:
+    """Re-initialise codes unused for the window; rank 0 draws them, every rank applies.
+
+    The window counts are summed and the input pool gathered over ranks first, so the
+    codes drawn are the ones a single process would draw.
+    """
+    model, monitor, ranks = run.model, run.monitor, run.ranks
     monitor.all_reduce_window()
-    dead = {site: counts == 0 for site, counts in monitor.window_counts.items()}
-    if ranks.main:
-        replace_dead_codes(
-            model, dead, monitor.inputs, generator=torch.Generator().manual_seed(seed + step)
-        )
-    for site, mask in dead.items():
+    pools = monitor.pooled_inputs()
+    generator = torch.Generator().manual_seed(run.config.seed + step)
+    for site, counts in monitor.window_counts.items():
+        dead = counts == 0  # the same on every rank: the counts are summed
+        if not bool(dead.any()):
+            continue
         cb = model.codebook(site)
-        if ranks.world > 1:
-            dist.broadcast(cb.codes.data, src=0)
-        slots = optimizer.state.get(cb.codes, {})
+        codes = parallel.full(cb.codes.detach())
+        if ranks.main:
+            codes = revived_codes(cb, codes, dead, pools.get(site), generator=generator)
+        if ranks.several:
+            codes = codes.contiguous()
+            dist.broadcast(codes, src=0)
+        parallel.assign(cb.codes, codes)
+        own_rows = parallel.local(parallel.local_part(dead, cb.codes))
+        slots = run.optimizer.state.get(cb.codes, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in slots:
-                slots[key][mask] = 0.0
+                parallel.local(slots[key])[own_rows] = 0.0
     monitor.reset_window()

@@ -6,7 +6,9 @@ reduced across ranks and read only when metrics are logged or dead codes checked
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,8 +26,9 @@ class CodebookMonitor:
 
     ``window_counts`` accumulate until `reset_window` (the dead-code window);
     ``metric_counts`` until `reset_metrics` (the logging interval). ``inputs[site]``
-    holds up to ``keep_inputs`` grouped activations from the last forward, the
-    pool dead codes are re-initialised from.
+    holds the last rows of the last forward (at least ``keep_inputs`` tokens of
+    grouped activations, ``[rows, T, G, d]``); `pooled_inputs` gives the pool dead codes
+    are re-initialised from. Forwards inside `paused` (evaluation) are not seen.
     """
 
     def __init__(self, model: HookedCodebookTransformer, keep_inputs: int = 4096) -> None:
@@ -35,6 +38,7 @@ class CodebookMonitor:
         self.metric_counts: dict[str, Tensor] = {}
         self.window_tokens = 0
         self.inputs: dict[str, Tensor] = {}
+        self.active = True
         for site, cb in model.codebooks.items():
             zeros = torch.zeros(cb.n_groups, cb.n_codes, dtype=torch.long, device=cb.codes.device)
             self.window_counts[site] = zeros.clone()
@@ -51,6 +55,8 @@ class CodebookMonitor:
 
     def _count_hook(self, site: str):
         def count(ids: Int[Tensor, "... G k"], hook: Any) -> None:
+            if not self.active:
+                return
             cb = self.model.codebook(site)
             size = cb.n_groups * cb.n_codes
             flat = rearrange(ids, "... g k -> g (... k)")
@@ -68,11 +74,40 @@ class CodebookMonitor:
 
     def _input_hook(self, site: str):
         def keep(x: Tensor, hook: Any) -> None:
+            if not self.active:
+                return
             cb = self.model.codebook(site)
-            grouped = x.reshape(-1, cb.n_groups, cb.d).detach()
-            self.inputs[site] = grouped[-self.keep_inputs :]
+            grouped = x.detach().reshape(x.shape[0], -1, cb.n_groups, cb.d)
+            rows = -(-self.keep_inputs // grouped.shape[1])
+            self.inputs[site] = grouped[-rows:]
 
         return keep
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards run inside (evaluation) neither count usage nor feed the input pool."""
+        active, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = active
+
+    def pooled_inputs(self) -> dict[str, Float[Tensor, "N G d"]]:
+        """The last ``keep_inputs`` input tokens of the last forward, per site.
+
+        Under torch.distributed (a collective: call it on every rank) the rows of every
+        rank are put back into the global batch's order (rank r holds rows r, r + W, ...),
+        so the pool is the one a single process would have.
+        """
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        pools = {}
+        for site, rows in self.inputs.items():
+            if world > 1:
+                parts = [torch.empty_like(rows) for _ in range(world)]
+                dist.all_gather(parts, rows.contiguous())
+                rows = rearrange(torch.stack(parts), "w b ... -> (b w) ...")
+            pools[site] = rows.flatten(0, 1)[-self.keep_inputs :]
+        return pools
 
     def add_tokens(self, n: int) -> None:
         self.window_tokens += n
@@ -95,15 +130,21 @@ class CodebookMonitor:
         _all_reduce(self.metric_counts.values())
 
     def state(self) -> dict[str, Tensor]:
-        state = {f"window.{s}": c for s, c in self.window_counts.items()}
-        state |= {f"metric.{s}": c for s, c in self.metric_counts.items()}
+        """The counters for a checkpoint, summed over ranks (a collective under
+        torch.distributed: every rank calls it; the ranks' own counts are left as they are)."""
+        state = {f"window.{s}": c.clone() for s, c in self.window_counts.items()}
+        state |= {f"metric.{s}": c.clone() for s, c in self.metric_counts.items()}
+        _all_reduce(state.values())
         state["window_tokens"] = torch.tensor(self.window_tokens)
         return state
 
-    def load_state(self, state: dict[str, Tensor]) -> None:
+    def load_state(self, state: dict[str, Tensor], *, holds_counts: bool = True) -> None:
+        """Restore `state`; with ``holds_counts=False`` (every rank but the first) the counts
+        start at zero, so the next sum over ranks counts the saved totals once."""
         for site in self.window_counts:
-            self.window_counts[site].copy_(state[f"window.{site}"])
-            self.metric_counts[site].copy_(state[f"metric.{site}"])
+            for name, counts in (("window", self.window_counts), ("metric", self.metric_counts)):
+                saved = state[f"{name}.{site}"]
+                counts[site].copy_(saved if holds_counts else torch.zeros_like(saved))
         self.window_tokens = int(state["window_tokens"])
 
 
