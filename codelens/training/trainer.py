@@ -34,7 +34,7 @@ from codelens.training.config import TrainConfig, bf16_error
 from codelens.training.init import init_codebooks, replace_dead_codes
 from codelens.training.usage import (
     CodebookMonitor,
-    reconstruction_metrics,
+    ReconstructionTotals,
     summarise,
     usage_metrics,
 )
@@ -297,8 +297,15 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: HookedCodebookTransformer, batches: list[Tensor]) -> dict[str, float]:
-    """LM loss and accuracy with and without codebooks, and per-site reconstruction quality."""
+def evaluate(
+    model: HookedCodebookTransformer, batches: list[Tensor], micro_batch: int = 0
+) -> dict[str, float]:
+    """LM loss and accuracy with and without codebooks, and per-site reconstruction quality.
+
+    Each batch runs in forwards of ``micro_batch`` rows (0: the whole batch at once),
+    so memory is bounded by the micro-batch (its logits and cached site activations);
+    the figures are those of whole batches, averaged over batches.
+    """
     was_training = model.training
     model.eval()
     sites = list(model.codebooks)
@@ -309,23 +316,48 @@ def evaluate(model: HookedCodebookTransformer, batches: list[Tensor]) -> dict[st
         totals[key] = totals.get(key, 0.0) + value / len(batches)
 
     for tokens in batches:
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        loss, acc = _lm_metrics(logits, tokens)
-        add("lm_loss", loss)
-        add("accuracy", acc)
+        sums = {key: 0.0 for key in ("lm_loss", "accuracy", "lm_loss_bypassed")}
+        recon = {site: ReconstructionTotals() for site in sites}
+        for micro in tokens.split(micro_batch or len(tokens)):
+            share = len(micro) / len(tokens)  # every row has as many predictions
+            logits, cache = model.run_with_cache(micro, names_filter=lambda n: n in names)
+            loss, acc = _lm_metrics(logits, micro)
+            del logits
+            sums["lm_loss"] += loss * share
+            sums["accuracy"] += acc * share
+            for site in sites:
+                cb = model.codebook(site)
+                x = cache[site].reshape(-1, cb.n_groups, cb.d)
+                q = cache[f"{site}.hook_quantized"].reshape(-1, cb.n_groups, cb.d)
+                recon[site].add(q, x)
+            del cache
+            if sites:
+                with model.codebooks_bypassed():
+                    sums["lm_loss_bypassed"] += _lm_metrics(model(micro), micro)[0] * share
+        add("lm_loss", sums["lm_loss"])
+        add("accuracy", sums["accuracy"])
         for site in sites:
-            cb = model.codebook(site)
-            x = cache[site].reshape(-1, cb.n_groups, cb.d)
-            q = cache[f"{site}.hook_quantized"].reshape(-1, cb.n_groups, cb.d)
-            for key, value in reconstruction_metrics(q, x).items():
+            for key, value in recon[site].metrics().items():
                 add(f"{site}/{key}", value)
         if sites:
-            with model.codebooks_bypassed():
-                add("lm_loss_bypassed", _lm_metrics(model(tokens), tokens)[0])
+            add("lm_loss_bypassed", sums["lm_loss_bypassed"])
     if sites:
         totals["bottleneck_cost"] = totals["lm_loss"] - totals["lm_loss_bypassed"]
     model.train(was_training)
     return totals
+
+
+def _evaluate(
+    model: HookedCodebookTransformer, batches: list[Tensor], config: TrainConfig, device
+) -> dict[str, float]:
+    """`evaluate` in the training run's precision and micro-batches."""
+    with _autocast(config, device):
+        return evaluate(model, batches, config.eval_micro_batch)
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
+    """bf16 autocast on ``device`` when the config asks for it (a no-op context otherwise)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
 
 def _lm_metrics(logits: Tensor, tokens: Tensor) -> tuple[float, float]:
@@ -410,7 +442,7 @@ def train(
 
     started = time.perf_counter()
     device = _device(config.device)
-    if config.bf16 and device.type != "cuda":
+    if config.bf16 and device.type not in ("cuda", "cpu"):
         raise ValueError(bf16_error(device))
     run_dir = Path(config.run_dir)
     found = train_state.checkpoint_dirs(run_dir)
@@ -467,14 +499,15 @@ def train(
         trainable = torch.nn.parallel.DistributedDataParallel(model)
     logger = _Logger(run_dir, config, start, ranks.main)
     eval_batches = [source.eval_batch(i).to(device) for i in range(config.eval_batches)]
-    autocast = torch.autocast(
-        "cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"
-    )
+    autocast = _autocast(config, device)
     bar = tqdm(total=config.steps, initial=start, disable=not (progress and ranks.main))
     running: dict[str, Tensor] = {}
     final_eval: dict[str, float] = {}
     validate_tokens = model.validate_tokens
     model.validate_tokens = False  # the batch sources produce in-range ids; no sync per step
+    float32_precision = torch.get_float32_matmul_precision()
+    if config.tf32 and device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls
     try:
         with model.hooks(fwd_hooks=monitor.hooks()):
             for step in range(start, config.steps):
@@ -520,7 +553,7 @@ def train(
                     bar.set_postfix_str(summarise(metrics), refresh=False)
                 if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
                     if ranks.main:
-                        final_eval = evaluate(model, eval_batches)
+                        final_eval = _evaluate(model, eval_batches, config, device)
                         logger.log(done, "eval", final_eval)
                 if config.checkpoint_every and (
                     done % config.checkpoint_every == 0 or done == config.steps
@@ -543,10 +576,11 @@ def train(
         if ranks.main:
             model.save_pretrained(run_dir / "final")
             if not final_eval and config.eval_batches:
-                final_eval = evaluate(model, eval_batches)
+                final_eval = _evaluate(model, eval_batches, config, device)
             (run_dir / "final_eval.json").write_text(json.dumps(final_eval, indent=2))
     finally:
         model.validate_tokens = validate_tokens
+        torch.set_float32_matmul_precision(float32_precision)
         bar.close()
         logger.close()
         if ranks.owns_group:

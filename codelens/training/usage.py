@@ -131,10 +131,39 @@ def reconstruction_metrics(
     quantized: Float[Tensor, "N G d"], inputs: Float[Tensor, "N G d"]
 ) -> dict[str, float]:
     """MSE of the quantised activations and the share of input variance they explain."""
-    error = (quantized - inputs).pow(2).sum(-1).mean()
-    variance = (inputs - inputs.mean(0)).pow(2).sum(-1).mean()
-    mse = float((quantized - inputs).pow(2).mean())
-    return {"mse": mse, "explained_variance": float(1 - error / variance.clamp(min=1e-12))}
+    totals = ReconstructionTotals()
+    totals.add(quantized, inputs)
+    return totals.metrics()
+
+
+class ReconstructionTotals:
+    """`reconstruction_metrics` of one batch, summed over its micro-batches.
+
+    Keeps the sums the two metrics are made of (float64), so a batch evaluated in
+    pieces gives the same figures as the whole batch at once.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.squared_error = self.squares = 0.0
+        self.total: Tensor | float = 0.0
+
+    def add(self, quantized: Float[Tensor, "N G d"], inputs: Float[Tensor, "N G d"]) -> None:
+        x = inputs.double()
+        self.tokens += len(x)
+        self.squared_error += float((quantized.double() - x).pow(2).sum())
+        self.squares += float(x.pow(2).sum())
+        self.total = self.total + x.sum(0)
+
+    def metrics(self) -> dict[str, float]:
+        n, (groups, d) = self.tokens, self.total.shape
+        centred = self.squares - float(self.total.pow(2).sum()) / n  # sum |x - mean|^2
+        variance = max(centred / (n * groups), 1e-12)
+        error = self.squared_error / (n * groups)
+        return {
+            "mse": self.squared_error / (n * groups * d),
+            "explained_variance": 1 - error / variance,
+        }
 
 
 def summarise(metrics: dict[str, float]) -> str:
