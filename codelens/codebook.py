@@ -126,11 +126,12 @@ class CodebookLayer(HookedRootModule):
                 f"got shape {tuple(x.shape)}"
             )
         chosen = self.top_k(x)
-        version = None if chosen.is_inference() else chosen._version
+        hooked = self.hook_codes.has_hooks(dir="fwd")
+        # Compiled, a hook's ids are always checked (a traced graph has no versions).
+        unknown = not hooked or torch.compiler.is_compiling() or chosen.is_inference()
+        version = None if unknown else chosen._version
         ids = self.hook_codes(chosen)
-        if not self.hook_codes.has_hooks(dir="fwd") or (
-            ids is chosen and version is not None and ids._version == version
-        ):
+        if not hooked or (ids is chosen and version is not None and ids._version == version):
             quantized = self._combine_chosen(chosen)  # our own ids: in range, none empty
         else:
             self._check_ids(ids, x.shape[:-1])
@@ -162,42 +163,16 @@ class CodebookLayer(HookedRootModule):
                 x = F.layer_norm(x.to(dtype), (self.d,))
                 if self.ln_weight is not None:  # [G, d] broadcasts over [..., G, d]
                     x = torch.addcmul(self.ln_bias, x, self.ln_weight)
-            flat = rearrange(x, "... g d -> g (...) d")  # a view: bmm takes strided rows
-            n_tokens = flat.shape[1]
-            ids = torch.empty(n_tokens, self.n_groups, self.k, dtype=torch.long, device=x.device)
-            grouped = rearrange(ids, "n g k -> g n k")  # a view: chunks write in place
             if search_index:
-                grouped.copy_(self.code_index.search(self, flat))
-                return ids.view(*lead, self.n_groups, self.k)
+                flat = rearrange(x, "... g d -> g (...) d")
+                ids = self.code_index.search(self, flat).to(torch.long)  # [G, N, k]
+                return rearrange(ids, "g n k -> n g k").reshape(*lead, self.n_groups, self.k)
             weight, bias, alpha = self._score_terms(dtype, centre)
-            # fp32 scores for a bf16 input under autocast (the codes stay fp32): each chunk
-            # is cast on its own, never the whole activation.
-            per_token = self.n_groups * self.n_codes * weight.element_size()
-            chunk = self._chunk_size(weight.element_size(), x.numel() * weight.element_size())
-            fast_argmax = self.k == 1 and _vector_argmax_applies(weight, self.n_codes)
-            if flat.device.type == "cpu":
-                cap_mb = ARGMAX_CHUNK_MB if fast_argmax else SCRATCH_MB
-                chunk = min(chunk, int(cap_mb * 2**20) // per_token)
-            chunk = max(1, min(chunk, n_tokens))
-            scratch = _scores_scratch(self.n_groups * chunk * self.n_codes, weight)
-            if fast_argmax:
-                marks = torch.arange(self.n_codes, 2 * self.n_codes, dtype=dtype)
-            for start in range(0, n_tokens, chunk):
-                stop = min(start + chunk, n_tokens)
-                rows = flat[:, start:stop].to(dtype)
-                scores = scratch[: self.n_groups * (stop - start) * self.n_codes]
-                scores = scores.view(self.n_groups, stop - start, self.n_codes)
-                if bias is None:
-                    torch.bmm(rows, weight, out=scores)
-                else:
-                    torch.baddbmm(bias, rows, weight, alpha=alpha, out=scores)
-                if fast_argmax:
-                    _vector_argmax(scores, grouped[:, start:stop, 0], marks)
-                elif self.k == 1:  # an argmax is one pass; top-k keeps a heap per row
-                    grouped[:, start:stop] = scores.argmax(-1, keepdim=True)
-                else:
-                    grouped[:, start:stop] = scores.topk(self.k, dim=-1, sorted=True).indices
-            return ids.view(*lead, self.n_groups, self.k)
+            if torch.compiler.is_compiling():  # one opaque op: no graph break, any shape
+                return torch.ops.codelens.chunked_top_k(
+                    x, weight, bias, alpha, self.k, self.memory_budget_mb
+                )
+            return _chunked_top_k(x, weight, bias, alpha, self.k, self.memory_budget_mb)
 
     def lookup(self, ids: Int[Tensor, "... G k"]) -> Float[Tensor, "... G d"]:
         """Combine the codes named by ``ids`` (``EMPTY_SLOT`` contributes zero)."""
@@ -262,7 +237,7 @@ class CodebookLayer(HookedRootModule):
         LayerNorm of ``x`` up to a positive factor per token. All in ``dtype``."""
         codes = self.codes.detach().to(dtype)
         mask = None
-        if self._has_disabled():
+        if torch.compiler.is_compiling() or self._has_disabled():  # compiled: no host read
             mask = torch.zeros_like(self.disabled, dtype=codes.dtype)
             mask = mask.masked_fill(self.disabled, -math.inf)
         if self.similarity == "cosine":
@@ -278,20 +253,14 @@ class CodebookLayer(HookedRootModule):
         return rearrange(weight, "g c d -> g d c"), bias, alpha
 
     def _chunk_size(self, element_size: int, activation_bytes: int = 0) -> int:
-        """Tokens per top-k chunk so that the whole forward fits the memory budget.
-
-        A chunk costs its score matrix plus top-k's working copy of it; the budget
-        also carries about four activation-sized tensors (grouped input, its
-        normalised copy, ids and output), but the scores always get at least a
-        quarter of it (no fall to one token per chunk when activations are large).
-        On CUDA the chunk also fits in half of the memory still free.
-        """
-        per_token = 2 * self.n_groups * self.n_codes * element_size
-        budget = int(self.memory_budget_mb * 2**20)
-        available = max(budget - 4 * activation_bytes, budget // 4)
-        if self.codes.device.type == "cuda":
-            available = min(available, _free_cuda_bytes(self.codes.device) // 2)
-        return max(1, available // per_token)
+        """Tokens per top-k chunk (see `_chunk_tokens`)."""
+        return _chunk_tokens(
+            self.n_groups * self.n_codes,
+            element_size,
+            activation_bytes,
+            self.memory_budget_mb,
+            self.codes.device,
+        )
 
     def _check_ids(self, ids: Tensor, expected: torch.Size) -> None:
         """Validate ids written by a user hook (not on the unhooked hot path).
@@ -309,6 +278,90 @@ class CodebookLayer(HookedRootModule):
         torch._assert_async(
             in_range, f"hook_codes returned ids outside [{EMPTY_SLOT}, {self.n_codes})"
         )
+
+
+def _chunk_tokens(
+    codes: int, element_size: int, activation_bytes: int, budget_mb: float, device: torch.device
+) -> int:
+    """Tokens per top-k chunk so that the whole forward fits the memory budget.
+
+    ``codes`` counts every group's codes. A chunk costs its score matrix plus top-k's
+    working copy of it; the budget also carries about four activation-sized tensors
+    (grouped input, its normalised copy, ids and output), but the scores always get at
+    least a quarter of it (no fall to one token per chunk when activations are large).
+    On CUDA the chunk also fits in half of the memory still free.
+    """
+    per_token = 2 * codes * element_size
+    budget = int(budget_mb * 2**20)
+    available = max(budget - 4 * activation_bytes, budget // 4)
+    if device.type == "cuda":
+        available = min(available, _free_cuda_bytes(device) // 2)
+    return max(1, available // per_token)
+
+
+def _chunked_top_k(
+    x: Float[Tensor, "... G d"],
+    weight: Float[Tensor, "G d C"],
+    bias: Float[Tensor, "G 1 C"] | None,
+    alpha: float,
+    k: int,
+    budget_mb: float,
+) -> Int[Tensor, "... G k"]:
+    """Ids of the k best of ``bias + alpha * x @ weight`` per group, in token chunks.
+
+    Scores are in ``weight``'s dtype (fp32 for a bf16 input under autocast: each chunk
+    is cast on its own, never the whole activation).
+    """
+    *lead, n_groups, _ = x.shape
+    n_codes, dtype = weight.shape[-1], weight.dtype
+    flat = rearrange(x, "... g d -> g (...) d")  # a view: bmm takes strided rows
+    n_tokens = flat.shape[1]
+    ids = torch.empty(n_tokens, n_groups, k, dtype=torch.long, device=x.device)
+    grouped = rearrange(ids, "n g k -> g n k")  # a view: chunks write in place
+    per_token = n_groups * n_codes * weight.element_size()
+    activation_bytes = x.numel() * weight.element_size()
+    chunk = _chunk_tokens(
+        n_groups * n_codes, weight.element_size(), activation_bytes, budget_mb, x.device
+    )
+    fast_argmax = k == 1 and _vector_argmax_applies(weight, n_codes)
+    if flat.device.type == "cpu":
+        cap_mb = ARGMAX_CHUNK_MB if fast_argmax else SCRATCH_MB
+        chunk = min(chunk, int(cap_mb * 2**20) // per_token)
+    chunk = max(1, min(chunk, n_tokens))
+    scratch = _scores_scratch(n_groups * chunk * n_codes, weight)
+    if fast_argmax:
+        marks = torch.arange(n_codes, 2 * n_codes, dtype=dtype)
+    for start in range(0, n_tokens, chunk):
+        stop = min(start + chunk, n_tokens)
+        rows = flat[:, start:stop].to(dtype)
+        scores = scratch[: n_groups * (stop - start) * n_codes]
+        scores = scores.view(n_groups, stop - start, n_codes)
+        if bias is None:
+            torch.bmm(rows, weight, out=scores)
+        else:
+            torch.baddbmm(bias, rows, weight, alpha=alpha, out=scores)
+        if fast_argmax:
+            _vector_argmax(scores, grouped[:, start:stop, 0], marks)
+        elif k == 1:  # an argmax is one pass; top-k keeps a heap per row
+            grouped[:, start:stop] = scores.argmax(-1, keepdim=True)
+        else:
+            grouped[:, start:stop] = scores.topk(k, dim=-1, sorted=True).indices
+    return ids.view(*lead, n_groups, k)
+
+
+@torch.library.custom_op("codelens::chunked_top_k", mutates_args=())
+def _chunked_top_k_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, alpha: float, k: int, budget_mb: float
+) -> Tensor:
+    """`_chunked_top_k` as one operator, so ``torch.compile`` keeps the layer in one graph
+    with symbolic shapes (a Python loop over token chunks would fix the token count)."""
+    with torch.no_grad():
+        return _chunked_top_k(x, weight, bias, alpha, k, budget_mb)
+
+
+@_chunked_top_k_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: float, k: int, budget_mb: float):
+    return x.new_empty((*x.shape[:-1], k), dtype=torch.long)
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -10,6 +10,7 @@ from test_training import config, final_weights
 
 from codelens import CodebookConfig
 from codelens.codebook import CodebookLayer
+from codelens.training.init import kmeans
 from codelens.training.trainer import evaluate, train
 
 
@@ -58,3 +59,59 @@ def test_chunk_size_has_a_floor_when_activations_fill_the_budget():
     per_token = 2 * 4 * 300 * 4
     assert layer._chunk_size(4, 0) == 2**20 // per_token
     assert layer._chunk_size(4, 10 * 2**20) == 2**18 // per_token > 1
+
+
+def test_kmeans_assigns_in_chunks_within_its_budget(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 300, 8, generator=gen)
+    whole = kmeans(x, 20, generator=torch.Generator().manual_seed(1))
+    widths = []
+    cdist = torch.cdist
+
+    def recording(a, b, *args, **kwargs):
+        widths.append(a.shape[1])
+        return cdist(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cdist", recording)
+    budget = 2 * 20 * 4 * 50 / 2**20  # 50 samples per chunk
+    chunked = kmeans(x, 20, generator=torch.Generator().manual_seed(1), memory_budget_mb=budget)
+    assert max(widths) == 50
+    assert torch.equal(chunked, whole)
+
+
+def _compiled_matches_eager(backend: str, k: int, similarity: str) -> None:
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    layer = CodebookLayer(4, 16, 300, k, similarity=similarity)
+    layer.disable_codes([3, 5], group=1)
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True, backend=backend)
+    layer(torch.randn(2, 3, 4, 16))  # einops registers its torch backend on first use
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for shape in ((2, 9), (3, 5), (4, 17)):
+        x = torch.randn(*shape, 4, 16, requires_grad=True)
+        results = []
+        for run in (compiled, layer):
+            x.grad = layer.codes.grad = None
+            out = run(x)
+            loss = layer.reconstruction_loss
+            (out.square().sum() + loss).backward()
+            results.append((out, loss, x.grad, layer.codes.grad))
+        for got, expected in zip(*results, strict=True):
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(results[0][0], results[1][0])  # the same codes chosen
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1  # no recompile
+
+
+def test_compiled_codebook_layer_is_one_graph_for_any_token_count_and_equals_eager():
+    """``torch.compile(dynamic=True, fullgraph=True)``: no graph break inside the layer
+    (``fullgraph`` raises on one), one graph for three token counts, eager's outputs,
+    losses and gradients (dynamo and AOT autograd; the other cases are marked slow)."""
+    _compiled_matches_eager("aot_eager", 3, "euclidean")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backend", "k", "similarity"), [("aot_eager", 1, "cosine"), ("inductor", 3, "euclidean")]
+)
+def test_compiled_codebook_layer_equals_eager_slow(backend, k, similarity):
+    _compiled_matches_eager(backend, k, similarity)
