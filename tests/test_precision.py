@@ -1,6 +1,8 @@
-"""Mixed precision and memory: bf16 autocast training on CPU, micro-batched evaluation,
-chunk sizes with a floor."""
+"""Mixed precision, memory and compilation: bf16 autocast training on CPU, micro-batched
+evaluation, chunk sizes with a floor, chunked k-means, gradient checkpointing that counts
+usage once, and the codebook layer under torch.compile."""
 
+import json
 import math
 
 import pytest
@@ -11,7 +13,8 @@ from test_training import config, final_weights
 from codelens import CodebookConfig
 from codelens.codebook import CodebookLayer
 from codelens.training.init import kmeans
-from codelens.training.trainer import evaluate, train
+from codelens.training.trainer import enable_gradient_checkpointing, evaluate, train
+from codelens.training.usage import CodebookMonitor
 
 
 def test_bf16_autocast_scores_in_fp32_and_returns_the_input_dtype():
@@ -115,3 +118,42 @@ def test_compiled_codebook_layer_is_one_graph_for_any_token_count_and_equals_eag
 )
 def test_compiled_codebook_layer_equals_eager_slow(backend, k, similarity):
     _compiled_matches_eager(backend, k, similarity)
+
+
+def _step_counts_and_grads(arch: str, checkpointing: bool):
+    model = tiny_model(arch, CodebookConfig(n_codes=16, k=2, sites=("attn", "mlp")))
+    model.train()
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    monitor = CodebookMonitor(model)
+    tokens = torch.randint(0, 10, (2, 8), generator=torch.Generator().manual_seed(0))
+    calls = []
+    first = model.codebook(next(iter(model.codebooks)))
+    handle = first.register_forward_hook(lambda *_: calls.append(1))
+    with model.hooks(fwd_hooks=monitor.hooks()):
+        (model(tokens, return_type="loss") + model.reconstruction_loss()).backward()
+    handle.remove()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return len(calls), monitor.window_counts, grads
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_gradient_checkpointing_counts_code_usage_once(arch):
+    """The checkpointed blocks run twice (forward, then recomputed in the backward), but
+    usage is counted once: the counts and gradients equal a run without checkpointing."""
+    calls, counts, grads = _step_counts_and_grads(arch, checkpointing=True)
+    plain_calls, plain_counts, plain_grads = _step_counts_and_grads(arch, checkpointing=False)
+    assert (calls, plain_calls) == (2, 1)  # really recomputed
+    for site in plain_counts:
+        assert torch.equal(counts[site], plain_counts[site]), site
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], plain_grads[name], atol=1e-6), name
+
+
+def test_training_with_gradient_checkpointing_logs_each_token_once(tmp_path):
+    train(config(tmp_path / "run", steps=5, gradient_checkpointing=True), progress=False)
+    (line,) = [
+        x for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train" in x
+    ]
+    assert json.loads(line)["blocks.0.hook_mlp_out/tokens"] == 5 * 16 * 24

@@ -35,6 +35,7 @@ from codelens.training.init import init_codebooks, replace_dead_codes
 from codelens.training.usage import (
     CodebookMonitor,
     ReconstructionTotals,
+    checkpoint_contexts,
     summarise,
     usage_metrics,
 )
@@ -257,6 +258,20 @@ def _freeze_unused(model: HookedCodebookTransformer, tokens: Tensor) -> None:
     torch.set_rng_state(rng)
 
 
+def enable_gradient_checkpointing(model: HookedCodebookTransformer) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them
+    (HuggingFace's activation checkpointing, non-reentrant). Code usage is still counted
+    once per forward: the recomputation runs inside `usage.recomputation`."""
+    hf = model.original_model
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing=true: {type(hf).__name__} does not support activation "
+            "checkpointing; set gradient_checkpointing=false"
+        )
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
+    hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+
+
 def _optimizer(model: HookedCodebookTransformer, config: TrainConfig) -> torch.optim.AdamW:
     codebooks = model.codebook_parameters()
     base = [p for p in model.base_parameters() if p.requires_grad]
@@ -474,6 +489,8 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.json")
     _freeze_unused(model, source.eval_batch(0)[:2].to(device))
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = _optimizer(model, config)
     monitor = CodebookMonitor(model)
     start = 0

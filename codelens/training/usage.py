@@ -6,7 +6,10 @@ reduced across ranks and read only when metrics are logged or dead codes checked
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,6 +53,8 @@ class CodebookMonitor:
 
     def _count_hook(self, site: str):
         def count(ids: Int[Tensor, "... G k"], hook: Any) -> None:
+            if recomputing():  # activation checkpointing's second forward: counted already
+                return
             cb = self.model.codebook(site)
             size = cb.n_groups * cb.n_codes
             flat = rearrange(ids, "... g k -> g (... k)")
@@ -67,6 +72,8 @@ class CodebookMonitor:
 
     def _input_hook(self, site: str):
         def keep(x: Tensor, hook: Any) -> None:
+            if recomputing():
+                return
             cb = self.model.codebook(site)
             grouped = x.reshape(-1, cb.n_groups, cb.d).detach()
             self.inputs[site] = grouped[-self.keep_inputs :]
@@ -104,6 +111,32 @@ class CodebookMonitor:
             self.window_counts[site].copy_(state[f"window.{site}"])
             self.metric_counts[site].copy_(state[f"metric.{site}"])
         self.window_tokens = int(state["window_tokens"])
+
+
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def recomputation() -> Iterator[None]:
+    """Mark the forward that activation checkpointing reruns in the backward pass, so
+    hooks that record what a forward saw (`CodebookMonitor`) record it once."""
+    previous = recomputing()
+    _recompute.active = True
+    try:
+        yield
+    finally:
+        _recompute.active = previous
+
+
+def recomputing() -> bool:
+    """Whether this thread is inside `recomputation`."""
+    return getattr(_recompute, "active", False)
+
+
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, ...]:
+    """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the first forward
+    as it is, the recomputation marked."""
+    return contextlib.nullcontext(), recomputation()
 
 
 def _all_reduce(tensors) -> None:
