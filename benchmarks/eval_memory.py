@@ -104,8 +104,18 @@ def main() -> None:
         got = json.loads(out.stdout.strip().splitlines()[-1])
         measured = got["peak_mb"] - got["before_mb"]
         formula = (micro or args.rows) * bytes_per_row(SEQ, vocab, width, layers, heads) / 2**20
+        measured_by_rows[micro or args.rows] = measured
         print(
             f"{micro or args.rows:>12}{measured:>14.0f}{formula:>13.0f}{measured / formula:>7.2f}"
+        )
+    if len(measured_by_rows) >= 2:
+        (small, low), *_, (large, high) = sorted(measured_by_rows.items())
+        slope = (high - low) / (large - small)
+        per_row = bytes_per_row(SEQ, vocab, width, layers, heads) / 2**20
+        print(
+            f"per row: measured {slope:.1f} MiB (between {small} and {large} rows), formula "
+            f"{per_row:.1f} MiB (ratio {slope / per_row:.2f}); fixed part "
+            f"{low - small * slope:.0f} MiB"
         )
     width, layers = PYTHIA_410M["hidden_size"], PYTHIA_410M["num_hidden_layers"]
     heads = PYTHIA_410M["num_attention_heads"]
