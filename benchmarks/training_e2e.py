@@ -19,7 +19,7 @@ Settings on the CPU (the default run):
 vocab 50304, random weights), seq 1024, attention codebooks C=10000, k=8, bf16 autocast,
 batch ``--batch`` (default 8).
 
-    python benchmarks/training_e2e.py [--steps 8] [--warmup 3] [--rounds 1]
+    python benchmarks/training_e2e.py [--steps 5] [--warmup 2] [--rounds 1] [--only NAME]
     python benchmarks/training_e2e.py --pythia-410m [--batch 8] [--steps 10]
 """
 
@@ -166,8 +166,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     parser.add_argument("--rounds", type=int, default=1, help="plain/codebook pairs per setting")
     parser.add_argument("--pythia-410m", action="store_true", help="the GPU setting")
     parser.add_argument("--batch", type=int, default=8, help="batch size of --pythia-410m")
