@@ -157,3 +157,17 @@ def test_training_with_gradient_checkpointing_logs_each_token_once(tmp_path):
         x for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "train" in x
     ]
     assert json.loads(line)["blocks.0.hook_mlp_out/tokens"] == 5 * 16 * 24
+
+
+def test_bf16_training_ends_within_two_percent_of_float32(tmp_path):
+    """The short version of `benchmarks/bf16_training.py`: same seed and data, 20 steps."""
+    losses = {}
+    for bf16 in (False, True):
+        run = tmp_path / str(bf16)
+        result = train(config(run, steps=20, bf16=bf16, device="cpu"), progress=False)
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        last = [x for x in lines if x["split"] == "train"][-1]
+        losses[bf16] = (last["loss"], last["lm_loss"], result.final_eval["lm_loss"])
+    for fp32, bf16 in zip(losses[False], losses[True], strict=True):
+        assert bf16 == pytest.approx(fp32, rel=0.02)
+    assert losses[False] != losses[True]  # really a different precision
