@@ -252,16 +252,6 @@ class CodebookLayer(HookedRootModule):
         bias = None if bias is None else bias[:, None, :]
         return rearrange(weight, "g c d -> g d c"), bias, alpha
 
-    def _chunk_size(self, element_size: int, activation_bytes: int = 0) -> int:
-        """Tokens per top-k chunk (see `_chunk_tokens`)."""
-        return _chunk_tokens(
-            self.n_groups * self.n_codes,
-            element_size,
-            activation_bytes,
-            self.memory_budget_mb,
-            self.codes.device,
-        )
-
     def _check_ids(self, ids: Tensor, expected: torch.Size) -> None:
         """Validate ids written by a user hook (not on the unhooked hot path).
 

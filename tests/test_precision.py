@@ -11,7 +11,7 @@ from conftest import tiny_model
 from test_training import config, final_weights
 
 from codelens import CodebookConfig
-from codelens.codebook import CodebookLayer
+from codelens.codebook import CodebookLayer, _chunk_tokens
 from codelens.training.init import kmeans
 from codelens.training.trainer import enable_gradient_checkpointing, evaluate, train
 from codelens.training.usage import CodebookMonitor
@@ -58,10 +58,10 @@ def test_micro_batched_evaluation_equals_whole_batches():
 
 def test_chunk_size_has_a_floor_when_activations_fill_the_budget():
     """Large activations shrink the score chunk to a quarter of the budget, not to 1 token."""
-    layer = CodebookLayer(4, 16, 300, 3, memory_budget_mb=1.0)
     per_token = 2 * 4 * 300 * 4
-    assert layer._chunk_size(4, 0) == 2**20 // per_token
-    assert layer._chunk_size(4, 10 * 2**20) == 2**18 // per_token > 1
+    cpu = torch.device("cpu")
+    assert _chunk_tokens(4 * 300, 4, 0, 1.0, cpu) == 2**20 // per_token
+    assert _chunk_tokens(4 * 300, 4, 10 * 2**20, 1.0, cpu) == 2**18 // per_token > 1
 
 
 def test_kmeans_assigns_in_chunks_within_its_budget(monkeypatch):
