@@ -2,9 +2,9 @@
 
 Runs the real training loop (`codelens.training.trainer.train`) for the same model and
 data, plain and with codebooks, each run in a fresh child process (so its peak memory is
-its own: peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU). Plain and
-codebook runs alternate (plain, codebooks, codebooks, plain, ... over ``--rounds``) so
-both see the same machine; the first ``--warmup`` steps of each run are untimed.
+its own: peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU). The two
+runs take turns, one step each (each process waits while the other steps), so both see
+the same machine; the first ``--warmup`` steps of each run are untimed.
 Prints, per setting, the median tokens/s, the peak memory, and the step-time ratio
 (with / without; target <= 1.5).
 
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,6 +117,9 @@ def child(setting: dict[str, Any], with_codebooks: bool, steps: int, warmup: int
         last[0] = now
         if step == warmup and cuda:
             torch.cuda.reset_peak_memory_stats()
+        print("step", flush=True)  # then wait for the other run's step (see `run_pair`)
+        sys.stdin.readline()
+        last[0] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(
@@ -145,21 +149,56 @@ def child(setting: dict[str, Any], with_codebooks: bool, steps: int, warmup: int
     return {"step_s": step, "tokens_per_s": tokens / step, "peak_mb": peak}
 
 
-def run_child(setting: dict, with_codebooks: bool, steps: int, warmup: int) -> dict:
+def run_pair(setting: dict, steps: int, warmup: int) -> tuple[dict, dict]:
+    """The plain and the codebook run, in two child processes taking turns step by step
+    (each waits while the other runs a step), so both see the same machine."""
     env = dict(os.environ, OMP_NUM_THREADS=str(setting["threads"] or ""))
     if not setting["threads"]:
         env.pop("OMP_NUM_THREADS")
-    payload = json.dumps([setting, with_codebooks, steps, warmup])
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", payload],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode:
-        raise RuntimeError(f"child run failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as logs:
+        procs, errs = [], []
+        for with_codebooks in (False, True):
+            payload = json.dumps([setting, with_codebooks, steps, warmup])
+            err = open(Path(logs) / f"{with_codebooks}.err", "w")  # noqa: SIM115
+            errs.append(err)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--child", payload],
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                )
+            )
+        try:
+            results: list[dict | None] = [_next(p, logs, i) for i, p in enumerate(procs)]
+            while any(r is None for r in results):
+                for i, proc in enumerate(procs):
+                    if results[i] is None:
+                        proc.stdin.write("go\n")
+                        proc.stdin.flush()
+                        results[i] = _next(proc, logs, i)
+        except BaseException:
+            for proc in procs:  # the two children this call started
+                proc.kill()
+            raise
+        finally:
+            for proc, err in zip(procs, errs, strict=True):
+                proc.wait()
+                err.close()
+    return results[0], results[1]
+
+
+def _next(proc: subprocess.Popen, logs: str, index: int) -> dict | None:
+    """None when the child finished a step, its result when it finished the run."""
+    for line in proc.stdout:
+        if line.strip() == "step":
+            return None
+        if line.startswith("{"):
+            return json.loads(line)
+    error = (Path(logs) / f"{bool(index)}.err").read_text()
+    raise RuntimeError(f"child run failed:\n{error[-4000:]}")
 
 
 def main() -> None:
@@ -168,7 +207,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
-    parser.add_argument("--rounds", type=int, default=1, help="plain/codebook pairs per setting")
+    parser.add_argument("--rounds", type=int, default=1, help="pairs of runs per setting")
     parser.add_argument("--pythia-410m", action="store_true", help="the GPU setting")
     parser.add_argument("--batch", type=int, default=8, help="batch size of --pythia-410m")
     parser.add_argument("--only", default=None, help="run only the settings of this name")
@@ -191,14 +230,8 @@ def main() -> None:
     for setting in settings(args.pythia_410m, args.batch):
         if args.only and setting["name"] != args.only:
             continue
-        runs: dict[bool, list[dict]] = {False: [], True: []}
-        for round_ in range(args.rounds):
-            order = (False, True) if round_ % 2 == 0 else (True, False)
-            for with_codebooks in order:
-                runs[with_codebooks].append(
-                    run_child(setting, with_codebooks, args.steps, args.warmup)
-                )
-        plain, coded = runs[False], runs[True]
+        pairs = [run_pair(setting, args.steps, args.warmup) for _ in range(args.rounds)]
+        plain, coded = [p for p, _ in pairs], [c for _, c in pairs]
         tps = [statistics.median(r["tokens_per_s"] for r in rs) for rs in (plain, coded)]
         peak = [max(r["peak_mb"] for r in rs) for rs in (plain, coded)]
         ratio = tps[0] / tps[1]
