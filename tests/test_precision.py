@@ -82,7 +82,7 @@ def test_kmeans_assigns_in_chunks_within_its_budget(monkeypatch):
     assert torch.equal(chunked, whole)
 
 
-def _compiled_matches_eager(backend: str, k: int, similarity: str) -> None:
+def _compiled_matches_eager(backend: str, k: int, similarity: str, graphs: int = 1) -> None:
     torch.manual_seed(0)
     torch._dynamo.reset()
     layer = CodebookLayer(4, 16, 300, k, similarity=similarity)
@@ -102,7 +102,7 @@ def _compiled_matches_eager(backend: str, k: int, similarity: str) -> None:
         for got, expected in zip(*results, strict=True):
             assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(results[0][0], results[1][0])  # the same codes chosen
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1  # no recompile
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == graphs
 
 
 def test_compiled_codebook_layer_is_one_graph_for_any_token_count_and_equals_eager():
@@ -114,10 +114,13 @@ def test_compiled_codebook_layer_is_one_graph_for_any_token_count_and_equals_eag
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("backend", "k", "similarity"), [("aot_eager", 1, "cosine"), ("inductor", 3, "euclidean")]
+    ("backend", "k", "similarity", "graphs"),
+    # inductor adds a guard of its own on the size (numel <= 4096 picks another kernel),
+    # so the largest shape gets a second graph: a range, not one graph per shape
+    [("aot_eager", 1, "cosine", 1), ("inductor", 3, "euclidean", 2)],
 )
-def test_compiled_codebook_layer_equals_eager_slow(backend, k, similarity):
-    _compiled_matches_eager(backend, k, similarity)
+def test_compiled_codebook_layer_equals_eager_slow(backend, k, similarity, graphs):
+    _compiled_matches_eager(backend, k, similarity, graphs)
 
 
 def _step_counts_and_grads(arch: str, checkpointing: bool):
