@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import TYPE_CHECKING, Any
@@ -142,11 +143,12 @@ class CodebookLayer(HookedRootModule):
             )
         self._check_finite(x)
         chosen = self.top_k(x)
-        version = None if chosen.is_inference() else chosen._version
+        hooked = self.hook_codes.has_hooks(dir="fwd")
+        # Compiled, a hook's ids are always checked (a traced graph has no versions).
+        unknown = not hooked or torch.compiler.is_compiling() or chosen.is_inference()
+        version = None if unknown else chosen._version
         ids = self.hook_codes(chosen)
-        if not self.hook_codes.has_hooks(dir="fwd") or (
-            ids is chosen and version is not None and ids._version == version
-        ):
+        if not hooked or (ids is chosen and version is not None and ids._version == version):
             quantized = self._combine_chosen(chosen)  # our own ids: in range, none empty
         else:
             self._check_ids(ids, x.shape[:-1])
@@ -154,7 +156,7 @@ class CodebookLayer(HookedRootModule):
         quantized = self.hook_quantized(quantized)
         if not torch.is_grad_enabled():  # inference: no losses, no straight-through term
             self.reconstruction_loss = self.commitment_loss = None
-            return quantized
+            return quantized.to(x.dtype)
         out, self.reconstruction_loss, self.commitment_loss = _StraightThrough.apply(x, quantized)
         return out
 
@@ -201,7 +203,7 @@ class CodebookLayer(HookedRootModule):
         attached, it searches the index instead.
         """
         search_index = self.code_index is not None and not torch.is_grad_enabled()
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(x.device):
             lead = x.shape[:-2]
             # LayerNorm scales each row by a positive number, which leaves its ranking
             # alone, and subtracts its mean, which is the same as centring every code:
@@ -209,43 +211,21 @@ class CodebookLayer(HookedRootModule):
             # when there are fewer codes than tokens, the codes are centred instead.
             centre = self.layer_norm and self.ln_weight is None and self.similarity != "euclidean"
             centre = centre and not search_index and self.n_codes < math.prod(lead)
+            dtype = torch.promote_types(x.dtype, self.codes.dtype)  # the scores' precision
             if self.layer_norm and not centre:  # in the input's own layout: no transposed copy
-                x = F.layer_norm(x, (self.d,))
+                x = F.layer_norm(x.to(dtype), (self.d,))
                 if self.ln_weight is not None:  # [G, d] broadcasts over [..., G, d]
                     x = torch.addcmul(self.ln_bias, x, self.ln_weight)
-            flat = rearrange(x, "... g d -> g (...) d")  # a view: bmm takes strided rows
-            n_tokens = flat.shape[1]
-            ids = torch.empty(n_tokens, self.n_groups, self.k, dtype=torch.long, device=x.device)
-            grouped = rearrange(ids, "n g k -> g n k")  # a view: chunks write in place
             if search_index:
-                grouped.copy_(self.code_index.search(self, flat))
-                return ids.view(*lead, self.n_groups, self.k)
-            weight, bias, alpha = self._score_terms(centre)
-            chunk = self._chunk_size(flat.element_size(), flat.nbytes)
-            fast_argmax = self.k == 1 and _vector_argmax_applies(flat, self.n_codes)
-            if flat.device.type == "cpu":
-                per_token = self.n_groups * self.n_codes * flat.element_size()
-                cap_mb = ARGMAX_CHUNK_MB if fast_argmax else SCRATCH_MB
-                chunk = min(chunk, int(cap_mb * 2**20) // per_token)
-            chunk = max(1, min(chunk, n_tokens))
-            scratch = _scores_scratch(self.n_groups * chunk * self.n_codes, flat)
-            if fast_argmax:
-                marks = torch.arange(self.n_codes, 2 * self.n_codes, dtype=flat.dtype)
-            for start in range(0, n_tokens, chunk):
-                stop = min(start + chunk, n_tokens)
-                scores = scratch[: self.n_groups * (stop - start) * self.n_codes]
-                scores = scores.view(self.n_groups, stop - start, self.n_codes)
-                if bias is None:
-                    torch.bmm(flat[:, start:stop], weight, out=scores)
-                else:
-                    torch.baddbmm(bias, flat[:, start:stop], weight, alpha=alpha, out=scores)
-                if fast_argmax:
-                    _vector_argmax(scores, grouped[:, start:stop, 0], marks)
-                elif self.k == 1:  # an argmax is one pass; top-k keeps a heap per row
-                    grouped[:, start:stop] = scores.argmax(-1, keepdim=True)
-                else:
-                    grouped[:, start:stop] = scores.topk(self.k, dim=-1, sorted=True).indices
-            return ids.view(*lead, self.n_groups, self.k)
+                flat = rearrange(x, "... g d -> g (...) d")
+                ids = self.code_index.search(self, flat).to(torch.long)  # [G, N, k]
+                return rearrange(ids, "g n k -> n g k").reshape(*lead, self.n_groups, self.k)
+            weight, bias, alpha = self._score_terms(dtype, centre)
+            if torch.compiler.is_compiling():  # one opaque op: no graph break, any shape
+                return torch.ops.codelens.chunked_top_k(
+                    x, weight, bias, alpha, self.k, self.memory_budget_mb
+                )
+            return _chunked_top_k(x, weight, bias, alpha, self.k, self.memory_budget_mb)
 
     @torch.no_grad()
     def code_score(
@@ -324,14 +304,16 @@ class CodebookLayer(HookedRootModule):
             self._any_disabled = (key, bool(self.disabled.any()))
         return self._any_disabled[1]
 
-    def _score_terms(self, centre: bool = False) -> tuple[Tensor, Tensor | None, float]:
+    def _score_terms(
+        self, dtype: torch.dtype, centre: bool = False
+    ) -> tuple[Tensor, Tensor | None, float]:
         """``scores = bias + alpha * x @ weight`` for the chosen similarity; ``bias`` is
         None when it would be all zeros (then one bmm, no extra pass over the scores).
         ``centre`` subtracts each code's mean (cosine and dot only), which scores the
-        LayerNorm of ``x`` up to a positive factor per token."""
-        codes = self.codes.detach()
+        LayerNorm of ``x`` up to a positive factor per token. All in ``dtype``."""
+        codes = self.codes.detach().to(dtype)
         mask = None
-        if self._has_disabled():
+        if torch.compiler.is_compiling() or self._has_disabled():  # compiled: no host read
             mask = torch.zeros_like(self.disabled, dtype=codes.dtype)
             mask = mask.masked_fill(self.disabled, -math.inf)
         if self.similarity == "cosine":
@@ -345,17 +327,6 @@ class CodebookLayer(HookedRootModule):
             weight = weight - weight.mean(-1, keepdim=True)
         bias = None if bias is None else bias[:, None, :]
         return rearrange(weight, "g c d -> g d c"), bias, alpha
-
-    def _chunk_size(self, element_size: int, activation_bytes: int = 0) -> int:
-        """Tokens per top-k chunk so that the whole forward fits the memory budget.
-
-        A chunk costs its score matrix plus top-k's working copy of it; the budget
-        also carries about four activation-sized tensors (grouped input, its
-        normalised copy, ids and output).
-        """
-        per_token = 2 * self.n_groups * self.n_codes * element_size
-        available = int(self.memory_budget_mb * 2**20) - 4 * activation_bytes
-        return max(1, available // per_token)
 
     def _check_ids(self, ids: Tensor, expected: torch.Size) -> None:
         """Validate ids written by a user hook (not on the unhooked hot path).
@@ -375,10 +346,94 @@ class CodebookLayer(HookedRootModule):
         )
 
 
+def _chunk_tokens(
+    codes: int, element_size: int, activation_bytes: int, budget_mb: float, device: torch.device
+) -> int:
+    """Tokens per top-k chunk so that the whole forward fits the memory budget.
+
+    ``codes`` counts every group's codes. A chunk costs its score matrix plus top-k's
+    working copy of it; the budget also carries about four activation-sized tensors
+    (grouped input, its normalised copy, ids and output), but the scores always get at
+    least a quarter of it (no fall to one token per chunk when activations are large).
+    On CUDA the chunk also fits in half of the memory still free.
+    """
+    per_token = 2 * codes * element_size
+    budget = int(budget_mb * 2**20)
+    available = max(budget - 4 * activation_bytes, budget // 4)
+    if device.type == "cuda":
+        available = min(available, _free_cuda_bytes(device) // 2)
+    return max(1, available // per_token)
+
+
+def _chunked_top_k(
+    x: Float[Tensor, "... G d"],
+    weight: Float[Tensor, "G d C"],
+    bias: Float[Tensor, "G 1 C"] | None,
+    alpha: float,
+    k: int,
+    budget_mb: float,
+) -> Int[Tensor, "... G k"]:
+    """Ids of the k best of ``bias + alpha * x @ weight`` per group, in token chunks.
+
+    Scores are in ``weight``'s dtype (fp32 for a bf16 input under autocast: each chunk
+    is cast on its own, never the whole activation).
+    """
+    *lead, n_groups, _ = x.shape
+    n_codes, dtype = weight.shape[-1], weight.dtype
+    flat = rearrange(x, "... g d -> g (...) d")  # a view: bmm takes strided rows
+    n_tokens = flat.shape[1]
+    ids = torch.empty(n_tokens, n_groups, k, dtype=torch.long, device=x.device)
+    grouped = rearrange(ids, "n g k -> g n k")  # a view: chunks write in place
+    per_token = n_groups * n_codes * weight.element_size()
+    activation_bytes = x.numel() * weight.element_size()
+    chunk = _chunk_tokens(
+        n_groups * n_codes, weight.element_size(), activation_bytes, budget_mb, x.device
+    )
+    fast_argmax = k == 1 and _vector_argmax_applies(weight, n_codes)
+    if flat.device.type == "cpu":
+        cap_mb = ARGMAX_CHUNK_MB if fast_argmax else SCRATCH_MB
+        chunk = min(chunk, int(cap_mb * 2**20) // per_token)
+    chunk = max(1, min(chunk, n_tokens))
+    scratch = _scores_scratch(n_groups * chunk * n_codes, weight)
+    if fast_argmax:
+        marks = torch.arange(n_codes, 2 * n_codes, dtype=dtype)
+    for start in range(0, n_tokens, chunk):
+        stop = min(start + chunk, n_tokens)
+        rows = flat[:, start:stop].to(dtype)
+        scores = scratch[: n_groups * (stop - start) * n_codes]
+        scores = scores.view(n_groups, stop - start, n_codes)
+        if bias is None:
+            torch.bmm(rows, weight, out=scores)
+        else:
+            torch.baddbmm(bias, rows, weight, alpha=alpha, out=scores)
+        if fast_argmax:
+            _vector_argmax(scores, grouped[:, start:stop, 0], marks)
+        elif k == 1:  # an argmax is one pass; top-k keeps a heap per row
+            grouped[:, start:stop] = scores.argmax(-1, keepdim=True)
+        else:
+            grouped[:, start:stop] = scores.topk(k, dim=-1, sorted=True).indices
+    return ids.view(*lead, n_groups, k)
+
+
+@torch.library.custom_op("codelens::chunked_top_k", mutates_args=())
+def _chunked_top_k_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, alpha: float, k: int, budget_mb: float
+) -> Tensor:
+    """`_chunked_top_k` as one operator, so ``torch.compile`` keeps the layer in one graph
+    with symbolic shapes (a Python loop over token chunks would fix the token count)."""
+    with torch.no_grad():
+        return _chunked_top_k(x, weight, bias, alpha, k, budget_mb)
+
+
+@_chunked_top_k_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, alpha: float, k: int, budget_mb: float):
+    return x.new_empty((*x.shape[:-1], k), dtype=torch.long)
+
+
 class _StraightThrough(torch.autograd.Function):
     """Output the quantised value, with the straight-through gradient and both losses.
 
-    Forward: ``quantized`` itself, and its MSE to ``x`` twice (reconstruction and
+    Forward: ``quantized`` (in ``x``'s dtype), and its MSE to ``x`` twice (reconstruction and
     commitment have the same value). Backward: the output's gradient reaches ``x``
     and ``quantized`` unchanged; the reconstruction loss adds to ``quantized``'s
     gradient and the commitment loss to ``x``'s. One difference in the forward (kept
@@ -394,7 +449,8 @@ class _StraightThrough(torch.autograd.Function):
         ctx.save_for_backward(diff)
         ctx.dtypes = x.dtype, quantized.dtype
         ctx.set_materialize_grads(False)
-        return quantized, loss, loss.clone()
+        # In the input's dtype: under autocast the codes (fp32) never change what flows on.
+        return quantized.to(x.dtype), loss, loss.clone()
 
     @staticmethod
     def backward(
@@ -404,8 +460,8 @@ class _StraightThrough(torch.autograd.Function):
         scale = 2.0 / diff.numel()
 
         def grad(dtype: torch.dtype, loss_grad: Tensor | None, sign: float) -> Tensor | None:
-            if loss_grad is None:
-                return grad_out  # None when nothing reaches this input
+            if loss_grad is None:  # None when nothing reaches this input
+                return None if grad_out is None else grad_out.to(dtype)
             if grad_out is None:
                 return (diff * (sign * scale * loss_grad)).to(dtype)
             return torch.addcmul(grad_out.float(), diff, sign * scale * loss_grad).to(dtype)
@@ -414,6 +470,20 @@ class _StraightThrough(torch.autograd.Function):
         grad_x = grad(x_dtype, grad_commit, -1.0) if ctx.needs_input_grad[0] else None
         grad_q = grad(q_dtype, grad_recon, 1.0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_q
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``: scoring keeps the precision `top_k` chose."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _free_cuda_bytes(device: torch.device) -> int:
+    """Device memory free for new tensors: free on the device plus what the caching
+    allocator holds unused (a host query, no stream sync)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 _scratch = threading.local()

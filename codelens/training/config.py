@@ -98,7 +98,10 @@ class TrainConfig:
     log_every: int = 50  # steps
     checkpoint_every: int = 1000  # steps; 0 disables periodic checkpoints
     keep_checkpoints: int = 3
-    bf16: bool = False  # bf16 autocast; CUDA only (an error elsewhere, never a quiet fp32 run)
+    bf16: bool = False  # bf16 autocast on CUDA or CPU; codebook scores and codes stay fp32
+    tf32: bool = False  # CUDA only: let float32 matmuls use TF32 tensor cores
+    gradient_checkpointing: bool = False  # recompute each block in the backward pass
+    eval_micro_batch: int = 0  # rows per evaluation forward; 0: the whole eval batch
     device: str = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # how several processes (torchrun) share the model
     wandb: bool = False
@@ -177,8 +180,14 @@ class TrainConfig:
                 f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu', "
                 f"got {self.device!r}"
             )
-        if self.bf16 and self.device.split(":")[0] not in ("auto", "cuda"):
+        if self.bf16 and self.device.split(":")[0] not in ("auto", "cuda", "cpu"):
             raise ValueError(bf16_error(self.device))
+        if self.tf32 and self.device.split(":")[0] not in ("auto", "cuda"):
+            raise ValueError(
+                f"tf32=true speeds up float32 matmuls on a CUDA GPU only, but the device is "
+                f"{self.device}; set tf32=false"
+            )
+        _non_negative("eval_micro_batch", self.eval_micro_batch)
 
     def _validate_data(self) -> None:
         """``data`` must pick exactly one of a text source and an FSM spec, and no unknown keys."""
@@ -339,10 +348,10 @@ class TrainConfig:
 
 
 def bf16_error(device: object) -> str:
-    """Why ``bf16=true`` cannot run on ``device`` (not CUDA), and what to do instead."""
+    """Why ``bf16=true`` cannot run on ``device`` (not CUDA or CPU), and what to do instead."""
     return (
-        f"bf16=true trains with bf16 autocast on a CUDA GPU only, but the device is {device}; "
-        "set bf16=false to train in float32 there"
+        f"bf16=true trains with bf16 autocast on a CUDA GPU or the CPU only, but the device is "
+        f"{device}; set bf16=false to train in float32 there"
     )
 
 

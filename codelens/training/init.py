@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from codelens.codebook import CodebookLayer
@@ -22,6 +22,7 @@ def kmeans(
     iters: int = 15,
     plus_plus: bool = False,
     generator: torch.Generator | None = None,
+    memory_budget_mb: float = 256.0,
 ) -> Float[Tensor, "G C d"]:
     """Batched Lloyd k-means, all groups at once (Euclidean).
 
@@ -31,6 +32,9 @@ def kmeans(
     another centroid already holds gets a new sample next time. (Re-seeding at the
     samples farthest from their centroids instead, as scikit-learn does, fitted outliers
     and initialised a codebook model to a worse loss.)
+
+    Samples are assigned in chunks whose distance matrix fits ``memory_budget_mb``
+    (the paper's shape, 16 heads x 65536 samples x 10000 codes, would be 42 GB at once).
     """
     groups, n, d = x.shape
     if n == 0:
@@ -51,7 +55,7 @@ def kmeans(
         centroids += scale * noise
         return centroids
     for _ in range(iters):
-        assign = torch.cdist(x, centroids).argmin(-1)  # [G, N]
+        assign = _nearest(x, centroids, memory_budget_mb)  # [G, N]
         sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, d), x)
         sizes = torch.zeros(groups, n_clusters, device=x.device).scatter_add_(
             1, assign, torch.ones_like(assign, dtype=x.dtype)
@@ -63,6 +67,16 @@ def kmeans(
             refill = torch.gather(x, 1, fresh[..., None].expand(-1, -1, d))
             centroids = torch.where(empty[..., None], refill, centroids)
     return centroids
+
+
+def _nearest(
+    x: Float[Tensor, "G N d"], centroids: Float[Tensor, "G C d"], memory_budget_mb: float
+) -> Int[Tensor, "G N"]:
+    """Index of each sample's nearest centroid, over sample chunks within the budget."""
+    groups, n, _ = x.shape
+    per_sample = groups * centroids.shape[1] * x.element_size()
+    chunk = max(1, min(n, int(memory_budget_mb * 2**20) // per_sample))
+    return torch.cat([torch.cdist(part, centroids).argmin(-1) for part in x.split(chunk, 1)], 1)
 
 
 def _plus_plus(x: Tensor, n_clusters: int, gen: torch.Generator | None) -> Tensor:

@@ -39,7 +39,8 @@ from codelens.training.config import TrainConfig, bf16_error
 from codelens.training.init import init_codebooks, revived_codes
 from codelens.training.usage import (
     CodebookMonitor,
-    reconstruction_metrics,
+    ReconstructionTotals,
+    checkpoint_contexts,
     summarise,
     usage_metrics,
 )
@@ -289,6 +290,20 @@ def _set_trainable(model: HookedCodebookTransformer, config: TrainConfig) -> Non
         p.requires_grad_(False)
 
 
+def enable_gradient_checkpointing(model: HookedCodebookTransformer) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them
+    (HuggingFace's activation checkpointing, non-reentrant). Code usage is still counted
+    once per forward: the recomputation runs inside `usage.recomputation`."""
+    hf = model.original_model
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing=true: {type(hf).__name__} does not support activation "
+            "checkpointing; set gradient_checkpointing=false"
+        )
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
+    hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+
+
 def _optimizer(model: HookedCodebookTransformer, config: TrainConfig) -> torch.optim.AdamW:
     codebooks = model.codebook_parameters()
     base = [p for p in model.base_parameters() if p.requires_grad]
@@ -323,8 +338,15 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: HookedCodebookTransformer, batches: list[Tensor]) -> dict[str, float]:
-    """LM loss and accuracy with and without codebooks, and per-site reconstruction quality."""
+def evaluate(
+    model: HookedCodebookTransformer, batches: list[Tensor], micro_batch: int = 0
+) -> dict[str, float]:
+    """LM loss and accuracy with and without codebooks, and per-site reconstruction quality.
+
+    Each batch runs in forwards of ``micro_batch`` rows (0: the whole batch at once),
+    so memory is bounded by the micro-batch (its logits and cached site activations);
+    the figures are those of whole batches, averaged over batches.
+    """
     was_training = model.training
     model.eval()
     sites = list(model.codebooks)
@@ -335,23 +357,40 @@ def evaluate(model: HookedCodebookTransformer, batches: list[Tensor]) -> dict[st
         totals[key] = totals.get(key, 0.0) + value / len(batches)
 
     for tokens in batches:
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        loss, acc = _lm_metrics(logits, tokens)
-        add("lm_loss", loss)
-        add("accuracy", acc)
+        sums = {key: 0.0 for key in ("lm_loss", "accuracy", "lm_loss_bypassed")}
+        recon = {site: ReconstructionTotals() for site in sites}
+        for micro in tokens.split(micro_batch or len(tokens)):
+            share = len(micro) / len(tokens)  # every row has as many predictions
+            logits, cache = model.run_with_cache(micro, names_filter=lambda n: n in names)
+            loss, acc = _lm_metrics(logits, micro)
+            del logits
+            sums["lm_loss"] += loss * share
+            sums["accuracy"] += acc * share
+            for site in sites:
+                cb = model.codebook(site)
+                x = cache[site].reshape(-1, cb.n_groups, cb.d)
+                q = cache[f"{site}.hook_quantized"].reshape(-1, cb.n_groups, cb.d)
+                recon[site].add(q, x)
+            del cache
+            if sites:
+                with model.codebooks_bypassed():
+                    sums["lm_loss_bypassed"] += _lm_metrics(model(micro), micro)[0] * share
+        add("lm_loss", sums["lm_loss"])
+        add("accuracy", sums["accuracy"])
         for site in sites:
-            cb = model.codebook(site)
-            x = cache[site].reshape(-1, cb.n_groups, cb.d)
-            q = cache[f"{site}.hook_quantized"].reshape(-1, cb.n_groups, cb.d)
-            for key, value in reconstruction_metrics(q, x).items():
+            for key, value in recon[site].metrics().items():
                 add(f"{site}/{key}", value)
         if sites:
-            with model.codebooks_bypassed():
-                add("lm_loss_bypassed", _lm_metrics(model(tokens), tokens)[0])
+            add("lm_loss_bypassed", sums["lm_loss_bypassed"])
     if sites:
         totals["bottleneck_cost"] = totals["lm_loss"] - totals["lm_loss_bypassed"]
     model.train(was_training)
     return totals
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
+    """bf16 autocast on ``device`` when the config asks for it (a no-op context otherwise)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
 
 def _lm_metrics(logits: Tensor, tokens: Tensor) -> tuple[float, float]:
@@ -461,7 +500,7 @@ def train(
     started = time.perf_counter()
     world, local_rank = parallel.launch_world()
     device = parallel.resolve_device(config.device, world=world, local_rank=local_rank)
-    if config.bf16 and device.type != "cuda":
+    if config.bf16 and device.type not in ("cuda", "cpu"):
         raise ValueError(bf16_error(device))
     ranks = parallel.start(device, config.batch_size, world)
     try:
@@ -496,6 +535,8 @@ def _prepare(
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.json")
     _freeze_unused(model, source.eval_batch(0)[:2].to(device))
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     _set_trainable(model, config)
     monitor = CodebookMonitor(model)
     if newest:
@@ -599,6 +640,9 @@ def _loop(
     running: dict[str, Tensor] = {}
     validate_tokens = model.validate_tokens
     model.validate_tokens = False  # the batch sources produce in-range ids; no sync per step
+    float32_precision = torch.get_float32_matmul_precision()
+    if config.tf32 and run.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls
     try:
         with model.hooks(fwd_hooks=monitor.hooks()):
             for step in range(run.start, config.steps):
@@ -629,6 +673,7 @@ def _loop(
                     on_step(done, metrics)
     finally:
         model.validate_tokens = validate_tokens
+        torch.set_float32_matmul_precision(float32_precision)
         bar.close()
 
 
@@ -642,9 +687,7 @@ def _forward_backward(run: _Run, rows: Tensor, step: int) -> Tensor:
     model.train()
     rows = rows.to(run.device)
     micro_batches = rows.chunk(config.grad_accum)
-    autocast = torch.autocast(
-        "cuda", dtype=torch.bfloat16, enabled=config.bf16 and run.device.type == "cuda"
-    )
+    autocast = _autocast(config, run.device)
     losses = torch.zeros(3, device=run.device)
     for i, micro in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -685,7 +728,8 @@ def _evaluate(run: _Run) -> dict[str, float]:
     if not (run.ranks.main or parallel.is_sharded(run.model)):
         return {}
     with run.monitor.paused(), parallel.root_gathered(run.model):
-        return evaluate(run.model, run.eval_batches)
+        with _autocast(run.config, run.device):  # the run's precision and micro-batches
+            return evaluate(run.model, run.eval_batches, run.config.eval_micro_batch)
 
 
 def _save_checkpoint(run: _Run, done: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,7 +56,7 @@ class CodebookMonitor:
 
     def _count_hook(self, site: str):
         def count(ids: Int[Tensor, "... G k"], hook: Any) -> None:
-            if not self.active:
+            if not self.active or recomputing():  # paused, or checkpointing's recompute
                 return
             cb = self.model.codebook(site)
             size = cb.n_groups * cb.n_codes
@@ -74,7 +75,7 @@ class CodebookMonitor:
 
     def _input_hook(self, site: str):
         def keep(x: Tensor, hook: Any) -> None:
-            if not self.active:
+            if not self.active or recomputing():
                 return
             cb = self.model.codebook(site)
             grouped = x.detach().reshape(x.shape[0], -1, cb.n_groups, cb.d)
@@ -148,6 +149,32 @@ class CodebookMonitor:
         self.window_tokens = int(state["window_tokens"])
 
 
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def recomputation() -> Iterator[None]:
+    """Mark the forward that activation checkpointing reruns in the backward pass, so
+    hooks that record what a forward saw (`CodebookMonitor`) record it once."""
+    previous = recomputing()
+    _recompute.active = True
+    try:
+        yield
+    finally:
+        _recompute.active = previous
+
+
+def recomputing() -> bool:
+    """Whether this thread is inside `recomputation`."""
+    return getattr(_recompute, "active", False)
+
+
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, ...]:
+    """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the first forward
+    as it is, the recomputation marked."""
+    return contextlib.nullcontext(), recomputation()
+
+
 def _all_reduce(tensors) -> None:
     if dist.is_available() and dist.is_initialized():
         for t in tensors:
@@ -173,10 +200,39 @@ def reconstruction_metrics(
     quantized: Float[Tensor, "N G d"], inputs: Float[Tensor, "N G d"]
 ) -> dict[str, float]:
     """MSE of the quantised activations and the share of input variance they explain."""
-    error = (quantized - inputs).pow(2).sum(-1).mean()
-    variance = (inputs - inputs.mean(0)).pow(2).sum(-1).mean()
-    mse = float((quantized - inputs).pow(2).mean())
-    return {"mse": mse, "explained_variance": float(1 - error / variance.clamp(min=1e-12))}
+    totals = ReconstructionTotals()
+    totals.add(quantized, inputs)
+    return totals.metrics()
+
+
+class ReconstructionTotals:
+    """`reconstruction_metrics` of one batch, summed over its micro-batches.
+
+    Keeps the sums the two metrics are made of (float64), so a batch evaluated in
+    pieces gives the same figures as the whole batch at once.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.squared_error = self.squares = 0.0
+        self.total: Tensor | float = 0.0
+
+    def add(self, quantized: Float[Tensor, "N G d"], inputs: Float[Tensor, "N G d"]) -> None:
+        x = inputs.double()
+        self.tokens += len(x)
+        self.squared_error += float((quantized.double() - x).pow(2).sum())
+        self.squares += float(x.pow(2).sum())
+        self.total = self.total + x.sum(0)
+
+    def metrics(self) -> dict[str, float]:
+        n, (groups, d) = self.tokens, self.total.shape
+        centred = self.squares - float(self.total.pow(2).sum()) / n  # sum |x - mean|^2
+        variance = max(centred / (n * groups), 1e-12)
+        error = self.squared_error / (n * groups)
+        return {
+            "mse": self.squared_error / (n * groups * d),
+            "explained_variance": 1 - error / variance,
+        }
 
 
 def summarise(metrics: dict[str, float]) -> str:
