@@ -65,7 +65,7 @@ class TrainConfig:
     ``model_config`` (HF config kwargs incl. ``"model_type"``, to train from scratch).
     ``codebook`` holds kwargs for ``codelens.CodebookConfig`` (None: train a plain model).
     ``codebook_hooks`` maps more hook names to ``add_codebook`` kwargs, one codebook each
-    (e.g. ``{"blocks.1.hook_resid_pre": {"n_codes": 64, "k": 2}}``).
+    (in YAML, e.g. ``codebook_hooks: {blocks.1.hook_resid_pre: {n_codes: 64, k: 2}}``).
     ``data`` holds either ``"source"`` (+ ``block_len``, ``text_column``, ...) for text, or
     ``"fsm"`` for synthetic FSM data. Periodic actions with ``*_every = 0`` are disabled.
     """
