@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 from codelens import CodebookConfig, HookedCodebookTransformer
 from codelens.checkpoint import MANIFEST, _digest
-from codelens.circuits import Patcher, active_codes, build_graph
+from codelens.circuits import Patcher, active_codes, attribution_graph, build_graph
 from codelens.interventions import CodeIntervention
 from codelens.training.config import TrainConfig
 from codelens.training.trainer import train
@@ -173,6 +173,8 @@ def test_circuits_refuse_a_residual_codebook_and_keep_one_inside_an_mlp():
     model.add_codebook(RESID, n_codes=8)
     with pytest.raises(ValueError, match=r"cannot express the codebooks at \['blocks.1.hook_resid"):
         build_graph(model)
+    with pytest.raises(ValueError, match=r"also has codebooks at \['blocks.1.hook_resid_pre'\]"):
+        attribution_graph(model, torch.arange(6))
     model.remove_codebook(RESID)
     model.add_codebook(mlp_post(0), n_codes=8, groups=2)
     gen = torch.Generator().manual_seed(0)

@@ -59,6 +59,7 @@ from codelens.vocab import (
     block_hook,
     codes_hook,
     is_attn_site,
+    is_mlp_site,
     layer_of,
     mlp_site,
     resid_pre,
@@ -394,6 +395,13 @@ def attribution_graph(
         raise ValueError("an attribution graph over codes needs a model with codebooks")
     if any(cb.bypass for cb in model.codebooks.values()):
         raise ValueError("a codebook is bypassed: the graph is defined for the quantised model")
+    other = [s for s in model.codebooks if not (is_attn_site(s) or is_mlp_site(s))]
+    if other:
+        raise ValueError(
+            f"attribution graphs take codebooks at attn.hook_z and hook_mlp_out only; "
+            f"the model also has codebooks at {other} (take them off with "
+            "model.remove_codebook(site) first)"
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not 0.0 < desired_logit_prob <= 1.0 or max_n_logits < 1:
