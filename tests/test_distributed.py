@@ -63,7 +63,7 @@ def torchrun(
         str(cfg_file),
         *flags,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{TAG: f"{os.getpid()}-{port}"})
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -77,9 +77,24 @@ def torchrun(
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tagged(env[TAG])  # the ranks run in sessions of their own
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+TAG = "CODELENS_TEST_LAUNCH"
+
+
+def _kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment carries this launch's tag (its ranks)."""
+    wanted = f"{TAG}={tag}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def ok(done: subprocess.CompletedProcess) -> None:

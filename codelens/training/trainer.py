@@ -510,6 +510,10 @@ def train(
             _finish(run)
         finally:
             run.logger.close()
+            # drop DDP (its reducer holds the process group) while the group is still up:
+            # freed after `parallel.stop`, e.g. with an error's traceback, gloo's teardown
+            # could wait forever for a rank that has already exited
+            run.trainable = run.model
     finally:
         parallel.stop(ranks)
     return TrainResult(
