@@ -213,9 +213,7 @@ class CodebookLayer(HookedRootModule):
             centre = centre and not search_index and self.n_codes < math.prod(lead)
             dtype = torch.promote_types(x.dtype, self.codes.dtype)  # the scores' precision
             if self.layer_norm and not centre:  # in the input's own layout: no transposed copy
-                x = F.layer_norm(x.to(dtype), (self.d,))
-                if self.ln_weight is not None:  # [G, d] broadcasts over [..., G, d]
-                    x = torch.addcmul(self.ln_bias, x, self.ln_weight)
+                x = self._normalised(x, dtype)
             if search_index:
                 flat = rearrange(x, "... g d -> g (...) d")
                 ids = self.code_index.search(self, flat).to(torch.long)  # [G, N, k]
@@ -232,23 +230,24 @@ class CodebookLayer(HookedRootModule):
         self, x: Float[Tensor, "... G d"], group: int, code: int
     ) -> Float[Tensor, "..."]:
         """How strongly code ``code`` of ``group`` matches each activation: the score `top_k`
-        ranks codes by (up to a per-token constant for ``euclidean``, its negated distance)."""
+        ranks codes by (for ``euclidean`` up to a per-token constant, ``2 x.c - |c|^2``)."""
         if not (0 <= group < self.n_groups and 0 <= code < self.n_codes):
             raise ValueError(
                 f"group {group}, code {code} out of range: {self.n_groups} groups of "
                 f"{self.n_codes} codes"
             )
-        x = x[..., group, :]
-        if self.layer_norm:
-            x = F.layer_norm(x, (self.d,))
-            if self.ln_weight is not None:
-                x = x * self.ln_weight[group] + self.ln_bias[group]
-        vector = self.codes[group, code].detach().to(x.dtype)
-        if self.similarity == "euclidean":
-            return -(x - vector).pow(2).sum(-1)
-        if self.similarity == "cosine":
-            vector = F.normalize(vector, dim=-1)
-        return x @ vector
+        dtype = torch.promote_types(x.dtype, self.codes.dtype)
+        x = self._normalised(x, dtype) if self.layer_norm else x.to(dtype)
+        weight, bias, alpha = self._score_terms(dtype)  # weight [G, d, C], bias [G, 1, C]
+        score = alpha * (x[..., group, :] @ weight[group, :, code])
+        return score if bias is None else score + bias[group, 0, code]
+
+    def _normalised(self, x: Float[Tensor, "... G d"], dtype: torch.dtype) -> Tensor:
+        """The LayerNorm-ed activation that ``layer_norm`` codebooks score, in ``dtype``."""
+        x = F.layer_norm(x.to(dtype), (self.d,))
+        if self.ln_weight is not None:  # [G, d] broadcasts over [..., G, d]
+            x = torch.addcmul(self.ln_bias, x, self.ln_weight)
+        return x
 
     def lookup(self, ids: Int[Tensor, "... G k"]) -> Float[Tensor, "... G d"]:
         """Combine the codes named by ``ids`` (``EMPTY_SLOT`` contributes zero)."""

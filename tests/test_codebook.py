@@ -309,3 +309,27 @@ def test_bad_arguments():
 def test_config_round_trip():
     cfg = CodebookConfig(n_codes=7, k=2, sites=["mlp"], layers=[0, 1], mlp_groups=2)
     assert CodebookConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"similarity": "cosine"},
+        {"similarity": "dot"},
+        {"similarity": "euclidean"},
+        {"similarity": "cosine", "layer_norm": True},
+        {"similarity": "dot", "layer_norm": True, "layer_norm_affine": True},
+    ],
+)
+def test_code_score_ranks_codes_as_top_k_does(settings):
+    torch.manual_seed(0)
+    cb = CodebookLayer(2, 8, 16, 1, **settings)
+    if cb.ln_weight is not None:
+        with torch.no_grad():
+            cb.ln_weight.uniform_(0.5, 1.5)
+            cb.ln_bias.normal_()
+    x = torch.randn(5, 7, 2, 8)
+    ids = cb.top_k(x)
+    for group in range(2):
+        scores = torch.stack([cb.code_score(x, group, c) for c in range(16)], -1)
+        assert torch.equal(scores.argmax(-1), ids[..., group, 0])
