@@ -50,6 +50,26 @@ ARCHS = {
 }
 
 
+TRAIN_FSM = {"n_states": 12, "n_successors": 3, "seq_len": 24, "seed": 3}
+"""A small TokFSM for training runs (``TrainConfig.data={"fsm": TRAIN_FSM}``)."""
+TRAIN_NEOX = dict(ARCHS["gpt_neox"], max_position_embeddings=32)
+"""The tiny GPT-NeoX of `ARCHS` as a ``TrainConfig.model_config``."""
+
+
+def word_corpus(path, n_docs: int = 200, words_per_doc: int = 10):
+    """A plain-text corpus of random sentences over 17 words, blank-line separated."""
+    words = "the a cat dog sat ran on under mat park red blue ball tree big small saw".split()
+    gen = torch.Generator().manual_seed(0)
+    docs = [
+        " ".join(
+            words[i] for i in torch.randint(len(words), (words_per_doc,), generator=gen).tolist()
+        )
+        for _ in range(n_docs)
+    ]
+    path.write_text("\n\n".join(docs))
+    return path
+
+
 def digit_tokenizer() -> PreTrainedTokenizerFast:
     """Digits 0-9 plus <bos>=10, <eos>=11, <unk>=12; one token per character."""
     vocab = {str(i): i for i in range(10)} | {"<bos>": 10, "<eos>": 11, "<unk>": 12}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TRAIN_FSM, TRAIN_NEOX, tiny_model
 
 from codelens import CodebookConfig, HookedCodebookTransformer
 from codelens.checkpoint import MANIFEST, _digest
@@ -128,15 +128,7 @@ def test_force_and_swap_at_a_residual_codebook(tokens):
 
 
 def test_trains_from_the_config_and_resumes_its_sites(tmp_path):
-    fsm = {"n_states": 12, "n_successors": 3, "seq_len": 24, "seed": 3}
-    neox = {
-        "model_type": "gpt_neox",
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "max_position_embeddings": 32,
-    }
+    fsm, neox = TRAIN_FSM, TRAIN_NEOX
     config = TrainConfig(
         run_dir=str(tmp_path / "run"),
         data={"fsm": fsm},

@@ -7,31 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TRAIN_NEOX, word_corpus
 
 from codelens.data import text, token_cache
 from codelens.training import trainer
 from codelens.training.batches import BlockBatches, StreamingBatches
 from codelens.training.config import TrainConfig
 
-NEOX = {
-    "model_type": "gpt_neox",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "max_position_embeddings": 16,
-}
+NEOX = dict(TRAIN_NEOX, max_position_embeddings=16)
 
 
 def _corpus(path: Path, n_docs: int = 200) -> Path:
-    words = "the a cat dog sat ran on under mat park red blue ball tree big small saw".split()
-    gen = torch.Generator().manual_seed(0)
-    docs = [
-        " ".join(words[i] for i in torch.randint(len(words), (10,), generator=gen).tolist())
-        for _ in range(n_docs)
-    ]
-    path.write_text("\n\n".join(docs))
-    return path
+    return word_corpus(path, n_docs, words_per_doc=10)
 
 
 def _config(tmp_path: Path, **data) -> TrainConfig:

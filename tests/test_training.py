@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TRAIN_FSM, TRAIN_NEOX, tiny_model, word_corpus
 
 from codelens import CodebookConfig
 from codelens.checkpoint import read_tensors
@@ -24,15 +24,7 @@ from codelens.training.init import init_codebooks, kmeans
 from codelens.training.trainer import NonFiniteLossError, lr_factor, train
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_run.py"
-FSM = {"n_states": 12, "n_successors": 3, "seq_len": 24, "seed": 3}
-NEOX = {
-    "model_type": "gpt_neox",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "max_position_embeddings": 32,
-}
+FSM, NEOX = TRAIN_FSM, TRAIN_NEOX
 
 
 def config(run_dir, **overrides) -> TrainConfig:
@@ -288,14 +280,7 @@ def test_kmeans_refills_empty_clusters_with_new_samples():
 
 
 def _varied_corpus(path: Path, n_docs: int = 300) -> Path:
-    words = "the a cat dog sat ran on under mat park red blue ball tree big small saw".split()
-    gen = torch.Generator().manual_seed(0)
-    docs = [
-        " ".join(words[i] for i in torch.randint(len(words), (12,), generator=gen).tolist())
-        for _ in range(n_docs)
-    ]
-    path.write_text("\n\n".join(docs))
-    return path
+    return word_corpus(path, n_docs, words_per_doc=12)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
