@@ -20,6 +20,11 @@ so that an upgrade that changes them fails loudly:
   ``past_key_values`` or ``layer_past``. transformers 5.24 renamed the argument its
   decoder layers pass to ``cache`` (GPT-2, Llama, ...), so cached generation silently
   attended to the new token alone; `route_kv_cache` hands it on under the old name.
+- The bridge recomputes attention eagerly (``q @ k^T``, mask, softmax, ``@ v``) so that
+  ``hook_attn_scores`` and ``hook_pattern`` fire, which stores a ``[batch, heads, query,
+  key]`` score and pattern tensor per layer for the backward pass. `use_sdpa` computes the
+  same attention with `scaled_dot_product_attention` whenever neither hook has a hook on it
+  (GPT-2 and GPT-NeoX/Pythia attention; other attention keeps the bridge's own path).
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
+    JointQKVAttentionBridge,
+)
+from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (  # noqa: E501
+    JointQKVPositionEmbeddingsAttentionBridge,
+)
 
 from codelens.codebook import CodebookLayer
 from codelens.vocab import CODES_HOOK, QUANTIZED_HOOK
@@ -64,6 +75,7 @@ def boot(
         kwargs["device"] = device
     bridge = TransformerBridge.boot_transformers(name_or_dir, **kwargs)
     route_kv_cache(bridge)
+    use_sdpa(bridge)
     return bridge
 
 
@@ -85,6 +97,103 @@ def _cache_aware(update_kv_cache: Any) -> Any:
         return update_kv_cache(k, v, **kwargs)
 
     return update
+
+
+SDPA_ATTENTION = (JointQKVAttentionBridge, JointQKVPositionEmbeddingsAttentionBridge)
+"""Attention bridges whose recomputation `use_sdpa` knows step by step (exact types)."""
+
+
+def use_sdpa(bridge: TransformerBridge) -> None:
+    """Give every attention bridge of a type in `SDPA_ATTENTION` a fused-attention path.
+
+    The result equals the bridge's eager attention up to float rounding; the eager path
+    runs whenever a hook sits on ``hook_attn_scores`` or ``hook_pattern`` (a cache of the
+    patterns, a pattern patch), in compatibility mode (its -inf masks zero fully masked
+    rows), with attention dropout active in training, or with GPT-2's upcast option.
+    """
+    for module in bridge.modules():
+        if type(module) in SDPA_ATTENTION and "_reconstruct_attention" not in vars(module):
+            module._reconstruct_attention = _fused(module, module._reconstruct_attention)
+
+
+def _hooked(point: HookPoint) -> bool:
+    return bool(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks)
+
+
+def _eager_only(attn: AttentionBridge) -> bool:
+    dropout = getattr(attn.original_component, "attn_dropout", None) or getattr(
+        attn.original_component, "attention_dropout", None
+    )
+    return (
+        _hooked(attn.hook_attn_scores)
+        or _hooked(attn.hook_pattern)
+        or attn.compatibility_mode
+        or not attn.is_causal
+        or getattr(attn, "_reorder_and_upcast_attn", False)
+        or (attn.training and isinstance(dropout, nn.Dropout) and dropout.p > 0)
+    )
+
+
+def _fused(attn: AttentionBridge, eager: Any) -> Any:
+    rotary = isinstance(attn, JointQKVPositionEmbeddingsAttentionBridge)
+
+    def reconstruct(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, None]:
+        if _eager_only(attn):
+            return eager(q, k, v, **kwargs)
+        cfg = attn.config
+        n_heads = cfg.n_heads
+        n_kv_heads = getattr(cfg, "n_key_value_heads", None) or n_heads
+        q, k, v, batch, q_len, d_head = attn._reshape_qkv_to_heads(q, k, v, n_heads, n_kv_heads)
+        position_embeddings = kwargs.get("position_embeddings")
+        if rotary and isinstance(position_embeddings, tuple):
+            cos, sin = attn._apply_position_embedding_hooks(position_embeddings)
+            q, k = attn._apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = attn._update_kv_cache(k, v, **kwargs)
+        if n_kv_heads != n_heads:
+            k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
+            v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
+        scale = d_head**-0.5
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) and attn._layer_idx is not None:
+            scale /= float(attn._layer_idx + 1)
+        mask = _additive_mask(kwargs.get("attention_mask"), q, k_len=k.shape[-2])
+        z = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q_len == k.shape[-2], scale=scale
+        )
+        z = attn._reshape_attn_output(z, batch, q_len, n_heads, d_head)
+        if getattr(cfg, "use_attn_result", False) and attn.o.original_component is not None:
+            z = attn.o.hook_in(z)
+            out = attn._compute_per_head_result(
+                z.view(batch, q_len, n_heads, d_head), n_heads, d_head
+            )
+        else:
+            out = attn._apply_output_projection(z)
+        return out, None
+
+    return reconstruct
+
+
+def _additive_mask(mask: Tensor | None, q: Tensor, k_len: int) -> Tensor | None:
+    """The bridge's mask rules as an additive ``[batch, 1, query, key]`` mask, or None for
+    plain causal attention. A 4-D mask from HuggingFace already holds the causal part;
+    a lower-rank one is a padding mask and gets the causal triangle added."""
+    q_len = q.shape[-2]
+    if mask is None and q_len == k_len:
+        return None
+    low = torch.finfo(q.dtype).min
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    if mask is None or mask.ndim < 4:
+        additive = torch.zeros(q_len, k_len, dtype=q.dtype, device=q.device)
+        additive = additive.masked_fill(~causal, low)
+        if mask is None:
+            return additive
+    else:
+        additive = torch.zeros((), dtype=q.dtype, device=q.device)
+    mask = mask[..., :k_len]
+    if mask.ndim >= 3 and mask.shape[-2] != q_len:
+        mask = mask[..., -q_len:, :]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, low)
+    return additive + mask.to(q.dtype)
 
 
 def hf_model(bridge: TransformerBridge) -> nn.Module:

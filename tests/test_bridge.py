@@ -5,12 +5,14 @@ If a TransformerLens upgrade changes one of them, these fail first and say which
 
 from importlib.metadata import version
 
+import pytest
 import torch
 import transformer_lens
 from conftest import tiny_model
 from transformer_lens.hook_points import HookPoint
 
 from codelens import CodebookConfig, _bridge
+from codelens.vocab import every_layer
 
 
 def test_transformer_lens_version_is_the_pinned_one():
@@ -84,3 +86,66 @@ def test_code_shapes_keep_their_group_axis_for_one_token_forwards(arch):
     with model.hooks(fwd_hooks=hooks):
         model.generate(torch.tensor([[10, 1]]), max_new_tokens=2, do_sample=False, verbose=False)
     assert shapes and all(len(shape) == 4 and shape[-1] == 2 for shape in shapes)
+
+
+def _pattern_hooks(model):
+    """A no-op hook on every ``hook_pattern``: it makes the bridge attend eagerly."""
+    return [(n, lambda x, hook: x) for n in every_layer(model.cfg.n_layers, "attn.hook_pattern")]
+
+
+def _fused_calls(monkeypatch):
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_fused_attention_runs_when_no_pattern_hook_is_attached(arch, tokens, monkeypatch):
+    model = tiny_model(arch, CodebookConfig(n_codes=8, k=2))
+    calls = _fused_calls(monkeypatch)
+    model(tokens)
+    assert len(calls) == model.cfg.n_layers
+    calls.clear()
+    _, cache = model.run_with_cache(tokens)  # caches every pattern: eager attention
+    assert calls == []
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    assert torch.allclose(pattern.sum(-1), torch.ones(()))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_fused_attention_equals_eager_in_logits_hook_z_and_gradients(arch, tokens):
+    model = tiny_model(arch, CodebookConfig(n_codes=8, k=2))
+    z = every_layer(model.cfg.n_layers, "attn.hook_z")
+
+    def run(hooks):
+        model.zero_grad()
+        with model.hooks(fwd_hooks=hooks):
+            logits, cache = model.run_with_cache(tokens, names_filter=z)
+            logits.logsumexp(-1).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits, cache, grads
+
+    fused, eager = run([]), run(_pattern_hooks(model))
+    torch.testing.assert_close(fused[0], eager[0], rtol=1e-5, atol=1e-6)
+    for name in z:
+        torch.testing.assert_close(fused[1][name], eager[1][name], rtol=1e-5, atol=1e-6)
+    assert fused[2].keys() == eager[2].keys() and fused[2]
+    for name, grad in fused[2].items():
+        torch.testing.assert_close(grad, eager[2][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_fused_attention_generates_as_eager_with_the_kv_cache(arch, tokens, monkeypatch):
+    model = tiny_model(arch)
+    calls = _fused_calls(monkeypatch)
+    fused = model.generate(tokens[:, :4], max_new_tokens=6, do_sample=False, verbose=False)
+    assert calls, "cached decoding did not use fused attention"
+    with model.hooks(fwd_hooks=_pattern_hooks(model)):
+        eager = model.generate(tokens[:, :4], max_new_tokens=6, do_sample=False, verbose=False)
+    assert torch.equal(fused, eager)
