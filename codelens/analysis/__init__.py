@@ -51,11 +51,29 @@ from codelens.analysis.neurons import (
     best_neurons_for_labels,
     neuron_precision_at_recall,
 )
+from codelens.analysis.probing import (
+    PROBE_KS,
+    CodeColumns,
+    balanced_split,
+    document_code_rates,
+    k_sparse_probe,
+    pooled_features,
+    probing_table,
+    rates_from_codes,
+)
 from codelens.analysis.search import SearchResult, regex_labels, search_codes, token_strings
 from codelens.analysis.topic_classifier import TopicClassifier, fit_heldout, on_topic_interval
 from codelens.analysis.topics import TopicCode, TopicSwap, topic_codes, topic_stats, topic_swaps
 
 __all__ = [
+    "PROBE_KS",
+    "CodeColumns",
+    "balanced_split",
+    "document_code_rates",
+    "k_sparse_probe",
+    "pooled_features",
+    "probing_table",
+    "rates_from_codes",
     "ClassCodes",
     "CodeFiring",
     "CodeMatch",
