@@ -15,7 +15,7 @@ from codelens.analysis import (
     pooled_features,
     probing_table,
 )
-from codelens.baselines import SAEConfig, identity_features, train_sae
+from codelens.baselines import SAEConfig, identity_features, neurons, train_sae
 from codelens.vocab import Code, attn_site, collect_codes, mlp_post, mlp_site
 
 
@@ -192,3 +192,38 @@ def test_pooled_features_equal_a_naive_mean(coded, docs):
     assert torch.allclose(pooled, expected, atol=1e-5)
     with pytest.raises(ValueError, match="no features"):
         pooled_features(model, tokens, mask, [])
+
+
+def test_probing_section_of_the_experiment_and_its_table():
+    from codelens.baselines import site_width
+    from codelens.experiments import baselines as bl
+
+    coded = tiny_model("gpt2", CodebookConfig(n_codes=8, k=2), seed=0)
+    base = tiny_model("gpt2", seed=0)
+    sites = list(coded.codebooks)
+    config = SAEConfig(n_latents=24, k=2, steps=3, batch_size=32, seed=0)
+    saes = [train_sae(torch.randn(64, site_width(base, s)), s, config)[0] for s in sites]
+    pca_like = [neurons(s, site_width(base, s)) for s in sites]  # not an SAE: not probed
+    methods = [bl.Baseline("SAE matched L0", saes, 1.0), bl.Baseline("PCA", pca_like, 1.0)]
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 10, (30, 10), generator=gen)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    labels = [("a", "b", "c")[i % 3] for i in range(30)]
+    section = bl.probing_section(base, coded, methods, tokens, mask, labels, ["a", "b"], (1, 2))
+    n_codes = sum(coded.codebook(s).n_groups * 8 for s in sites)
+    assert section["features"] == {
+        "codes (codebook model)": n_codes,
+        "SAE matched L0": 24 * len(sites),
+        "MLP neurons (base model)": 2 * 128,
+        "raw activations (base model, codebook sites)": 32 * len(sites),
+    }
+    assert len(section["rows"]) == 4 * 2 and section["documents"] == 30
+    assert all(0 <= r["accuracy"] <= 1 for r in section["rows"])
+    lines = bl.probing_markdown(section)
+    assert lines[0] == "### k-sparse probing of topics"
+    assert lines[4] == "| method | features | k=1 | k=2 |"
+    first = next(r for r in section["rows"] if r["k"] == 1)
+    assert lines[6].startswith(
+        f"| codes (codebook model) | {n_codes} | {100 * first['accuracy']:.1f} |"
+    )

@@ -702,7 +702,7 @@ def summary_line(report: dict[str, Any]) -> str:
 
 def baselines_markdown(section: dict[str, Any]) -> list[str]:
     """The codes-against-baselines table of a steering report."""
-    from codelens.experiments.baselines import sweep_lines, table_markdown
+    from codelens.experiments.baselines import probing_markdown, sweep_lines, table_markdown
 
     return [
         "## Codes against baselines",
@@ -720,6 +720,7 @@ def baselines_markdown(section: dict[str, Any]) -> list[str]:
         "",
         *table_markdown(section["rows"]),
         *sweep_lines(section),
+        *(["", *probing_markdown(section["probing"])] if "probing" in section else []),
     ]
 
 
