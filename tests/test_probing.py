@@ -227,3 +227,9 @@ def test_probing_section_of_the_experiment_and_its_table():
     assert lines[6].startswith(
         f"| codes (codebook model) | {n_codes} | {100 * first['accuracy']:.1f} |"
     )
+    from codelens.experiments.steering import baselines_markdown
+
+    report = baselines_markdown(
+        {"best_sae": "k=4", "rows": [{"method": "codes"}], "probing": section}
+    )
+    assert report[-len(lines) :] == lines and report[-len(lines) - 1] == ""

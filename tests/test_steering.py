@@ -455,3 +455,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert "Codes against baselines" in (tmp_path / "report.md").read_text()
     assert [p["k"] for p in report["baselines"]["sae_sweep"]["points"]] == [4, 16]
     assert "### SAE L0 sweep" in (tmp_path / "report.md").read_text()
+    assert report["classifier"]["heldout_accuracy"] >= 0.95, report["classifier"]
+    probing = {r["method"] for r in report["baselines"]["probing"]["rows"]}
+    assert {"codes (codebook model)", "SAE matched L0", "SAE best L0 (sweep)"} <= probing
+    assert "### k-sparse probing of topics" in (tmp_path / "report.md").read_text()
