@@ -55,7 +55,7 @@ def _check_labels(labels: Tensor) -> Tensor:
         raise ValueError(
             f"labels must be a 1-d bool tensor, got {labels.dtype} {tuple(labels.shape)}"
         )
-    return labels
+    return labels.cpu()
 
 
 def balanced_split(
@@ -115,7 +115,7 @@ def k_sparse_probe(
     if not torch.isfinite(features).all():
         raise ValueError("features hold NaN or infinite values")
     train, test = balanced_split(labels, test_fraction, seed)
-    x = features.double().numpy()
+    x = features.detach().double().cpu().numpy()
     y = labels.numpy()
     x_train, y_train, x_test, y_test = (
         x[train.numpy()],
