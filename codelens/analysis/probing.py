@@ -117,12 +117,8 @@ def k_sparse_probe(
     train, test = balanced_split(labels, test_fraction, seed)
     x = features.detach().double().cpu().numpy()
     y = labels.numpy()
-    x_train, y_train, x_test, y_test = (
-        x[train.numpy()],
-        y[train.numpy()],
-        x[test.numpy()],
-        y[test.numpy()],
-    )
+    tr, te = train.numpy(), test.numpy()
+    x_train, y_train, x_test, y_test = x[tr], y[tr], x[te], y[te]
     gap = np.abs(x_train[y_train].mean(0) - x_train[~y_train].mean(0))
     order = np.argsort(-gap, kind="stable")
     out = {}
