@@ -18,7 +18,8 @@ from codelens.analysis import (
     topic_stats,
     topic_swaps,
 )
-from codelens.data.stories import TOPICS, TopicClassifier, generate_stories
+from codelens.analysis.topic_classifier import TopicClassifier
+from codelens.data.stories import TOPICS, generate_stories
 from codelens.data.text import train_bpe_tokenizer
 from codelens.experiments.steering import (
     QUICK,
@@ -80,7 +81,8 @@ def test_continuation_texts_cut_at_end_of_text(tokenizer):
 
 
 def test_on_topic_share_uses_the_top_topic(stories):
-    classifier = TopicClassifier.fit(generate_stories(200, seed=4))
+    fit_on = generate_stories(200, seed=4)
+    classifier = TopicClassifier.fit([s.text for s in fit_on], [s.topic for s in fit_on])
     texts = [s.text for s in stories if s.topic == "dragon"]
     assert on_topic_share(classifier, texts, "dragon") == 1.0
     assert on_topic_share(classifier, texts, "cake") == 0.0
@@ -335,6 +337,7 @@ def _fake_report():
         },
         "environment": {"torch": "2.0", "transformers": "5.0"},
         "heldout_loss": {"baseline": 1.0, "codebooks": 1.1, "ratio": 1.1},
+        "classifier": {"fit_stories": 80, "heldout_stories": 40, "heldout_accuracy": 0.975},
         "regex": [
             {"pattern": "year", "positives": 3},
             {
@@ -373,9 +376,11 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
     write_report(_fake_report(), tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert (
-        "| boat | blocks.0.attn.hook_z, 1, 5 (all slots, every position) | 80.0 | 20.0 | 10.0 "
-        "| 90.0 |" in md
+        "| boat | blocks.0.attn.hook_z, 1, 5 (all slots, every position) | 80.0 | 20.0 | "
+        "10.0 (2.2-47.1) | 90.0 (52.9-97.8) |" in md  # Wilson 95%: 1 and 7 of 8 generations
     )
+    assert "| cake | none | | | 10.0 (2.2-47.1) | | | |" in md
+    assert "is right on 97.5% of 40 held-out stories." in md
     assert "| month | 4 | blocks.0.attn.hook_z, 1, 5 | 90.0 | 50.0 | 40.0 | 50.0 | 70.0 |" in md
     assert json.loads((tmp_path / "report.json").read_text())["heldout_loss"]["ratio"] == 1.1
     assert "Stack: torch 2.0, transformers 5.0." in md
@@ -386,7 +391,7 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
     write_report(report, tmp_path)
     assert (
         "| boat | blocks.0.attn.hook_z, 1, 5 (other topics' codes swapped to these in first, "
-        "forced in the lowest slot) | 80.0 | 20.0 | 10.0 | 90.0 |"
+        "forced in the lowest slot) | 80.0 | 20.0 | 10.0 (2.2-47.1) | 90.0 (52.9-97.8) |"
     ) in (tmp_path / "report.md").read_text()
     assert "plotly" in (tmp_path / "report.html").read_text().lower()
 
@@ -450,3 +455,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert "Codes against baselines" in (tmp_path / "report.md").read_text()
     assert [p["k"] for p in report["baselines"]["sae_sweep"]["points"]] == [4, 16]
     assert "### SAE L0 sweep" in (tmp_path / "report.md").read_text()
+    assert report["classifier"]["heldout_accuracy"] >= 0.95, report["classifier"]
+    probing = {r["method"] for r in report["baselines"]["probing"]["rows"]}
+    assert {"codes (codebook model)", "SAE matched L0", "SAE best L0 (sweep)"} <= probing
+    assert "### k-sparse probing of topics" in (tmp_path / "report.md").read_text()

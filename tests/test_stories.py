@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from importlib import resources
@@ -22,7 +21,6 @@ from codelens.data.stories import (
     PATTERNS,
     TOPICS,
     Story,
-    TopicClassifier,
     feature_rates,
     generate_stories,
     lexicon_hits,
@@ -43,11 +41,6 @@ def sentences(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def corpus() -> list[Story]:
     return generate_stories(3000, seed=11)
-
-
-@pytest.fixture(scope="module")
-def classifier() -> TopicClassifier:
-    return TopicClassifier.fit(generate_stories(3000, seed=1))
 
 
 # ----------------------------------------------------------------- generation
@@ -208,77 +201,15 @@ def test_feature_rates_in_corpus(corpus):
     assert any(y.startswith("19") for y in years) and any(y.startswith("20") for y in years)
 
 
-# ----------------------------------------------------------------- classifier
-
-
-def test_classifier_held_out_accuracy(classifier):
-    test = generate_stories(1000, seed=2)
-    predicted = classifier.predict([s.text for s in test])
-    accuracy = sum(p == s.topic for p, s in zip(predicted, test, strict=True)) / len(test)
-    print(f"\nheld-out accuracy: {accuracy:.4f}")
-    assert accuracy >= 0.95
-
-
-def test_classifier_proba_and_on_topic(classifier):
-    story = generate_stories(1, seed=5)[0]
-    proba = classifier.predict_proba([story.text])[0]
-    assert set(proba) == set(TOPICS)
-    assert sum(proba.values()) == pytest.approx(1.0)
-    assert max(proba, key=proba.get) == story.topic
-    assert classifier.is_on_topic(story.text, story.topic)
-    other = next(t for t in TOPICS if t != story.topic)
-    assert not classifier.is_on_topic(story.text, other)
-    with pytest.raises(ValueError, match="unknown topic"):
-        classifier.is_on_topic(story.text, "spaceship")
-    assert classifier.predict(["The dragon flapped its wings and flew to its cave."]) == ["dragon"]
-    # Unseen words are ignored: alone they leave the prior, and they change no posterior.
-    (unseen,) = classifier.predict_proba(["zzz qqq"])
-    prior = [math.exp(p) for p in classifier.log_prior]
-    assert [unseen[t] for t in classifier.topics] == pytest.approx([p / sum(prior) for p in prior])
-    dragon = "The dragon flapped its wings and flew to its cave."
-    (with_unseen,), (without,) = (
-        classifier.predict_proba([t]) for t in (f"zzz {dragon} qqq", dragon)
-    )
-    assert with_unseen == pytest.approx(without, rel=1e-9, abs=0)  # only float summation order
-
-
-def test_classifier_is_not_fooled_by_a_repeated_topic_word(classifier):
-    stories = generate_stories(len(TOPICS) * 3, seed=8)
-    for story in stories:
-        for target in TOPICS:
-            if target == story.topic:
-                continue
-            forced = " ".join(f"{target} {s}" for s in sentences(story.text))
-            forced += (" " + target) * 30
-            assert classifier.predict([forced]) == [story.topic], (target, forced)
-            assert not classifier.is_on_topic(forced, target)
-            # A plain keyword check would call this on-topic; the lexicon count stays low.
-            assert lexicon_hits(forced, target) == 1
-
-
-def test_count_classifier_can_be_fooled_which_is_why_counts_are_binarised():
-    stories = generate_stories(2000, seed=1)
-    counts = TopicClassifier.fit(stories, binary=False)
-    story = next(s for s in generate_stories(20, seed=9) if s.topic != "dragon")
-    forced = story.text + " dragon" * 60
-    assert counts.predict([story.text]) == [story.topic]
-    assert counts.predict([forced]) == ["dragon"]
+# ---------------------------------------------------------------- lexicon
 
 
 def test_lexicon_hits():
     text = "The dragon flapped its wings. The dragon flew to its cave."
     assert lexicon_hits(text, "dragon") == 4  # dragon, wings, flew, cave
     assert lexicon_hits(text, "flower") == 0
-    assert TopicClassifier.lexicon_hits(text, "dragon") == 4
     with pytest.raises(ValueError, match="unknown topic"):
         lexicon_hits(text, "spaceship")
-
-
-def test_classifier_fit_errors():
-    with pytest.raises(ValueError, match="zero stories"):
-        TopicClassifier.fit([])
-    with pytest.raises(ValueError, match="alpha"):
-        TopicClassifier.fit(generate_stories(5), alpha=0)
 
 
 # --------------------------------------------------------------------- corpus

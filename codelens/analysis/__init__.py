@@ -17,7 +17,11 @@ One module per idea, every public name importable from here:
 - `codelens.analysis.neurons`: the best neuron at a code's recall;
 - `codelens.analysis.search`: regex labels and end-to-end code search over a model;
 - `codelens.analysis.topics`: codes of the topic of a story, for steering;
-- `codelens.analysis.examples`: the top activating examples of one code (`top_examples`).
+- `codelens.analysis.examples`: the top activating examples of one code (`top_examples`);
+- `codelens.analysis.topic_classifier`: which topic a text is about (`TopicClassifier`, a
+  bag-of-words logistic regression) and the confidence interval of an on-topic share;
+- `codelens.analysis.probing`: k-sparse probing of per-document features (codes, SAE
+  latents, neurons) on document labels, SAEBench's sparse probing metric.
 
 TokFSM use, with ``codes = codelens.vocab.collect_codes(model, tokens)`` and ``states`` the
 FSM state per token (-1 at BOS):
@@ -47,10 +51,29 @@ from codelens.analysis.neurons import (
     best_neurons_for_labels,
     neuron_precision_at_recall,
 )
+from codelens.analysis.probing import (
+    PROBE_KS,
+    CodeColumns,
+    balanced_split,
+    document_code_rates,
+    k_sparse_probe,
+    pooled_features,
+    probing_table,
+    rates_from_codes,
+)
 from codelens.analysis.search import SearchResult, regex_labels, search_codes, token_strings
+from codelens.analysis.topic_classifier import TopicClassifier, fit_heldout, on_topic_interval
 from codelens.analysis.topics import TopicCode, TopicSwap, topic_codes, topic_stats, topic_swaps
 
 __all__ = [
+    "PROBE_KS",
+    "CodeColumns",
+    "balanced_split",
+    "document_code_rates",
+    "k_sparse_probe",
+    "pooled_features",
+    "probing_table",
+    "rates_from_codes",
     "ClassCodes",
     "CodeFiring",
     "CodeMatch",
@@ -63,12 +86,15 @@ __all__ = [
     "best_neurons_for_labels",
     "code_firing",
     "code_label_stats",
+    "fit_heldout",
     "codes_for_classes",
     "neuron_precision_at_recall",
+    "on_topic_interval",
     "regex_labels",
     "search_codes",
     "token_strings",
     "top_examples",
+    "TopicClassifier",
     "TopicCode",
     "TopicSwap",
     "topic_codes",

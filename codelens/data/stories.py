@@ -7,7 +7,8 @@ a short sentence then names the topic before the topic's own intro. Regex-detect
 features (months, four-digit years, names starting with "B", digit numbers, number
 words) are sprinkled in at the rates in `FEATURE_RATES`, and `PATTERNS` holds the
 regexes that find them.
-`TopicClassifier` judges which topic a (generated) text is about.
+`lexicon_hits` counts a topic's lexicon words in a text, an interpretable check; which
+topic a generated text is about is judged by `codelens.analysis.TopicClassifier`.
 
 The vocabulary and the grammar are package data, ``codelens/data/stories.json``: names,
 months, number words, shared word slots, openings, endings, fillers and closing clauses,
@@ -20,7 +21,6 @@ reads the file once, at import, and holds the generator.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -44,7 +44,6 @@ __all__ = [
     "PATTERNS",
     "TOPICS",
     "Story",
-    "TopicClassifier",
     "feature_rates",
     "generate_stories",
     "lexicon_hits",
@@ -409,100 +408,6 @@ def lexicon_hits(text: str, topic: str) -> int:
     if topic not in LEXICONS:
         raise ValueError(f"unknown topic {topic!r}")
     return len(LEXICONS[topic].intersection(tokenize(text)))
-
-
-class TopicClassifier:
-    """Multinomial naive Bayes topic classifier over lowercased word unigrams.
-
-    By default word counts are binarised per document (each distinct word counts once),
-    so repeating a single token, e.g. a forced topic word, cannot outweigh the rest of
-    the text. Words unseen in training are ignored.
-
-    Steering evaluation: a steered generation counts as on-topic when the classifier's
-    top topic is the target topic (`is_on_topic` with the default threshold 0.5
-    additionally asks for a posterior of at least 0.5). `lexicon_hits` is a
-    second, interpretable check.
-    """
-
-    def __init__(
-        self,
-        topics: Sequence[str],
-        log_prior: Sequence[float],
-        log_like: dict[str, tuple[float, ...]],
-        binary: bool = True,
-    ) -> None:
-        self.topics = tuple(topics)
-        self.log_prior = tuple(log_prior)
-        self.log_like = log_like
-        self.binary = binary
-
-    @classmethod
-    def fit(
-        cls, stories: Iterable[Story], alpha: float = 1.0, binary: bool = True
-    ) -> TopicClassifier:
-        """Fit on labelled stories with add-``alpha`` smoothing; returns a new classifier."""
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        counts: dict[str, Counter] = {}
-        docs: Counter = Counter()
-        for story in stories:
-            tokens = tokenize(story.text)
-            counts.setdefault(story.topic, Counter()).update(set(tokens) if binary else tokens)
-            docs[story.topic] += 1
-        if not docs:
-            raise ValueError("cannot fit on zero stories")
-        topics = sorted(docs)
-        vocab = set().union(*counts.values())
-        n_docs = sum(docs.values())
-        log_prior = [math.log(docs[t] / n_docs) for t in topics]
-        denom = [math.log(sum(counts[t].values()) + alpha * len(vocab)) for t in topics]
-        log_like = {
-            w: tuple(math.log(counts[t][w] + alpha) - d for t, d in zip(topics, denom, strict=True))
-            for w in vocab
-        }
-        return cls(topics, log_prior, log_like, binary=binary)
-
-    def _scores(self, text: str) -> list[float]:
-        tokens = tokenize(text)
-        scores = list(self.log_prior)
-        items = Counter(set(tokens) if self.binary else tokens).items()
-        for word, count in items:
-            row = self.log_like.get(word)
-            if row is not None:
-                for i, v in enumerate(row):
-                    scores[i] += count * v
-        return scores
-
-    def predict_proba(self, texts: Iterable[str]) -> list[dict[str, float]]:
-        """Posterior probability of each topic, per text."""
-        out = []
-        for text in texts:
-            scores = self._scores(text)
-            top = max(scores)
-            exp = [math.exp(s - top) for s in scores]
-            total = sum(exp)
-            out.append({t: e / total for t, e in zip(self.topics, exp, strict=True)})
-        return out
-
-    def predict(self, texts: Iterable[str]) -> list[str]:
-        """Most probable topic, per text."""
-        out = []
-        for text in texts:
-            scores = self._scores(text)
-            out.append(self.topics[max(range(len(scores)), key=scores.__getitem__)])
-        return out
-
-    def is_on_topic(self, text: str, topic: str, threshold: float = 0.5) -> bool:
-        """True when ``topic`` is the top topic with posterior >= ``threshold``."""
-        if topic not in self.topics:
-            raise ValueError(f"unknown topic {topic!r}; known: {list(self.topics)}")
-        proba = self.predict_proba([text])[0]
-        return max(proba, key=proba.__getitem__) == topic and proba[topic] >= threshold
-
-    @staticmethod
-    def lexicon_hits(text: str, topic: str) -> int:
-        """Same as the module-level `lexicon_hits`."""
-        return lexicon_hits(text, topic)
 
 
 def write_corpus(

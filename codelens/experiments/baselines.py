@@ -34,10 +34,17 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from codelens.analysis import best_neurons_for_labels
+from codelens.analysis import (
+    PROBE_KS,
+    best_neurons_for_labels,
+    document_code_rates,
+    pooled_features,
+    probing_table,
+)
 from codelens.baselines import (
     LinearFeatures,
     SAEConfig,
+    SparseAutoencoder,
     cache_activations,
     encode_all,
     ica_features,
@@ -520,7 +527,8 @@ def steering_comparison(
 ) -> dict[str, Any]:
     """Codes against SAEs, PCA, ICA and the base model's neurons in the steering
     experiment: regex precision at each pattern's code's recall, topic steering with one
-    clamped feature, loss cost. ``tokens``/``strings``: the search stories (BOS first);
+    clamped feature, loss cost, and k-sparse probing of the search stories' topics
+    (`probing_section`). ``tokens``/``strings``: the search stories (BOS first);
     ``topic_of_row``: each story's corpus topic index; ``train_tokens``: blocks of training
     stories to fit on; ``heldout``: blocks for reconstruction metrics and loss;
     ``prompts``: (eval prompts, sweep prompts) of the code steering."""
@@ -546,6 +554,12 @@ def steering_comparison(
             base, method, labels, tokens, heldout, classifier, exp, plain, prompts
         )
         rows.append(row)
+    from codelens.data.stories import TOPICS
+
+    names = [TOPICS[i] for i in topic_of_row.tolist()]
+    probing = probing_section(
+        base, model, methods, tokens, labels.mask, names, exp.topics, seed=exp.seed
+    )
     return {
         "settings": settings,
         "best_sae": best_sae(sweep, settings),
@@ -553,7 +567,72 @@ def steering_comparison(
         "sae_sweep": sweep.as_dict(),
         "rows": rows,
         "details": details,
+        "probing": probing,
     }
+
+
+# ---------------------------------------------------------------------------- probing
+
+
+@torch.no_grad()
+def probing_section(
+    base: Any,
+    model: Any,
+    methods: list[Baseline],
+    tokens: Int[Tensor, "docs pos"],
+    mask: Bool[Tensor, "docs pos"],
+    labels: list[str],
+    topics: list[str] | tuple[str, ...],
+    ks: tuple[int, ...] = PROBE_KS,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """k-sparse probing (`codelens.analysis.probing`) of each document's topic, each of
+    ``topics`` against the rest, on per-document features mean-pooled over the ``mask``
+    tokens: the codebook model's code firing rates, the latents of each SAE method of
+    ``methods`` (matched and best L0; fitted on ``base``), and ``base``'s MLP neurons
+    (every layer) and raw activations at the codebook sites. ``labels``: each
+    document's (row's) topic."""
+    sets = {"codes (codebook model)": document_code_rates(model, tokens, mask)[0]}
+    for method in methods:
+        if method.features and all(isinstance(f, SparseAutoencoder) for f in method.features):
+            sets[method.name] = pooled_features(base, tokens, mask, method.features)
+    neurons_at = every_layer(base.cfg.n_layers, "mlp.hook_post")
+    for name, sites in (
+        ("MLP neurons (base model)", neurons_at),
+        ("raw activations (base model, codebook sites)", codebook_sites(model)),
+    ):
+        sets[name] = pooled_features(base, tokens, mask, identity_features(base, sites))
+    return {
+        "ks": list(ks),
+        "topics": list(topics),
+        "documents": len(labels),
+        "features": {name: x.shape[1] for name, x in sets.items()},
+        "rows": probing_table(sets, labels, topics, ks, seed=seed),
+    }
+
+
+def probing_markdown(probing: dict[str, Any]) -> list[str]:
+    """Markdown lines of a `probing_section`: one row per method, one column per k."""
+    ks = probing["ks"]
+    lines = [
+        "### k-sparse probing of topics",
+        "",
+        f"Each of {len(probing['topics'])} topics against the rest over "
+        f"{probing['documents']} documents, features mean-pooled over each document's "
+        "tokens (codes: firing rates). Per topic: a balanced train/test split (80/20, the "
+        "majority class subsampled, chance 50%), the k features of largest class-mean gap "
+        "on the train split, a logistic regression on them; mean test accuracy % over "
+        "topics (n/a: fewer features than k).",
+        "",
+        "| method | features | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "|---|---|" + "---|" * len(ks),
+    ]
+    for method, width in probing["features"].items():
+        by_k = {r["k"]: r["accuracy"] for r in probing["rows"] if r["method"] == method}
+        cells = ["n/a" if by_k[k] is None else f"{100 * by_k[k]:.1f}" for k in ks]
+        lines.append(f"| {method} | {width} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------------------- the table

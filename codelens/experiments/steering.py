@@ -46,12 +46,12 @@ from codelens.analysis import (
     topic_stats,
     topic_swaps,
 )
+from codelens.analysis.topic_classifier import TopicClassifier, on_topic_interval
 from codelens.analysis.topics import TopicCode, TopicSwap
 from codelens.data.stories import (
     PATTERNS,
     TOPICS,
     Story,
-    TopicClassifier,
     generate_stories,
     write_corpus,
 )
@@ -429,7 +429,13 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     train_bpe_tokenizer(train_texts, exp.vocab_size, save_dir=run_dir / "tokenizer")
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     search_stories = generate_stories(exp.n_search, seed=exp.seed + 1)
-    classifier = TopicClassifier.fit(generate_stories(exp.n_classifier, seed=exp.seed + 2))
+    fit_on = generate_stories(exp.n_classifier, seed=exp.seed + 2)
+    classifier = TopicClassifier.fit([s.text for s in fit_on], [s.topic for s in fit_on])
+    check = generate_stories(max(exp.n_classifier // 2, 1), seed=exp.seed + 5)  # held out
+    judge = {"fit_stories": len(fit_on), "heldout_stories": len(check)}
+    judge["heldout_accuracy"] = classifier.accuracy(
+        [s.text for s in check], [s.topic for s in check]
+    )
     heldout = pack_to_tensor([s.text for s in search_stories], tokenizer, 128)
     t = lap("corpus and tokenizer s", started)
 
@@ -477,6 +483,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         "experiment": dataclasses.asdict(exp),
         "environment": stack(),
         "heldout_loss": losses,
+        "classifier": judge,
         "regex": regex,
         "steering": steering,
         "timings": timings,
@@ -544,6 +551,23 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _share(x: float, n: int) -> str:
+    """An on-topic share of ``n`` generations with its Wilson 95% interval, in %."""
+    low, high = on_topic_interval(round(x * n), n)
+    return f"{_pct(x)} ({_pct(low)}-{_pct(high)})"
+
+
+def _judge(report: dict[str, Any]) -> str:
+    """The TopicClassifier's held-out accuracy, for reports that measured it."""
+    if "classifier" not in report:
+        return ""
+    c = report["classifier"]
+    return (
+        f" The TopicClassifier (bag-of-words logistic regression, {c['fit_stories']} stories) "
+        f"is right on {_pct(c['heldout_accuracy'])}% of {c['heldout_stories']} held-out stories."
+    )
+
+
 def _code_name(code: dict[str, Any]) -> str:
     return f"{code['site']}, {code['group']}, {code['code']}"
 
@@ -598,22 +622,23 @@ def markdown(report: dict[str, Any]) -> str:
         f"{len(EVAL_PROMPTS)} prompts x {exp['samples']} samples x {exp['new_tokens']} new "
         "tokens, temperature 1; on-topic: the TopicClassifier's top topic is the target. "
         "Topic code precision/recall: for 'token is in a story of this topic' on held-out "
-        f"stories. Unsteered perplexity {steering['unsteered_perplexity']:.2f}.",
+        f"stories. Unsteered perplexity {steering['unsteered_perplexity']:.2f}.{_judge(report)}",
         "",
         "| topic | codes (site, group, id) (how) | code precision % | "
-        "topic tokens hit % | before % | after % | perplexity | ratio |",
+        "topic tokens hit % | before % (95% CI) | after % (95% CI) | perplexity | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    n = len(EVAL_PROMPTS) * exp["samples"]  # generations per share
     for r in steering["topics"]:
         if "steer" not in r:
-            lines.append(f"| {r['topic']} | none | | | {_pct(r['before'])} | | | |")
+            lines.append(f"| {r['topic']} | none | | | {_share(r['before'], n)} | | | |")
             continue
         codes = r["steer"].get("codes") or r["steer"]["swaps"]
         lines.append(
             f"| {r['topic']} | {'; '.join(_code_name(c) for c in codes)} "
             f"({_option_name(r['steer'])}) | {' / '.join(_pct(c['precision']) for c in codes)} | "
-            f"{' / '.join(_pct(c['recall']) for c in codes)} | {_pct(r['before'])} | "
-            f"{_pct(r['after'])} | {r['perplexity']:.2f} | {r['perplexity_ratio']:.2f} |"
+            f"{' / '.join(_pct(c['recall']) for c in codes)} | {_share(r['before'], n)} | "
+            f"{_share(r['after'], n)} | {r['perplexity']:.2f} | {r['perplexity_ratio']:.2f} |"
         )
     if "baselines" in report:
         lines += ["", *baselines_markdown(report["baselines"])]
@@ -677,7 +702,7 @@ def summary_line(report: dict[str, Any]) -> str:
 
 def baselines_markdown(section: dict[str, Any]) -> list[str]:
     """The codes-against-baselines table of a steering report."""
-    from codelens.experiments.baselines import sweep_lines, table_markdown
+    from codelens.experiments.baselines import probing_markdown, sweep_lines, table_markdown
 
     return [
         "## Codes against baselines",
@@ -695,6 +720,7 @@ def baselines_markdown(section: dict[str, Any]) -> list[str]:
         "",
         *table_markdown(section["rows"]),
         *sweep_lines(section),
+        *(["", *probing_markdown(section["probing"])] if "probing" in section else []),
     ]
 
 
