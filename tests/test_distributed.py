@@ -1,6 +1,7 @@
 """Training over several processes (gloo, 2 CPU processes under torchrun): DDP and FSDP2
 follow one process, a killed DDP run resumes bit-equal, checkpoints cross between FSDP
-and one process, and the ranks agree on resuming and on stopping.
+and one process, the ranks agree on resuming and on stopping, and they split evaluation and
+k-means initialisation between them.
 
 The runs that are compared with one process train in float64. In float32 the two differ
 at first by reduction order (about 1e-7), and a tie between two codes that this flips
