@@ -1,6 +1,7 @@
 """Training over several processes (gloo, 2 CPU processes under torchrun): DDP and FSDP2
 follow one process, a killed DDP run resumes bit-equal, checkpoints cross between FSDP
-and one process, and the ranks agree on resuming and on stopping.
+and one process, the ranks agree on resuming and on stopping, and they split evaluation and
+k-means initialisation between them.
 
 The runs that are compared with one process train in float64. In float32 the two differ
 at first by reduction order (about 1e-7), and a tie between two codes that this flips
@@ -20,14 +21,19 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
+from safetensors.torch import load_file
+from scripts.dist_shards import eval_setup, kmeans_cases
+from scripts.work_counter import counting_work
 from test_training import config, final_weights
 
 from codelens import CodebookConfig
 from codelens.training import state as train_state
+from codelens.training.init import kmeans
 from codelens.training.parallel import resolve_device
-from codelens.training.trainer import train
+from codelens.training.trainer import evaluate, train
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_run.py"
+SHARDS_SCRIPT = Path(__file__).parent / "scripts" / "dist_shards.py"
 # 20 steps of 384 tokens; the dead-code window closes every 3 steps, with dead codes to revive.
 # gloo on the CPU, also where a GPU is present (the ranks would otherwise each want one).
 RUN = dict(
@@ -40,6 +46,7 @@ RUN = dict(
     keep_checkpoints=4,
 )
 EXACT = 1e-9  # float64: measured differences are about 1e-14
+EVAL_EXACT = 1e-12  # float64 evaluation figures, relative (explained variance can be -185)
 
 
 def torchrun(
@@ -50,6 +57,12 @@ def torchrun(
     where = where or Path(cfg.run_dir).parent
     cfg_file = where / f"{Path(cfg.run_dir).name}.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
+    return launch(SCRIPT, str(cfg_file), *flags, cwd=cfg_file.parent, timeout=timeout)
+
+
+def launch(script: Path, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``script`` in 2 gloo processes under torchrun, killed (launcher and ranks) when
+    it runs past ``timeout`` seconds."""
     with socket.socket() as probe:  # a free port: a fixed one can collide and hang a rank
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -59,9 +72,8 @@ def torchrun(
         "torch.distributed.run",
         "--nproc_per_node=2",
         f"--master_port={port}",
-        str(SCRIPT),
-        str(cfg_file),
-        *flags,
+        str(script),
+        *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", **{TAG: f"{os.getpid()}-{port}"})
     proc = subprocess.Popen(
@@ -70,7 +82,7 @@ def torchrun(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        cwd=cfg_file.parent,
+        cwd=cwd,
         start_new_session=True,  # on a timeout, the launcher and its ranks go together
     )
     try:
@@ -127,9 +139,12 @@ def resumable_copy(run_dir: Path, to: Path, step: int) -> Path:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
-    """The one-process run every multi-process run is compared with."""
+    """The one-process run every multi-process run is compared with; the rows it ran in
+    k-means initialisation and evaluation are in work.json beside it."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    train_float64(config(run_dir, **RUN))
+    with counting_work() as work:
+        train_float64(config(run_dir, **RUN))
+    (run_dir.parent / "work.json").write_text(json.dumps(work))
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
     assert any(x.get("dead", 0) > 0 for x in lines), "no dead codes: nothing would be revived"
     return run_dir
@@ -138,7 +153,7 @@ def single(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    ok(torchrun(config(run_dir, **RUN), "--float64"))
+    ok(torchrun(config(run_dir, **RUN), "--float64", "--report"))
     return run_dir
 
 
@@ -162,7 +177,7 @@ def test_killed_ddp_run_resumes_bit_equal(ddp, tmp_path):
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("fsdp") / "run"
-    ok(torchrun(config(run_dir, **RUN, parallel="fsdp"), "--float64"))
+    ok(torchrun(config(run_dir, **RUN, parallel="fsdp"), "--float64", "--report"))
     return run_dir
 
 
@@ -180,6 +195,60 @@ def test_checkpoints_cross_between_fsdp_and_one_process(single, fsdp, tmp_path):
     back = resumable_copy(fsdp, tmp_path / "from_fsdp", 10)
     train_float64(config(back, **RUN))
     assert_close(final_weights(single), final_weights(back), atol=EXACT)
+
+
+def evaluations(run_dir: Path) -> list[dict]:
+    lines = map(json.loads, (run_dir / "metrics.jsonl").open())
+    return [{k: v for k, v in x.items() if k != "split"} for x in lines if x["split"] == "eval"]
+
+
+def check_shared_work(single: Path, run_dir: Path) -> None:
+    """Each rank ran half the rows of one process's k-means initialisation and of its
+    evaluations, and every rank got one process's evaluation figures."""
+    one = json.loads((single.parent / "work.json").read_text())
+    reports = [json.loads((run_dir.parent / f"report-rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(rows > 0 and rows % 2 == 0 for rows in one.values()), one
+    work = {phase: [report["work"][phase] for report in reports] for phase in one}
+    assert work == {phase: [rows // 2] * 2 for phase, rows in one.items()}
+    expected = json.loads((single / "final_eval.json").read_text())
+    for rank, report in enumerate(reports):
+        assert report["final_eval"].keys() == expected.keys(), rank
+        for key, value in expected.items():
+            assert report["final_eval"][key] == pytest.approx(
+                value, rel=EVAL_EXACT, abs=EVAL_EXACT
+            ), key
+    logged, logged_one = evaluations(run_dir), evaluations(single)
+    assert [x["step"] for x in logged] == [x["step"] for x in logged_one] == [5, 10, 15, 20]
+    for line, line_one in zip(logged, logged_one, strict=True):
+        assert line == pytest.approx(line_one, rel=EVAL_EXACT, abs=EVAL_EXACT)
+
+
+def test_ddp_ranks_share_evaluation_and_kmeans_init(single, ddp):
+    check_shared_work(single, ddp)
+
+
+def test_fsdp_ranks_share_evaluation_and_kmeans_init(single, fsdp):
+    check_shared_work(single, fsdp)
+
+
+def test_sharded_kmeans_and_evaluation_equal_one_process(tmp_path):
+    """`kmeans` on unequal shares of the samples (random and k-means++ starts, chunked
+    assignment, empty clusters, fewer samples than clusters) and `evaluate` of each
+    rank's rows, called directly: every rank gets one process's result."""
+    ok(launch(SHARDS_SCRIPT, str(tmp_path), cwd=tmp_path, timeout=180))
+    ranks = [load_file(tmp_path / f"kmeans-rank{r}.safetensors") for r in (0, 1)]
+    for name, (x, kwargs) in kmeans_cases().items():
+        one = kmeans(x, generator=torch.Generator().manual_seed(3), **kwargs)
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], one, atol=1e-10, rtol=0, msg=name)
+    figures = [json.loads((tmp_path / f"eval-rank{r}.json").read_text()) for r in (0, 1)]
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.float64, EVAL_EXACT)):
+        model, batches = eval_setup(dtype)
+        one = evaluate(model, batches)
+        for rank in (0, 1):
+            got = figures[rank][str(dtype)]
+            assert got.keys() == one.keys()
+            assert got == pytest.approx(one, rel=tolerance, abs=tolerance), (dtype, rank)
 
 
 def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):

@@ -5,7 +5,7 @@ each rank holds the whole model; with ``fsdp`` (``torch.distributed.fsdp.fully_s
 per block and then the root) each parameter, codebooks included, is a DTensor sharded
 along dim 0. The helpers here hide that difference from the trainer: the full value of a
 (possibly sharded) tensor, writing a full value into one, and the few collectives the
-trainer needs (rank 0's word broadcast, a global all-finite check).
+trainer needs (rank 0's word broadcast, a global all-finite check, sums over ranks).
 """
 
 from __future__ import annotations
@@ -118,6 +118,15 @@ def mean_over_ranks(values: Tensor, ranks: Ranks) -> Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values / ranks.world
+
+
+def sum_over_ranks(values: Tensor, ranks: Ranks) -> Tensor:
+    """The sum of ``values`` over ranks, on every rank (``values`` itself for one process)."""
+    if not ranks.several:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values
 
 
 # ------------------------------------------------------------------------ wrapping

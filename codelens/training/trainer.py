@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -339,33 +340,43 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: HookedCodebookTransformer, batches: list[Tensor], micro_batch: int = 0
+    model: HookedCodebookTransformer,
+    batches: list[Tensor],
+    micro_batch: int = 0,
+    ranks: parallel.Ranks | None = None,
 ) -> dict[str, float]:
     """LM loss and accuracy with and without codebooks, and per-site reconstruction quality.
 
     Each batch runs in forwards of ``micro_batch`` rows (0: the whole batch at once),
     so memory is bounded by the micro-batch (its logits and cached site activations);
-    the figures are those of whole batches, averaged over batches.
+    the figures are those of whole batches, averaged over batches. Under several
+    processes (``ranks``) each rank runs only its share of every batch's rows and the
+    sums the figures are made of are added over ranks (one all-reduce at the end), so
+    every rank returns the figures of one process on the whole batches.
     """
+    ranks = ranks or parallel.Ranks()
     was_training = model.training
     model.eval()
     sites = list(model.codebooks)
     names = set(sites) | {f"{s}.hook_quantized" for s in sites}
-    totals: dict[str, float] = {}
-
-    def add(key: str, value: float) -> None:
-        totals[key] = totals.get(key, 0.0) + value / len(batches)
-
+    device = next(model.parameters()).device
+    per_batch = []
     for tokens in batches:
-        sums = {key: 0.0 for key in ("lm_loss", "accuracy", "lm_loss_bypassed")}
-        recon = {site: ReconstructionTotals() for site in sites}
-        for micro in tokens.split(micro_batch or len(tokens)):
-            share = len(micro) / len(tokens)  # every row has as many predictions
+        if len(tokens) % ranks.world:
+            raise ValueError(
+                f"an evaluation batch of {len(tokens)} rows does not split evenly over "
+                f"{ranks.world} processes; use a multiple of {ranks.world} rows"
+            )
+        own = tokens.tensor_split(ranks.world)[ranks.rank].to(device)
+        lm = torch.zeros(4, dtype=torch.float64, device=device)  # _lm_sums, bypassed loss
+        recon = {}
+        for site in sites:
+            cb = model.codebook(site)
+            recon[site] = ReconstructionTotals(cb.n_groups, cb.d, device)
+        for micro in own.split(micro_batch or len(own)):
             logits, cache = model.run_with_cache(micro, names_filter=lambda n: n in names)
-            loss, acc = _lm_metrics(logits, micro)
+            lm[:3] += _lm_sums(logits, micro)
             del logits
-            sums["lm_loss"] += loss * share
-            sums["accuracy"] += acc * share
             for site in sites:
                 cb = model.codebook(site)
                 x = cache[site].reshape(-1, cb.n_groups, cb.d)
@@ -374,17 +385,27 @@ def evaluate(
             del cache
             if sites:
                 with model.codebooks_bypassed():
-                    sums["lm_loss_bypassed"] += _lm_metrics(model(micro), micro)[0] * share
-        add("lm_loss", sums["lm_loss"])
-        add("accuracy", sums["accuracy"])
-        for site in sites:
-            for key, value in recon[site].metrics().items():
-                add(f"{site}/{key}", value)
+                    lm[3] += _lm_sums(model(micro), micro)[1]
+        per_batch.append(torch.cat([lm, *(recon[site].sums for site in sites)]))
+    model.train(was_training)
+    if not per_batch:
+        return {}
+    summed = parallel.sum_over_ranks(torch.stack(per_batch), ranks).cpu()
+    totals: dict[str, float] = {}
+    for row in summed:
+        predictions, loss, correct, loss_bypassed = row[:4].tolist()
+        figures = {"lm_loss": loss / predictions, "accuracy": correct / predictions}
         if sites:
-            add("lm_loss_bypassed", sums["lm_loss_bypassed"])
+            figures["lm_loss_bypassed"] = loss_bypassed / predictions
+        at = 4
+        for site, part in recon.items():
+            part.sums = row[at : at + len(part.sums)]
+            at += len(part.sums)
+            figures |= {f"{site}/{key}": value for key, value in part.metrics().items()}
+        for key, value in figures.items():
+            totals[key] = totals.get(key, 0.0) + value / len(batches)
     if sites:
         totals["bottleneck_cost"] = totals["lm_loss"] - totals["lm_loss_bypassed"]
-    model.train(was_training)
     return totals
 
 
@@ -393,10 +414,15 @@ def _autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
 
-def _lm_metrics(logits: Tensor, tokens: Tensor) -> tuple[float, float]:
+def _lm_sums(logits: Tensor, tokens: Tensor) -> Float[Tensor, "3"]:
+    """(predictions, summed next-token cross-entropy, correct predictions), in float64
+    on the device; the loss is computed in at least float32 (bf16 logits are upcast)."""
     pred, target = logits[:, :-1], tokens[:, 1:]
-    loss = F.cross_entropy(pred.flatten(0, 1).float(), target.flatten())
-    return float(loss), float((pred.argmax(-1) == target).float().mean())
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
+    loss = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="sum")
+    correct = (pred.argmax(-1) == target).sum()
+    loss = loss.double()
+    return torch.stack([loss.new_tensor(target.numel()), loss, correct.double()])
 
 
 # ---------------------------------------------------------------------------- logging
@@ -554,6 +580,7 @@ def _prepare(
             method=config.init,
             samples=config.init_samples,
             generator=torch.Generator().manual_seed(config.seed),
+            ranks=ranks,  # each rank runs its share of the samples
         )
     trainable = parallel.wrap(model, config.parallel, ranks)  # after init: every rank starts equal
     optimizer = _optimizer(model, config)  # after sharding: it holds the sharded parameters
@@ -727,13 +754,12 @@ def _optimizer_step(run: _Run, step: int) -> float:
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
-    """Held-out metrics, not counted as code usage. Rank 0 evaluates; with a sharded model
-    every rank runs the forwards with it (each holds only part of the weights)."""
-    if not (run.ranks.main or parallel.is_sharded(run.model)):
-        return {}
+    """Held-out metrics, not counted as code usage, the same on every rank: each rank
+    evaluates its share of the rows (with a sharded model every rank must run forwards
+    anyway) and the sums are added over ranks."""
     with run.monitor.paused(), parallel.root_gathered(run.model):
         with _autocast(run.config, run.device):  # the run's precision and micro-batches
-            return evaluate(run.model, run.eval_batches, run.config.eval_micro_batch)
+            return evaluate(run.model, run.eval_batches, run.config.eval_micro_batch, run.ranks)
 
 
 def _save_checkpoint(run: _Run, done: int) -> None:

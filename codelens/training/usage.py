@@ -200,37 +200,43 @@ def reconstruction_metrics(
     quantized: Float[Tensor, "N G d"], inputs: Float[Tensor, "N G d"]
 ) -> dict[str, float]:
     """MSE of the quantised activations and the share of input variance they explain."""
-    totals = ReconstructionTotals()
+    _, groups, d = inputs.shape
+    totals = ReconstructionTotals(groups, d, inputs.device)
     totals.add(quantized, inputs)
     return totals.metrics()
 
 
 class ReconstructionTotals:
-    """`reconstruction_metrics` of one batch, summed over its micro-batches.
+    """`reconstruction_metrics` of one batch, summed over its micro-batches (and ranks).
 
-    Keeps the sums the two metrics are made of (float64), so a batch evaluated in
-    pieces gives the same figures as the whole batch at once.
+    Keeps the sums the two metrics are made of in one float64 vector on the inputs'
+    device (tokens, squared error, squares, then the sum of the inputs per group and
+    dimension): adding micro-batches reads nothing back to the host, and the vector of
+    each rank's rows summed over ranks gives the figures of the whole batch.
     """
 
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.squared_error = self.squares = 0.0
-        self.total: Tensor | float = 0.0
+    def __init__(self, groups: int, d: int, device: torch.device | str | None = None) -> None:
+        self.groups, self.d = groups, d
+        self.sums: Float[Tensor, " S"] = torch.zeros(
+            3 + groups * d, dtype=torch.float64, device=device
+        )
 
     def add(self, quantized: Float[Tensor, "N G d"], inputs: Float[Tensor, "N G d"]) -> None:
         x = inputs.double()
-        self.tokens += len(x)
-        self.squared_error += float((quantized.double() - x).pow(2).sum())
-        self.squares += float(x.pow(2).sum())
-        self.total = self.total + x.sum(0)
+        self.sums[0] += len(x)
+        self.sums[1] += (quantized.double() - x).pow(2).sum()
+        self.sums[2] += x.pow(2).sum()
+        self.sums[3:] += x.sum(0).flatten()
 
     def metrics(self) -> dict[str, float]:
-        n, (groups, d) = self.tokens, self.total.shape
-        centred = self.squares - float(self.total.pow(2).sum()) / n  # sum |x - mean|^2
+        n, squared_error, squares = self.sums[:3].tolist()
+        total = self.sums[3:]
+        groups, d = self.groups, self.d
+        centred = squares - float(total.pow(2).sum()) / n  # sum |x - mean|^2
         variance = max(centred / (n * groups), 1e-12)
-        error = self.squared_error / (n * groups)
+        error = squared_error / (n * groups)
         return {
-            "mse": self.squared_error / (n * groups * d),
+            "mse": squared_error / (n * groups * d),
             "explained_variance": 1 - error / variance,
         }
 

@@ -1,6 +1,6 @@
 """Run a small training job under torchrun, with faults injected (used by test_distributed).
 
-python dist_run.py CONFIG.json [--float64] [--kill-at N] [--nan-at N] [--own-dir]
+python dist_run.py CONFIG.json [--float64] [--kill-at N] [--nan-at N] [--own-dir] [--report]
 
 --float64    build and train the model in float64
 
@@ -9,9 +9,13 @@ python dist_run.py CONFIG.json [--float64] [--kill-at N] [--nan-at N] [--own-dir
              with NonFiniteLossError writes nonfinite-rank{R}.txt (the step) beside the config
 --own-dir    each rank runs in its own directory rank{R}/ (a relative run_dir is then a
              disk the ranks do not share)
+--report     each rank writes report-rank{R}.json beside the config: the rows it ran
+             in k-means initialisation and in evaluation (`work_counter`), and its
+             final evaluation
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
+from work_counter import counting_work  # noqa: E402
 
 from codelens.model import HookedCodebookTransformer  # noqa: E402
 from codelens.training.config import TrainConfig  # noqa: E402
@@ -32,6 +37,7 @@ parser.add_argument("--float64", action="store_true")
 parser.add_argument("--kill-at", type=int)
 parser.add_argument("--nan-at", type=int)
 parser.add_argument("--own-dir", action="store_true")
+parser.add_argument("--report", action="store_true")
 args = parser.parse_args()
 rank = int(os.environ.get("RANK", "0"))
 if args.float64:
@@ -61,7 +67,11 @@ def on_step(done, metrics):
 
 
 try:
-    train(config, progress=False, on_step=on_step)
+    with counting_work() if args.report else contextlib.nullcontext() as work:
+        result = train(config, progress=False, on_step=on_step)
+    if args.report:
+        report = {"work": work, "final_eval": result.final_eval}
+        (config_file.parent / f"report-rank{rank}.json").write_text(json.dumps(report))
 except NonFiniteLossError as err:
     (config_file.parent / f"nonfinite-rank{rank}.txt").write_text(str(steps_done[0]))
     print(f"rank {rank}: {err}", file=sys.stderr)
