@@ -168,3 +168,36 @@ def test_add_direction_hooks_add_exactly_scale_times_direction_where_asked(model
     assert torch.equal(after[hook], clean[hook]), "no hook is left behind"
     with pytest.raises(ValueError, match="no hook"):
         add_direction_hooks(model, "blocks.9.hook_resid_pre", direction, 1.0)
+
+
+def test_mean_difference_baseline_sweeps_its_scale_on_the_code_prompts(model):
+    from types import SimpleNamespace
+
+    from codelens.data.stories import TOPICS
+    from codelens.experiments.baselines import steer_with_direction, unsteered
+    from codelens.steering import steering_trial
+
+    class Classifier:  # a fake: on the first topic when a text has more 1s than 2s
+        def predict(self, texts):
+            return [TOPICS[0] if t.count("1") > t.count("2") else "other" for t in texts]
+
+    exp = SimpleNamespace(
+        topics=(TOPICS[0],), topic_skip=2, samples=2, sweep_samples=2, new_tokens=6, seed=0,
+        max_perplexity_ratio=100.0, baselines={"direction_scales": [0.0, 3.0]},
+    )  # fmt: skip
+    prompts = (("12", "3"), ("45", "6"))  # (eval, sweep)
+    tokens = _docs(4, n=6, length=10)
+    topic_of_row = torch.tensor([0, 1, 0, 2, 0, 3])
+    plain = unsteered(model, Classifier(), exp, prompts)
+    (row,) = steer_with_direction(model, tokens, topic_of_row, Classifier(), exp, plain, prompts)
+    assert row["topic"] == TOPICS[0] and row["hook"] == resid_pre(1)
+    assert row["before"] == plain["before"][TOPICS[0]]
+    assert [o["scale"] for o in row["sweep"]] == [0.0, 3.0]
+    unsteered_sweep = steering_trial(
+        model, model, Classifier(), TOPICS[0], None, prompts[1], samples=2, new_tokens=6, seed=200
+    )
+    zero = row["sweep"][0]  # adding nothing: exactly the unsteered sweep, same prompts and seeds
+    assert zero["on_topic"] == unsteered_sweep.on_topic
+    assert zero["perplexity_ratio"] == pytest.approx(1.0)
+    assert row["scale"] in (0.0, 3.0) and 0 <= row["after"] <= 1
+    assert row["sweep"][1]["perplexity_ratio"] != pytest.approx(1.0), "3x the direction acts"
