@@ -75,15 +75,17 @@ __all__ = [
 def force_code_hooks(
     model: HookedCodebookTransformer,
     codes: Sequence[Code],
-    slots: str,
+    slots: str | int,
     positions: Positions = None,
 ) -> HookList:
     """Hooks forcing ``codes`` on at ``positions`` (default: all); codes of one (site,
     group) go together.
 
-    With ``slots="all"`` a head's codes are repeated to fill its k slots, so its output
-    keeps its usual size (k-means codes start as centroids divided by k): one code alone
-    in k empty slots would mostly silence the head rather than steer it.
+    How strongly: ``slots="lowest"`` puts each code in one of its head's lowest-scoring
+    slots (the head keeps its best codes); an int m fills the m lowest slots, the head's
+    codes repeated; ``slots="all"`` fills all k slots, so the head writes only the
+    forced codes, at its usual size (k-means codes start as centroids divided by k): one
+    code alone in k empty slots would mostly silence the head rather than steer it.
     """
     by_key: dict[tuple[str, int], list[int]] = {}
     for c in codes:
@@ -92,11 +94,26 @@ def force_code_hooks(
         by_key.setdefault((c.site, c.group), []).append(c.id)
     hooks = []
     for (site, group), ids in by_key.items():
-        if slots == "all":
-            k = model.codebooks[site].k
-            ids = (ids * -(-k // len(ids)))[:k]
-        hooks += force_codes(model, site, ids, group=group, slots=slots, positions=positions)
+        fill = _fill(model, site, slots)
+        if fill < len(ids):
+            raise ValueError(f"{len(ids)} codes of {site} group {group} do not fit {fill} slots")
+        if slots != "lowest":
+            ids = (ids * -(-fill // len(ids)))[:fill]
+        mode = "all" if slots == "all" else "lowest"
+        hooks += force_codes(model, site, ids, group=group, slots=mode, positions=positions)
     return hooks
+
+
+def _fill(model: HookedCodebookTransformer, site: str, slots: str | int) -> int:
+    """How many of the lowest slots a single forced code fills at ``site``."""
+    k = model.codebooks[site].k
+    if slots == "all":
+        return k
+    if slots == "lowest":
+        return 1
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= k:
+        raise ValueError(f"slots must be 'lowest', 'all' or an int in [1, k={k}], got {slots!r}")
+    return slots
 
 
 def swap_code_hooks(
@@ -333,20 +350,17 @@ def _row_forcing(
     groups: Int[Tensor, " r"],
     ids: Int[Tensor, " r"],
     start: int,
-    slots: str,
+    fill: int,
 ) -> Callable[[Tensor, Any], Tensor]:
-    """A ``hook_codes`` hook forcing code ``ids[i]`` of group ``groups[i]`` into batch row
-    ``rows[i]`` from position ``start`` on (all k slots, or the lowest one)."""
+    """A ``hook_codes`` hook putting code ``ids[i]`` of group ``groups[i]`` into the
+    ``fill`` lowest slots of batch row ``rows[i]`` from position ``start`` on."""
 
     def hook(codes: Int[Tensor, "batch pos G k"], hook: Any) -> Tensor:
         codes = codes.clone()
         r, g, i = rows.to(codes.device), groups.to(codes.device), ids.to(codes.device)
-        if slots == "all":
-            codes[r, start:, g] = i[:, None, None].expand(
-                -1, codes.shape[1] - start, codes.shape[3]
-            )
-        else:
-            codes[r, start:, g, -1] = i[:, None].expand(-1, codes.shape[1] - start)
+        lowest = codes[r, start:, g]  # [r, pos - start, k]
+        lowest[..., codes.shape[3] - fill :] = i[:, None, None]
+        codes[r, start:, g] = lowest
         return codes
 
     return hook
@@ -358,7 +372,7 @@ def _mean_logliks(
     tokens: Int[Tensor, "docs pos"],
     codes: Sequence[Code],
     *,
-    slots: str,
+    slots: str | int,
     start: int,
     batch_size: int,
 ) -> tuple[Float[Tensor, " docs"], Float[Tensor, "codes docs"]]:
@@ -384,7 +398,8 @@ def _mean_logliks(
         hooks = []
         for site, entries in by_site.items():
             rows, groups, ids = torch.tensor(entries, dtype=torch.long).unbind(1)
-            hooks.append((codes_hook(site), _row_forcing(rows, groups, ids, start, slots)))
+            fill = _fill(model, site, slots)
+            hooks.append((codes_hook(site), _row_forcing(rows, groups, ids, start, fill)))
         batch = tokens[torch.tensor([d for _, d in chunk], device=device)]
         with model.hooks(fwd_hooks=hooks):
             forced[begin : begin + len(chunk)] = loglik(batch)
@@ -397,7 +412,7 @@ def code_effects(
     topic_tokens: Int[Tensor, "docs pos"],
     other_tokens: Int[Tensor, "docs2 pos2"],
     *,
-    slots: str = "all",
+    slots: str | int = "all",
     start: int = 1,
     batch_size: int = 64,
 ) -> CodeEffects:
@@ -411,8 +426,8 @@ def code_effects(
     """
     codes = tuple(codes)
     _check_codes(model, codes)
-    if slots not in ("all", "lowest"):
-        raise ValueError(f"slots must be 'all' or 'lowest', got {slots!r}")
+    for site in {c.site for c in codes}:
+        _fill(model, site, slots)
     for name, tokens in (("topic_tokens", topic_tokens), ("other_tokens", other_tokens)):
         if tokens.ndim != 2 or tokens.shape[0] == 0 or not 0 <= start < tokens.shape[1] - 1:
             raise ValueError(
@@ -445,10 +460,11 @@ def steering_options(
     ``codes``: best first, one per (site, group) (`CodeEffects.ranked`); ``swaps``:
     named `topic_swaps` lists (e.g. first-layer heads, all heads). Swap options: every
     other topic's codes swapped to this topic's, alone or with this topic's code also
-    forced into the lowest slot. Forcing options, for the best 1, 2, 4, ... codes: each
-    in its head's lowest slot at every position; then in all k slots, only at the
-    prompt's tokens (like a story that has named its topic, then left the model alone),
-    then at every position.
+    forced into the lowest slot. Forcing options (`force_code_hooks`), for the best 1, 2,
+    4, ... codes: each in its head's lowest slot at every position; in its k/2 lowest
+    slots (k >= 4) at every position; then in all k slots, only at the prompt's tokens
+    (like a story that has named its topic, then left the model alone), then at every
+    position.
     """
     options = []
     for name, heads in (swaps or {}).items():
@@ -458,7 +474,8 @@ def steering_options(
         return options
     codes = list(codes)
     counts = sorted({min(2**i, len(codes)) for i in range(len(codes).bit_length() + 1)})
-    ways = [("lowest", "every")] if k > 1 else []
+    ways: list[tuple[str | int, str]] = [("lowest", "every")] if k > 1 else []
+    ways += [(k // 2, "every")] if k >= 4 else []
     ways += [("all", "prompt"), ("all", "every")]
     for slots, positions in ways:
         options += [{"codes": codes[:n], "slots": slots, "positions": positions} for n in counts]

@@ -181,10 +181,17 @@ def test_steering_options_go_from_swaps_to_many_heads():
         {"swaps": swaps["first"], "heads": "first", "force": False},
         {"swaps": swaps["first"], "heads": "first", "force": True},
     ]
-    for ways in (("lowest", "every"), ("all", "prompt"), ("all", "every")):
+    assert [(o["slots"], o["positions"]) for o in options[2::4]] == [
+        ("lowest", "every"),
+        (4, "every"),
+        ("all", "prompt"),
+        ("all", "every"),
+    ]
+    for ways in (("lowest", "every"), (4, "every"), ("all", "prompt"), ("all", "every")):
         chosen = [o["codes"] for o in options if (o.get("slots"), o.get("positions")) == ways]
         assert chosen == [codes[:1], codes[:2], codes[:4], codes]
     assert all(o["slots"] == "all" for o in steering_options(codes, 1))
+    assert {o["slots"] for o in steering_options(codes, 2)} == {"lowest", "all"}
     assert steering_options([], 8) == []
     record = option_record({**options[1], "on_topic": 0.5})
     assert record == {"swaps": [swap.as_dict()], "heads": "first", "force": True, "on_topic": 0.5}

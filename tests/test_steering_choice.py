@@ -22,7 +22,7 @@ from codelens.vocab import Code, attn_site, mlp_site, resid_pre
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return tiny_model(codebook=CodebookConfig(n_codes=8, k=2, sites=("attn", "mlp")))
+    return tiny_model(codebook=CodebookConfig(n_codes=8, k=3, sites=("attn", "mlp")))
 
 
 def _docs(seed, n=5, length=9):
@@ -38,7 +38,7 @@ def _mean_loglik(model, tokens, hooks=()):
     return float(logprobs.gather(-1, tokens[:, 1:, None]).mean())
 
 
-@pytest.mark.parametrize("slots", ["all", "lowest"])
+@pytest.mark.parametrize("slots", ["all", "lowest", 2])
 def test_code_effects_equal_a_loop_over_codes(model, slots):
     codes = [Code(attn_site(0), 1, 3), Code(attn_site(1), 0, 5), Code(mlp_site(0), 0, 2)]
     codes.append(Code(attn_site(0), 2, 7))  # two codes of one site in one batch
@@ -54,6 +54,27 @@ def test_code_effects_equal_a_loop_over_codes(model, slots):
         both = (d_topic * 5 * 8 + d_other * 7 * 11) / (5 * 8 + 7 * 11)
         assert float(effects.fluency[i]) == pytest.approx(both, abs=1e-5)
     assert effects.effect.abs().max() > 1e-3, "random codes change the likelihood"
+
+
+def test_force_code_hooks_fill_as_many_lowest_slots_as_asked(model):
+    site = attn_site(0)
+    name = f"{site}.hook_codes"
+    tokens = _docs(5)
+    _, clean = model.run_with_cache(tokens, names_filter=name)
+    for slots, filled in (("lowest", 1), (2, 2), ("all", 3)):
+        with intervene(model, force_code_hooks(model, [Code(site, 1, 6)], slots)):
+            _, forced = model.run_with_cache(tokens, names_filter=name)
+        assert (forced[name][:, :, 1, 3 - filled :] == 6).all()
+        assert torch.equal(forced[name][:, :, 1, : 3 - filled], clean[name][:, :, 1, : 3 - filled])
+        assert torch.equal(forced[name][:, :, [0, 2, 3]], clean[name][:, :, [0, 2, 3]])
+    two = [Code(site, 1, 6), Code(site, 1, 7)]
+    with intervene(model, force_code_hooks(model, two, 2)):
+        _, forced = model.run_with_cache(tokens, names_filter=name)
+    assert sorted(forced[name][0, 0, 1, 1:].tolist()) == [6, 7]
+    with pytest.raises(ValueError, match="do not fit 1 slots"):
+        force_code_hooks(model, [*two, Code(site, 1, 5)], 1)
+    with pytest.raises(ValueError, match=r"an int in \[1, k=3\]"):
+        force_code_hooks(model, two, 4)
 
 
 def test_a_code_that_changes_nothing_has_zero_effect():
@@ -78,7 +99,7 @@ def test_code_effects_refuse_bad_input(model):
         code_effects(model, [Code("blocks.9.attn.hook_z", 0, 1)], _docs(1), _docs(2))
     with pytest.raises(TypeError, match="Code"):
         code_effects(model, [(attn_site(0), 0, 1)], _docs(1), _docs(2))
-    with pytest.raises(ValueError, match="slots"):
+    with pytest.raises(ValueError, match="slots must be"):
         code_effects(model, [code], _docs(1), _docs(2), slots="some")
     with pytest.raises(ValueError, match="other_tokens"):
         code_effects(model, [code], _docs(1), _docs(2)[:0])
@@ -183,7 +204,7 @@ def test_mean_difference_baseline_sweeps_its_scale_on_the_code_prompts(model):
 
     exp = SimpleNamespace(
         topics=(TOPICS[0],), topic_skip=2, samples=2, sweep_samples=2, new_tokens=6, seed=0,
-        max_perplexity_ratio=100.0, baselines={"direction_scales": [0.0, 3.0]},
+        max_perplexity_ratio=100.0, baselines={"direction_scales": [0.0, 30.0]},
     )  # fmt: skip
     prompts = (("12", "3"), ("45", "6"))  # (eval, sweep)
     tokens = _docs(4, n=6, length=10)
@@ -192,12 +213,12 @@ def test_mean_difference_baseline_sweeps_its_scale_on_the_code_prompts(model):
     (row,) = steer_with_direction(model, tokens, topic_of_row, Classifier(), exp, plain, prompts)
     assert row["topic"] == TOPICS[0] and row["hook"] == resid_pre(1)
     assert row["before"] == plain["before"][TOPICS[0]]
-    assert [o["scale"] for o in row["sweep"]] == [0.0, 3.0]
+    assert [o["scale"] for o in row["sweep"]] == [0.0, 30.0]
     unsteered_sweep = steering_trial(
         model, model, Classifier(), TOPICS[0], None, prompts[1], samples=2, new_tokens=6, seed=200
     )
     zero = row["sweep"][0]  # adding nothing: exactly the unsteered sweep, same prompts and seeds
     assert zero["on_topic"] == unsteered_sweep.on_topic
     assert zero["perplexity_ratio"] == pytest.approx(1.0)
-    assert row["scale"] in (0.0, 3.0) and 0 <= row["after"] <= 1
-    assert row["sweep"][1]["perplexity_ratio"] != pytest.approx(1.0), "3x the direction acts"
+    assert row["scale"] in (0.0, 30.0) and 0 <= row["after"] <= 1
+    assert row["sweep"][1]["perplexity_ratio"] != pytest.approx(1.0), "30x the direction acts"
