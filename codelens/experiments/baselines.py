@@ -63,7 +63,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "train_blocks": 512,  # stories: blocks of training text to fit on
     "ica_tokens": 10_000,
     "strengths": [2.0, 4.0],  # steering: clamp values, in multiples of the feature's mean
-    "direction_scales": [1.0, 2.0, 4.0, 8.0],  # mean-difference steering: multiples of it
+    "direction_scales": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0],  # mean-difference steering: multiples
 }
 
 
