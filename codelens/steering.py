@@ -5,23 +5,41 @@ Hooks from codes: `force_code_hooks` forces `Code`s on (e.g. the ``.code`` of
 (`codelens.analysis.topic_swaps`). Then `generate_texts` samples continuations
 under those hooks, `continuation_texts` decodes them, `perplexity` (under a reference
 model) and `heldout_loss` measure fluency, and `on_topic_share` counts the texts a
-`codelens.data.stories.TopicClassifier` puts on a topic. `steering_trial` does all of
-that for one hook list, and `sweep_steering` tries options (codes or features, any
-hooks) and picks the most on-topic one that stays fluent.
+topic classifier puts on a topic. `steering_trial` does all of that for one hook list,
+and `sweep_steering` tries options (codes or features, any hooks) and picks the most
+on-topic one that stays fluent.
+
+Choosing what to steer with, by what it does rather than by how precisely it fires:
+`code_effects` measures, teacher-forced and batched, how much forcing each candidate
+code raises the likelihood of a topic's documents over other documents; `choose_steering`
+builds options from the best codes (`steering_options`: how many, which slots, which
+positions) and sweeps them by generation under a fluency guard (`option_trial`,
+`option_hooks`, `option_record`).
+
+The activation-addition baseline: `mean_difference_direction` (topic documents' mean
+activation at a hook minus other documents') and `add_direction_hooks`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from codelens.interventions import HookList, Positions, force_codes, intervene, swap_codes
-from codelens.vocab import Code
+from codelens.interventions import (
+    HookList,
+    Positions,
+    force_codes,
+    intervene,
+    position_selector,
+    swap_codes,
+)
+from codelens.vocab import Code, cached_batches, codes_hook
 
 if TYPE_CHECKING:
     from codelens.analysis.topics import TopicSwap
@@ -29,13 +47,22 @@ if TYPE_CHECKING:
     from codelens.model import HookedCodebookTransformer
 
 __all__ = [
+    "CodeEffects",
     "SteeringTrial",
+    "add_direction_hooks",
+    "choose_steering",
+    "code_effects",
     "continuation_texts",
     "force_code_hooks",
     "generate_texts",
     "heldout_loss",
+    "mean_difference_direction",
     "on_topic_share",
+    "option_hooks",
+    "option_record",
+    "option_trial",
     "perplexity",
+    "steering_options",
     "steering_trial",
     "swap_code_hooks",
     "sweep_steering",
@@ -48,15 +75,17 @@ __all__ = [
 def force_code_hooks(
     model: HookedCodebookTransformer,
     codes: Sequence[Code],
-    slots: str,
+    slots: str | int,
     positions: Positions = None,
 ) -> HookList:
     """Hooks forcing ``codes`` on at ``positions`` (default: all); codes of one (site,
     group) go together.
 
-    With ``slots="all"`` a head's codes are repeated to fill its k slots, so its output
-    keeps its usual size (k-means codes start as centroids divided by k): one code alone
-    in k empty slots would mostly silence the head rather than steer it.
+    How strongly: ``slots="lowest"`` puts each code in one of its head's lowest-scoring
+    slots (the head keeps its best codes); an int m fills the m lowest slots, the head's
+    codes repeated; ``slots="all"`` fills all k slots, so the head writes only the
+    forced codes, at its usual size (k-means codes start as centroids divided by k): one
+    code alone in k empty slots would mostly silence the head rather than steer it.
     """
     by_key: dict[tuple[str, int], list[int]] = {}
     for c in codes:
@@ -65,11 +94,26 @@ def force_code_hooks(
         by_key.setdefault((c.site, c.group), []).append(c.id)
     hooks = []
     for (site, group), ids in by_key.items():
-        if slots == "all":
-            k = model.codebooks[site].k
-            ids = (ids * -(-k // len(ids)))[:k]
-        hooks += force_codes(model, site, ids, group=group, slots=slots, positions=positions)
+        fill = _fill(model, site, slots)
+        if fill < len(ids):
+            raise ValueError(f"{len(ids)} codes of {site} group {group} do not fit {fill} slots")
+        if slots != "lowest":
+            ids = (ids * -(-fill // len(ids)))[:fill]
+        mode = "all" if slots == "all" else "lowest"
+        hooks += force_codes(model, site, ids, group=group, slots=mode, positions=positions)
     return hooks
+
+
+def _fill(model: HookedCodebookTransformer, site: str, slots: str | int) -> int:
+    """How many of the lowest slots a single forced code fills at ``site``."""
+    k = model.codebooks[site].k
+    if slots == "all":
+        return k
+    if slots == "lowest":
+        return 1
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= k:
+        raise ValueError(f"slots must be 'lowest', 'all' or an int in [1, k={k}], got {slots!r}")
+    return slots
 
 
 def swap_code_hooks(
@@ -233,3 +277,374 @@ def sweep_steering(
         swept.append({**option, "on_topic": result.on_topic, "perplexity_ratio": ratio})
     fluent = [o for o in swept if o["perplexity_ratio"] <= max_perplexity_ratio]
     return swept, max(fluent, key=lambda o: o["on_topic"]) if fluent else None
+
+
+# ---------------------------------------------------------------------------- measured effects
+
+
+@dataclass(frozen=True)
+class CodeEffects:
+    """What forcing each code does to held-out documents (`code_effects`).
+
+    Per code, the change of the mean per-token log-likelihood (nats) against the unforced
+    model: ``topic`` on the topic's documents, ``other`` on other topics' documents, and
+    ``fluency`` on both together (token-weighted; a large drop means the code breaks the
+    model). ``effect`` = ``topic - other``: how much more the forced model expects the
+    topic's text than other text.
+    """
+
+    codes: tuple[Code, ...]
+    topic: Float[Tensor, " codes"]
+    other: Float[Tensor, " codes"]
+    fluency: Float[Tensor, " codes"]
+
+    @property
+    def effect(self) -> Float[Tensor, " codes"]:
+        return self.topic - self.other
+
+    def ranked(
+        self, top: int | None = None, *, min_effect: float = 0.0, one_per_head: bool = True
+    ) -> list[Code]:
+        """Codes by effect, best first: those above ``min_effect``, at most ``top``, and
+        with ``one_per_head`` only the best of each (site, group), so they force together."""
+        order = torch.sort(self.effect, descending=True, stable=True).indices.tolist()
+        picks: list[Code] = []
+        heads: set[tuple[str, int]] = set()
+        for i in order:
+            code = self.codes[i]
+            if float(self.effect[i]) <= min_effect or len(picks) == top:
+                break
+            if one_per_head and (code.site, code.group) in heads:
+                continue
+            heads.add((code.site, code.group))
+            picks.append(code)
+        return picks
+
+    def record(self, code: Code) -> dict[str, float]:
+        """One code's numbers, JSON-ready: ``{"effect", "topic", "other", "fluency"}``."""
+        i = self.codes.index(code)
+        return {
+            "effect": float(self.effect[i]),
+            "topic": float(self.topic[i]),
+            "other": float(self.other[i]),
+            "fluency": float(self.fluency[i]),
+        }
+
+
+def _check_codes(model: HookedCodebookTransformer, codes: Sequence[Code]) -> None:
+    for c in codes:
+        if not isinstance(c, Code):
+            raise TypeError(f"codes must be Code(site, group, id)s, got {c!r}")
+        if c.site not in model.codebooks:
+            raise ValueError(f"no codebook at {c.site!r}; sites: {list(model.codebooks)}")
+        layer = model.codebooks[c.site]
+        if not (c.group < layer.n_groups and c.id < layer.n_codes):
+            raise ValueError(
+                f"{c} is outside the codebook at {c.site} "
+                f"({layer.n_groups} groups of {layer.n_codes} codes)"
+            )
+
+
+def _row_forcing(
+    rows: Int[Tensor, " r"],
+    groups: Int[Tensor, " r"],
+    ids: Int[Tensor, " r"],
+    start: int,
+    fill: int,
+) -> Callable[[Tensor, Any], Tensor]:
+    """A ``hook_codes`` hook putting code ``ids[i]`` of group ``groups[i]`` into the
+    ``fill`` lowest slots of batch row ``rows[i]`` from position ``start`` on."""
+
+    def hook(codes: Int[Tensor, "batch pos G k"], hook: Any) -> Tensor:
+        codes = codes.clone()
+        r, g, i = rows.to(codes.device), groups.to(codes.device), ids.to(codes.device)
+        lowest = codes[r, start:, g]  # [r, pos - start, k]
+        lowest[..., codes.shape[3] - fill :] = i[:, None, None]
+        codes[r, start:, g] = lowest
+        return codes
+
+    return hook
+
+
+@torch.no_grad()
+def _mean_logliks(
+    model: HookedCodebookTransformer,
+    tokens: Int[Tensor, "docs pos"],
+    codes: Sequence[Code],
+    *,
+    slots: str | int,
+    start: int,
+    batch_size: int,
+) -> tuple[Float[Tensor, " docs"], Float[Tensor, "codes docs"]]:
+    """Each document's mean next-token log-likelihood, unforced and with each code forced;
+    the (code, document) pairs run ``batch_size`` rows a forward."""
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    n_docs = tokens.shape[0]
+
+    def loglik(batch: Tensor) -> Tensor:
+        logprobs = model(batch).log_softmax(-1)[:, :-1]
+        return logprobs.gather(-1, batch[:, 1:, None])[..., 0].mean(-1).float().cpu()
+
+    plain = torch.cat([loglik(tokens[i : i + batch_size]) for i in range(0, n_docs, batch_size)])
+    pairs = [(c, d) for c in range(len(codes)) for d in range(n_docs)]
+    forced = torch.empty(len(pairs))
+    for begin in range(0, len(pairs), batch_size):
+        chunk = pairs[begin : begin + batch_size]
+        by_site: dict[str, list[tuple[int, int, int]]] = {}
+        for row, (c, _) in enumerate(chunk):
+            code = codes[c]
+            by_site.setdefault(code.site, []).append((row, code.group, code.id))
+        hooks = []
+        for site, entries in by_site.items():
+            rows, groups, ids = torch.tensor(entries, dtype=torch.long).unbind(1)
+            fill = _fill(model, site, slots)
+            hooks.append((codes_hook(site), _row_forcing(rows, groups, ids, start, fill)))
+        batch = tokens[torch.tensor([d for _, d in chunk], device=device)]
+        with model.hooks(fwd_hooks=hooks):
+            forced[begin : begin + len(chunk)] = loglik(batch)
+    return plain, forced.view(len(codes), n_docs)
+
+
+def code_effects(
+    model: HookedCodebookTransformer,
+    codes: Sequence[Code],
+    topic_tokens: Int[Tensor, "docs pos"],
+    other_tokens: Int[Tensor, "docs2 pos2"],
+    *,
+    slots: str | int = "all",
+    start: int = 1,
+    batch_size: int = 64,
+) -> CodeEffects:
+    """Force each code alone (as `force_code_hooks` does, at every position from
+    ``start`` on; the default leaves BOS alone) on held-out documents, teacher-forced, and
+    measure the change of their mean per-token log-likelihood (see `CodeEffects`).
+
+    Documents are rows of token ids (BOS first, no padding); use other documents than
+    those the codes were found on. Forced rows of many codes share one forward
+    (``batch_size`` rows): one pass over (codes x documents), no generation.
+    """
+    codes = tuple(codes)
+    _check_codes(model, codes)
+    for site in {c.site for c in codes}:
+        _fill(model, site, slots)
+    for name, tokens in (("topic_tokens", topic_tokens), ("other_tokens", other_tokens)):
+        if tokens.ndim != 2 or tokens.shape[0] == 0 or not 0 <= start < tokens.shape[1] - 1:
+            raise ValueError(
+                f"{name} must be [documents >= 1, positions > start + 1={start + 1}], "
+                f"got {tuple(tokens.shape)}"
+            )
+    if not codes:
+        return CodeEffects((), torch.zeros(0), torch.zeros(0), torch.zeros(0))
+    model.eval()
+    changes = []
+    for tokens in (topic_tokens, other_tokens):
+        plain, forced = _mean_logliks(
+            model, tokens, codes, slots=slots, start=start, batch_size=batch_size
+        )
+        changes.append((forced - plain).mean(1))
+    n_topic = topic_tokens.shape[0] * (topic_tokens.shape[1] - 1)
+    n_other = other_tokens.shape[0] * (other_tokens.shape[1] - 1)
+    fluency = (changes[0] * n_topic + changes[1] * n_other) / (n_topic + n_other)
+    return CodeEffects(codes, changes[0], changes[1], fluency)
+
+
+# ---------------------------------------------------------------------------- choosing
+
+
+def steering_options(
+    codes: Sequence[Code], k: int, swaps: Mapping[str, Sequence[TopicSwap]] | None = None
+) -> list[dict[str, Any]]:
+    """What `choose_steering` tries, lightest touch first.
+
+    ``codes``: best first, one per (site, group) (`CodeEffects.ranked`); ``swaps``:
+    named `topic_swaps` lists (e.g. first-layer heads, all heads). Swap options: every
+    other topic's codes swapped to this topic's, alone or with this topic's code also
+    forced into the lowest slot. Forcing options (`force_code_hooks`), for the best 1, 2,
+    4, ... codes: each in its head's lowest slot at every position; in its k/2 lowest
+    slots (k >= 4) at every position; then in all k slots, only at the prompt's tokens
+    (like a story that has named its topic, then left the model alone), then at every
+    position.
+    """
+    options = []
+    for name, heads in (swaps or {}).items():
+        if heads:
+            options += [{"swaps": list(heads), "heads": name, "force": f} for f in (False, True)]
+    if not codes:
+        return options
+    codes = list(codes)
+    counts = sorted({min(2**i, len(codes)) for i in range(len(codes).bit_length() + 1)})
+    ways: list[tuple[str | int, str]] = [("lowest", "every")] if k > 1 else []
+    ways += [(k // 2, "every")] if k >= 4 else []
+    ways += [("all", "prompt"), ("all", "every")]
+    for slots, positions in ways:
+        options += [{"codes": codes[:n], "slots": slots, "positions": positions} for n in counts]
+    return options
+
+
+def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> Callable[[int], list]:
+    """Hooks for one `steering_options` entry, as a function of the prompt length
+    (what `generate_texts` takes)."""
+
+    def hooks(prompt_length: int) -> list:
+        if "swaps" in option:
+            return swap_code_hooks(model, option["swaps"], option["force"])
+        positions = tuple(range(1, prompt_length)) if option["positions"] == "prompt" else None
+        return force_code_hooks(model, option["codes"], option["slots"], positions)
+
+    return hooks
+
+
+def option_record(
+    option: dict[str, Any], details: Callable[[Code], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A `steering_options` entry (or a swept one) as report JSON: codes and swaps as
+    dicts, each code's dict updated by ``details(code)`` (e.g. its precision, its effect)."""
+
+    def code_dict(c: Code) -> dict[str, Any]:
+        return {**c.as_dict(), **(details(c) if details else {})}
+
+    def value(key: str, v: Any) -> Any:
+        if key == "codes":
+            return [code_dict(c) for c in v]
+        if key == "swaps":
+            return [s.as_dict() for s in v]
+        return v
+
+    return {key: value(key, v) for key, v in option.items()}
+
+
+def _past_broken(option: dict[str, Any], swept: list[dict[str, Any]], limit: float) -> bool:
+    """True for a forcing option with more codes than a swept one of the same slots and
+    positions whose perplexity ratio already exceeded ``limit``."""
+    return "codes" in option and any(
+        "codes" in o
+        and (o["slots"], o["positions"]) == (option["slots"], option["positions"])
+        and len(o["codes"]) < len(option["codes"])
+        and o["perplexity_ratio"] > limit
+        for o in swept
+    )
+
+
+def option_trial(
+    model: HookedCodebookTransformer,
+    reference: HookedCodebookTransformer,
+    classifier: Any,
+    topic: str,
+    prompts: tuple[str, ...],
+    *,
+    samples: int,
+    new_tokens: int,
+    seed: int,
+) -> Callable[[dict[str, Any]], SteeringTrial]:
+    """The `steering_trial` of a `steering_options` entry on ``prompts`` (every option
+    gets the same prompts and seeds, so an option that changes nothing scores exactly
+    as the unsteered model)."""
+
+    def trial(option: dict[str, Any]) -> SteeringTrial:
+        return steering_trial(
+            model, reference, classifier, topic, option_hooks(model, option), prompts,
+            samples=samples, new_tokens=new_tokens, seed=seed,
+        )  # fmt: skip
+
+    return trial
+
+
+def choose_steering(
+    model: HookedCodebookTransformer,
+    effects: CodeEffects,
+    trial: Callable[[dict[str, Any]], SteeringTrial],
+    *,
+    perplexity_before: float,
+    max_perplexity_ratio: float = 2.0,
+    max_codes: int = 8,
+    swaps: Mapping[str, Sequence[TopicSwap]] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """How to steer toward a topic, chosen by measured effect, then by generation.
+
+    The codes: those of positive ``effects`` (`CodeEffects.ranked`), best first, one per
+    (site, group), at most ``max_codes``. The options (`steering_options`, with ``swaps``)
+    are judged by ``trial`` (e.g. `option_trial` on sweep prompts, not the prompts you
+    evaluate on) in `sweep_steering`: the most on-topic option whose perplexity is at
+    most ``max_perplexity_ratio`` times ``perplexity_before`` (the unsteered trial's),
+    ties to the simpler, earlier one. More codes with the same slots and positions are
+    not tried once fewer broke the guard. Returns (every swept option, the pick or None).
+    """
+    if max_codes < 1:
+        raise ValueError(f"max_codes must be >= 1, got {max_codes}")
+    k = model.codebook_config.k
+    options = steering_options(effects.ranked(max_codes), k, swaps)
+    return sweep_steering(
+        options,
+        trial,
+        perplexity_before=perplexity_before,
+        max_perplexity_ratio=max_perplexity_ratio,
+        skip=lambda option, swept: _past_broken(option, swept, max_perplexity_ratio),
+    )
+
+
+# ---------------------------------------------------------------------------- activation addition
+
+
+@torch.no_grad()
+def mean_difference_direction(
+    model: HookedCodebookTransformer,
+    hook: str,
+    topic_tokens: Int[Tensor, "docs pos"],
+    other_tokens: Int[Tensor, "docs2 pos2"],
+    *,
+    start: int = 1,
+    batch_size: int = 32,
+) -> Float[Tensor, " d"]:
+    """The mean activation at ``hook`` (e.g. `codelens.vocab.resid_pre`) over the topic
+    documents' tokens minus that over other documents' tokens, from position ``start``
+    on: the activation-addition baseline's steering vector (`add_direction_hooks`)."""
+    means = []
+    for name, tokens in (("topic_tokens", topic_tokens), ("other_tokens", other_tokens)):
+        if tokens.ndim != 2 or tokens.shape[0] == 0 or not 0 <= start < tokens.shape[1]:
+            raise ValueError(
+                f"{name} must be [documents >= 1, positions > start={start}], "
+                f"got {tuple(tokens.shape)}"
+            )
+        total, count = None, 0
+        for _, cache in cached_batches(model, tokens, [hook], batch_size=batch_size):
+            x = cache[hook][:, start:].float()
+            x = x.reshape(-1, x.shape[-1])
+            total = x.sum(0) if total is None else total + x.sum(0)
+            count += x.shape[0]
+        means.append(total / count)
+    return (means[0] - means[1]).cpu()
+
+
+def add_direction_hooks(
+    model: HookedCodebookTransformer,
+    hook: str,
+    direction: Float[Tensor, " d"],
+    scale: float,
+    positions: Positions = None,
+) -> HookList:
+    """Hooks adding ``scale * direction`` to the activation at ``hook`` at ``positions``
+    (default all; the rules of `codelens.interventions.PositionSelector`, so under
+    `intervene` they follow the KV cache): activation addition."""
+    if hook not in model.hook_dict:
+        raise ValueError(f"the model has no hook {hook!r}")
+    if direction.ndim != 1:
+        raise ValueError(f"direction must be one vector [d], got {tuple(direction.shape)}")
+    push = (float(scale) * direction.detach().float()).cpu()
+    where = position_selector(model, positions, hook)
+    on_device: dict[torch.device, Tensor] = {}
+
+    def add(x: Float[Tensor, "batch pos d"], hook: Any) -> Tensor:
+        if x.shape[-1] != push.shape[0]:
+            raise ValueError(
+                f"direction has {push.shape[0]} dims, the activation at {hook.name} {x.shape[-1]}"
+            )
+        if x.device not in on_device:
+            on_device[x.device] = push.to(x.device)
+        delta = on_device[x.device].to(x.dtype)
+        keep = where.mask(x.shape[1], x.device)
+        if keep is None:
+            return x + delta
+        return x + keep[:, None].to(x.dtype) * delta
+
+    return [(hook, add)]

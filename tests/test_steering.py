@@ -21,25 +21,26 @@ from codelens.analysis import (
 from codelens.analysis.topic_classifier import TopicClassifier
 from codelens.data.stories import TOPICS, generate_stories
 from codelens.data.text import train_bpe_tokenizer
+from codelens.experiments.baselines import MEAN_DIFFERENCE
 from codelens.experiments.steering import (
     QUICK,
-    _past_broken,
-    option_hooks,
-    option_record,
     regex_search,
     run_experiment,
-    steering_options,
     story_tokens,
     summary_line,
     write_report,
 )
 from codelens.steering import (
     SteeringTrial,
+    _past_broken,
     continuation_texts,
     force_code_hooks,
     generate_texts,
     on_topic_share,
+    option_hooks,
+    option_record,
     perplexity,
+    steering_options,
     swap_code_hooks,
     sweep_steering,
 )
@@ -175,23 +176,30 @@ def test_topic_codes_one_per_head(random_topic_stats):
 
 
 def test_steering_options_go_from_swaps_to_many_heads():
-    codes = [TopicCode(Code("s", g, g), 0.9, 0.5, 10) for g in range(5)]
+    codes = [Code("s", g, g) for g in range(5)]
     swap = TopicSwap(TopicCode(Code("s", 0, 1), 0.9, 0.5, 10), (2,))
     swaps = {"first": [swap], "none": []}
-    options = steering_options(codes, swaps, k=8)
+    options = steering_options(codes, 8, swaps)
     assert options[:2] == [
         {"swaps": swaps["first"], "heads": "first", "force": False},
         {"swaps": swaps["first"], "heads": "first", "force": True},
     ]
-    assert options[2] == {"codes": codes[:1], "slots": "lowest", "positions": "every"}
-    for positions in ("prompt", "every"):
-        heads = [len(o["codes"]) for o in options if o.get("positions") == positions][-4:]
-        assert heads == [1, 2, 4, 5]
-    assert all(o["slots"] == "all" for o in steering_options(codes, {}, k=1))
-    assert steering_options([], {}, k=8) == []
+    assert [(o["slots"], o["positions"]) for o in options[2::4]] == [
+        ("lowest", "every"),
+        (4, "every"),
+        ("all", "prompt"),
+        ("all", "every"),
+    ]
+    for ways in (("lowest", "every"), (4, "every"), ("all", "prompt"), ("all", "every")):
+        chosen = [o["codes"] for o in options if (o.get("slots"), o.get("positions")) == ways]
+        assert chosen == [codes[:1], codes[:2], codes[:4], codes]
+    assert all(o["slots"] == "all" for o in steering_options(codes, 1))
+    assert {o["slots"] for o in steering_options(codes, 2)} == {"lowest", "all"}
+    assert steering_options([], 8) == []
     record = option_record({**options[1], "on_topic": 0.5})
     assert record == {"swaps": [swap.as_dict()], "heads": "first", "force": True, "on_topic": 0.5}
-    assert json.loads(json.dumps(option_record(options[2])))["codes"] == [codes[0].as_dict()]
+    record = option_record(options[2], lambda c: {"effect": c.id / 10})
+    assert json.loads(json.dumps(record))["codes"] == [{**codes[0].as_dict(), "effect": 0.0}]
 
 
 def test_sweep_steering_picks_the_most_on_topic_fluent_option():
@@ -228,6 +236,9 @@ def test_sweep_skips_more_forced_heads_once_fewer_broke_the_fluency_guard():
     assert not _past_broken(more, [{**broke, "perplexity_ratio": 1.5}], limit=2.0)
     assert not _past_broken({**more, "positions": "prompt"}, [broke], limit=2.0)
     assert not _past_broken({**more, "codes": [1]}, [broke], limit=2.0)
+    assert not _past_broken({**more, "slots": "lowest"}, [broke], limit=2.0)
+    lowest = {**broke, "slots": "lowest"}
+    assert _past_broken({**more, "slots": "lowest"}, [lowest], limit=2.0)
     assert not _past_broken({"swaps": [], "heads": "all", "force": True}, [broke], limit=2.0)
 
 
@@ -290,7 +301,7 @@ def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
 def test_option_hooks_force_only_the_prompt_tokens():
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
-    option = {"codes": [TopicCode(Code(site, 1, 3), 1.0, 1.0, 1)], "slots": "all"}
+    option = {"codes": [Code(site, 1, 3)], "slots": "all"}
     tokens = torch.randint(0, 10, (2, 7))
     name = f"{site}.hook_codes"
     _, clean = model.run_with_cache(tokens, names_filter=name)
@@ -420,7 +431,11 @@ def test_quick_pipeline_end_to_end(tmp_path):
             continue
         steer = r["steer"]
         if "codes" in steer:
-            assert steer["codes"] == r["candidates"][: len(steer["codes"])]
+            pool = [(c["site"], c["group"], c["code"]) for c in r["candidates"]]
+            assert all((c["site"], c["group"], c["code"]) in pool for c in steer["codes"])
+            assert all(c["effect"] > 0 for c in steer["codes"]), steer
+            effects = [c["effect"] for c in r["effects"]]
+            assert effects == sorted(effects, reverse=True) and len(effects) == len(pool)
         else:
             assert steer["swaps"], r
             assert all(s["sources"] and s["precision"] >= 0.8 for s in steer["swaps"])
@@ -451,7 +466,11 @@ def test_quick_pipeline_end_to_end(tmp_path):
         sum(r["precision"] for r in found) / len(found)
     )
     for r in table.values():
-        assert 0 <= r["regex_precision"] <= 1 and 0 <= r["steering_success"] <= 1, r
+        assert 0 <= r["steering_success"] <= 1, r
+        if r["method"] != MEAN_DIFFERENCE:  # a direction has no features to score on regexes
+            assert 0 <= r["regex_precision"] <= 1, r
+    direction = report["baselines"]["details"][MEAN_DIFFERENCE]["steering"]
+    assert [r["topic"] for r in direction] == [r["topic"] for r in rows]
     assert "Codes against baselines" in (tmp_path / "report.md").read_text()
     assert [p["k"] for p in report["baselines"]["sae_sweep"]["points"]] == [4, 16]
     assert "### SAE L0 sweep" in (tmp_path / "report.md").read_text()

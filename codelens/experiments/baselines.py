@@ -56,7 +56,7 @@ from codelens.baselines import (
     store_activations,
 )
 from codelens.baselines.sweep import L0Sweep, sweep_l0, train_and_measure
-from codelens.vocab import every_layer
+from codelens.vocab import every_layer, resid_pre
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "sweep_ks": [4, 8, 16, 32, 64, 128],  # the L0 sweep's grid of TopK k (per site)
@@ -70,6 +70,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "train_blocks": 512,  # stories: blocks of training text to fit on
     "ica_tokens": 10_000,
     "strengths": [2.0, 4.0],  # steering: clamp values, in multiples of the feature's mean
+    "direction_scales": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0],  # mean-difference steering: multiples
 }
 
 
@@ -353,6 +354,70 @@ def steer_with_features(
     return rows
 
 
+@torch.no_grad()
+def steer_with_direction(
+    base: Any,
+    tokens: Tensor,
+    topic_of_row: Tensor,
+    classifier: Any,
+    exp: Any,
+    plain: dict[str, Any],
+    prompts: tuple[tuple[str, ...], tuple[str, ...]],
+) -> list[dict[str, Any]]:
+    """Per steered topic, activation addition: the mean-difference direction (the topic's
+    search stories minus the others', tokens from ``exp.topic_skip`` on) added to the base
+    model's residual stream before its middle layer at every position, at the multiple
+    the sweep picks under the fluency guard (the same sweep and eval prompts and seeds as
+    codes and features). ``topic_of_row``: each row's corpus topic index."""
+    from codelens import steering as st
+    from codelens.data.stories import TOPICS
+
+    eval_prompts, sweep_prompts = prompts
+    hook = resid_pre(base.cfg.n_layers // 2)
+    scales = check_settings(getattr(exp, "baselines", None) or {})["direction_scales"]
+    rows = []
+    for topic in exp.topics:
+        is_topic = topic_of_row == TOPICS.index(topic)
+        direction = st.mean_difference_direction(
+            base, hook, tokens[is_topic], tokens[~is_topic], start=exp.topic_skip
+        )
+
+        def trial(option: dict[str, Any], topic: str = topic, direction: Tensor = direction):
+            hooks = st.add_direction_hooks(base, hook, direction, option["scale"])
+            return st.steering_trial(
+                base, base, classifier, topic, hooks, sweep_prompts,
+                samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
+            )  # fmt: skip
+
+        sweep, best = st.sweep_steering(
+            [{"scale": float(scale)} for scale in scales],
+            trial,
+            perplexity_before=plain["sweep_perplexity"],
+            max_perplexity_ratio=exp.max_perplexity_ratio,
+        )
+        row: dict[str, Any] = {
+            "topic": topic,
+            "hook": hook,
+            "direction_norm": float(direction.norm()),
+            "before": plain["before"][topic],
+            "sweep": sweep,
+        }
+        if best is not None:
+            final = st.steering_trial(
+                base, base, classifier, topic,
+                st.add_direction_hooks(base, hook, direction, best["scale"]), eval_prompts,
+                samples=exp.samples, new_tokens=exp.new_tokens, seed=exp.seed + 100,
+            )  # fmt: skip
+            row |= {
+                "scale": best["scale"],
+                "after": final.on_topic,
+                "perplexity_ratio": final.perplexity / plain["perplexity"],
+                "example": final.texts[0],
+            }
+        rows.append(row)
+    return rows
+
+
 def settings_strengths(exp: Any) -> list[float]:
     return list({**DEFAULT_SETTINGS, **(getattr(exp, "baselines", None) or {})}["strengths"])
 
@@ -510,6 +575,9 @@ def compare_method(
     return row, detail
 
 
+MEAN_DIFFERENCE = "mean-difference direction (base model)"
+
+
 @torch.no_grad()
 def steering_comparison(
     base: Any,
@@ -525,13 +593,14 @@ def steering_comparison(
     heldout: Tensor,
     prompts: tuple[tuple[str, ...], tuple[str, ...]],
 ) -> dict[str, Any]:
-    """Codes against SAEs, PCA, ICA and the base model's neurons in the steering
-    experiment: regex precision at each pattern's code's recall, topic steering with one
-    clamped feature, loss cost, and k-sparse probing of the search stories' topics
-    (`probing_section`). ``tokens``/``strings``: the search stories (BOS first);
-    ``topic_of_row``: each story's corpus topic index; ``train_tokens``: blocks of training
-    stories to fit on; ``heldout``: blocks for reconstruction metrics and loss;
-    ``prompts``: (eval prompts, sweep prompts) of the code steering."""
+    """Codes against SAEs, PCA, ICA, the base model's neurons and a mean-difference
+    direction in the steering experiment: regex precision at each pattern's code's recall,
+    topic steering with one clamped feature (or the added direction), loss cost, and
+    k-sparse probing of the search stories' topics (`probing_section`).
+    ``tokens``/``strings``: the search stories (BOS first); ``topic_of_row``: each story's
+    corpus topic index; ``train_tokens``: blocks of training stories to fit on;
+    ``heldout``: blocks for reconstruction metrics and loss; ``prompts``: (eval prompts,
+    sweep prompts) of the code steering, which every baseline steers on too."""
     settings = check_settings(getattr(exp, "baselines", None) or {})
     held = cache_activations(base, heldout, list(model.codebooks), batch_size=32)
     labels = story_labels(exp, report, tokens, strings, topic_of_row)
@@ -554,6 +623,14 @@ def steering_comparison(
             base, method, labels, tokens, heldout, classifier, exp, plain, prompts
         )
         rows.append(row)
+    direction = steer_with_direction(base, tokens, topic_of_row, classifier, exp, plain, prompts)
+    rows.append(
+        {
+            "method": MEAN_DIFFERENCE,
+            "steering_success": sum(steered(r) for r in direction) / len(direction),
+        }
+    )
+    details[MEAN_DIFFERENCE] = {"steering": direction}
     from codelens.data.stories import TOPICS
 
     names = [TOPICS[i] for i in topic_of_row.tolist()]

@@ -10,13 +10,16 @@ Pipeline (every model is a `HookedCodebookTransformer`):
    and of the base model;
 4. topic codes, found automatically: every code scored as a classifier of "this token is
    in a story about the topic" (each story's opening left out, as it has not named the
-   topic yet); per topic, the code of highest precision in each head, and per head the
-   swaps from other topics' codes to this topic's most frequent code (`topic_swaps`);
-5. steering: a sweep on separate prompts picks, per topic, how to steer
-   (`steering_options`: swap other topics' codes, or force this topic's codes) under a
-   fluency guard; then generate with it and count the generations a `TopicClassifier`
-   (fit on separate stories) puts on that topic, against unsteered generations; fluency
-   is the perplexity of the generated text under the base model.
+   topic yet); per topic, a pool of its most precise codes (any head or site), and per
+   head the swaps from other topics' codes to this topic's most frequent code
+   (`topic_swaps`);
+5. steering: each pool code's measured effect (`code_effects`: forced, how much more
+   likely held-out stories of the topic become than other stories) ranks the codes;
+   `choose_steering` sweeps options built from the best of them (how many, which slots,
+   which positions) and the swaps on separate prompts under a fluency guard; then
+   generate with the pick and count the generations a `TopicClassifier` (fit on separate
+   stories) puts on that topic, against unsteered generations; fluency is the
+   perplexity of the generated text under the base model.
 
 The library pieces are public: topic codes and regex search in `codelens.analysis`,
 steering hooks, generation and fluency in `codelens.steering`. This module wires them
@@ -29,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,19 +64,20 @@ from codelens.experiments.stages import train_stage
 from codelens.files import atomic_write_text
 from codelens.model import HookedCodebookTransformer
 from codelens.steering import (
-    SteeringTrial,
+    choose_steering,
+    code_effects,
     continuation_texts,
-    force_code_hooks,
     generate_texts,
     heldout_loss,
     on_topic_share,
+    option_hooks,
+    option_record,
+    option_trial,
     perplexity,
     steering_trial,
-    swap_code_hooks,
-    sweep_steering,
 )
 from codelens.viz import Page, precision_recall, steering_results, training_curves
-from codelens.vocab import attn_site, cached_batches, every_layer, is_attn_site
+from codelens.vocab import Code, attn_site, cached_batches, every_layer, is_attn_site
 
 # Topic-neutral story openings: the steered code alone has to pick the topic.
 EVAL_PROMPTS = ("Once upon a time,", "One day,", "There was a little girl.", "It was a sunny day.")
@@ -97,7 +100,9 @@ class SteeringExperiment:
     topics: tuple[str, ...] = TOPICS
     samples: int = 10  # per prompt
     new_tokens: int = 110  # the paper: 200; our stories fit a 128-token context
-    candidates: int = 8  # topic codes per topic (one per head), the most heads forced at once
+    candidates: int = 8  # the most codes forced at once (one per head)
+    pool: int = 32  # codes per topic (the most precise) whose effect is measured
+    effect_docs: int = 24  # held-out stories of the topic, and of others, to measure effects
     sweep_samples: int = 8  # per sweep prompt
     min_topic_recall: float = 0.05  # a topic code must fire on this share of its topic's tokens
     topic_skip: int = 16  # tokens of each story left out of topic code search (before the topic)
@@ -280,62 +285,14 @@ def _mlp_neurons(
 # ---------------------------------------------------------------------------- steering
 
 
-def steering_options(
-    codes: list[TopicCode], swaps: dict[str, list[TopicSwap]], k: int
-) -> list[dict[str, Any]]:
-    """What the sweep tries for one topic, lightest touch first.
-
-    ``codes`` holds one code per head, best first; ``swaps`` names `topic_swaps` lists
-    (e.g. first-layer heads, all heads). Forcing options: the best code in one slot
-    everywhere; then the best 1, 2, 4, ... heads with their code in all k slots, either
-    only at the prompt's tokens (like a story that has named its topic, then left the
-    model alone) or at every position. Swap options: every other topic's codes swapped
-    to this topic's, alone or with this topic's code also forced into the lowest slot.
-    """
-    options = []
-    for name, heads in swaps.items():
-        if heads:
-            options += [{"swaps": heads, "heads": name, "force": f} for f in (False, True)]
-    if not codes:
-        return options
-    if k > 1:
-        options.append({"codes": codes[:1], "slots": "lowest", "positions": "every"})
-    heads = sorted({min(2**i, len(codes)) for i in range(len(codes).bit_length() + 1)})
-    for positions in ("prompt", "every"):
-        options += [{"codes": codes[:n], "slots": "all", "positions": positions} for n in heads]
-    return options
-
-
-def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> Callable[[int], list]:
-    """Hooks for one `steering_options` entry, as a function of the prompt length."""
-
-    def hooks(prompt_length: int) -> list:
-        if "swaps" in option:
-            return swap_code_hooks(model, option["swaps"], option["force"])
-        positions = tuple(range(1, prompt_length)) if option["positions"] == "prompt" else None
-        codes = [c.code for c in option["codes"]]
-        return force_code_hooks(model, codes, option["slots"], positions)
-
-    return hooks
-
-
-def option_record(option: dict[str, Any]) -> dict[str, Any]:
-    """A `steering_options` entry (or a swept one) as report JSON: codes and swaps as dicts."""
-    return {
-        k: [c.as_dict() for c in v] if k in ("codes", "swaps") else v for k, v in option.items()
-    }
-
-
-def _past_broken(option: dict[str, Any], swept: list[dict[str, Any]], limit: float) -> bool:
-    """True for an all-slot forcing option with more heads than a swept one at the same
-    positions whose perplexity ratio already exceeded ``limit``."""
-    return option.get("slots") == "all" and any(
-        o.get("slots") == "all"
-        and o["positions"] == option["positions"]
-        and len(o["codes"]) < len(option["codes"])
-        and o["perplexity_ratio"] > limit
-        for o in swept
-    )
+def effect_documents(tokenizer: Any, exp: SteeringExperiment) -> tuple[Tensor, Tensor]:
+    """Held-out stories for `code_effects` (another seed than search, classifier, sweep):
+    ``[n, 1 + search_len]`` tokens and each row's corpus topic index; about
+    ``2 * effect_docs`` stories per corpus topic."""
+    stories = generate_stories(2 * exp.effect_docs * len(TOPICS), seed=exp.seed + 4)
+    kept = [s for s in stories if len(tokenizer.encode(s.text)) >= exp.search_len]
+    tokens = story_tokens(tokenizer, kept, exp.search_len)
+    return tokens, torch.tensor([TOPICS.index(s.topic) for s in kept])
 
 
 def steer_topics(
@@ -346,17 +303,17 @@ def steer_topics(
     swaps: list[dict[str, list[TopicSwap]]],
     exp: SteeringExperiment,
 ) -> dict[str, Any]:
-    """Pick each topic's steering option on sweep prompts, then evaluate before/after.
+    """Per topic: measure what each candidate code does (`code_effects` on
+    `effect_documents`), pick the steering with `choose_steering` on the sweep prompts,
+    then evaluate it against unsteered generations on the eval prompts.
 
-    ``candidates[t]`` and ``swaps[t]`` are topic t's codes and swaps (`steering_options`).
-    The pick is the option with the most on-topic sweep generations among those whose
-    perplexity (under the base model) is at most ``exp.max_perplexity_ratio`` times the
-    unsteered sweep's; ties go to the simpler, earlier option. Forcing every slot of more
-    heads at the same positions is skipped once fewer heads broke that limit (more forced
-    heads are taken to be less fluent). Evaluation uses other prompts and seeds than the
-    sweep. ``sweep_before`` is the on-topic share of the unsteered sweep, generated with
-    the same prompts and seeds as every option, so an option that changed nothing has
-    exactly that share.
+    ``candidates[t]``: topic t's pool of codes (by precision); ``swaps[t]``: its named
+    `topic_swaps` lists. The fluency guard is ``exp.max_perplexity_ratio`` times the
+    unsteered sweep's perplexity under the base model; at most ``exp.candidates`` codes
+    are forced together. Evaluation uses other prompts and seeds than the sweep.
+    ``sweep_before`` is the on-topic share of the unsteered sweep, generated with the same
+    prompts and seeds as every option, so an option that changed nothing has exactly
+    that share.
     """
     tok = model.tokenizer
     plain = generate_texts(model, EVAL_PROMPTS, exp.samples, exp.new_tokens, exp.seed + 100)
@@ -367,38 +324,50 @@ def steer_topics(
     )
     sweep_ppl = perplexity(base, sweep_plain)
     sweep_plain_texts = continuation_texts(tok, sweep_plain)
-    limit = exp.max_perplexity_ratio
+    docs, doc_topic = effect_documents(tok, exp)
     rows = []
     for t, topic in enumerate(exp.topics):
+        is_topic = doc_topic == TOPICS.index(topic)
+        effects = code_effects(
+            model,
+            [c.code for c in candidates[t]],
+            docs[is_topic][: exp.effect_docs],
+            docs[~is_topic][: exp.effect_docs],
+        )
+        found = {c.code: c for c in candidates[t]}
 
-        def trial(option: dict[str, Any], topic: str = topic) -> SteeringTrial:
-            return steering_trial(
-                model, base, classifier, topic, option_hooks(model, option), SWEEP_PROMPTS,
-                samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
-            )  # fmt: skip
+        def details(code: Code, found=found, effects=effects) -> dict[str, Any]:
+            return {**found[code].as_dict(), **effects.record(code)}
 
-        sweep, best = sweep_steering(  # ties: the earlier, simpler option
-            steering_options(candidates[t], swaps[t], model.codebook_config.k),
+        trial = option_trial(
+            model, base, classifier, topic, SWEEP_PROMPTS,
+            samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
+        )  # fmt: skip
+        sweep, best = choose_steering(
+            model,
+            effects,
             trial,
             perplexity_before=sweep_ppl,
-            max_perplexity_ratio=limit,
-            skip=lambda option, swept: _past_broken(option, swept, limit),
+            max_perplexity_ratio=exp.max_perplexity_ratio,
+            max_codes=exp.candidates,
+            swaps=swaps[t],
         )
+        ranked = sorted(effects.codes, key=lambda c: -details(c)["effect"])
         row: dict[str, Any] = {
             "topic": topic,
             "before": on_topic_share(classifier, plain_texts, topic),
             "sweep_before": on_topic_share(classifier, sweep_plain_texts, topic),  # same seeds
-            "sweep": [option_record(o) for o in sweep],
+            "effects": [details(c) for c in ranked],
+            "sweep": [option_record(o, details) for o in sweep],
         }
         if best is not None:
             final = steering_trial(
                 model, base, classifier, topic, option_hooks(model, best), EVAL_PROMPTS,
                 samples=exp.samples, new_tokens=exp.new_tokens, seed=exp.seed + 100,
             )  # fmt: skip
+            chosen = {k: v for k, v in best.items() if k not in ("on_topic", "perplexity_ratio")}
             row |= {
-                "steer": option_record(
-                    {k: v for k, v in best.items() if k not in ("on_topic", "perplexity_ratio")}
-                ),
+                "steer": option_record(chosen, details),
                 "after": final.on_topic,
                 "perplexity": final.perplexity,
                 "perplexity_ratio": final.perplexity / plain_ppl,
@@ -459,9 +428,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     topic_of_row = torch.tensor([TOPICS.index(s.topic) for s in kept])
     stats = topic_stats(model, tokens, topic_of_row, len(TOPICS), skip=exp.topic_skip)
     steered = [TOPICS.index(topic) for topic in exp.topics]
-    found = topic_codes(
-        stats, top=exp.candidates, min_recall=exp.min_topic_recall, one_per_head=True
-    )
+    found = topic_codes(stats, top=exp.pool, min_recall=exp.min_topic_recall)
     candidates = [found[i] for i in steered]
     attention = [s for s in model.codebooks if is_attn_site(s)]
     first_layer = [s for s in attention if s == attn_site(0)]
