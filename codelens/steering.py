@@ -43,7 +43,7 @@ from codelens.vocab import Code, cached_batches, codes_hook
 
 if TYPE_CHECKING:
     from codelens.analysis.topics import TopicSwap
-    from codelens.data.stories import TopicClassifier
+    from codelens.analysis.topic_classifier import TopicClassifier
     from codelens.model import HookedCodebookTransformer
 
 __all__ = [
