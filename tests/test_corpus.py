@@ -2,6 +2,7 @@
 and prompts, and the `codelens steer --corpus` checks before any training."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -194,3 +195,136 @@ def test_the_fortunes_preset_loads_its_eight_topics():
     assert corpus.topics == FORTUNE_TOPICS
     assert min(corpus.counts().values()) >= 50
     assert all(t and "\b" not in t for t in corpus.texts)
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+
+def tiny_experiment(run_dir, corpus, **changes):
+    """The generic corpus path at toy size: a 1-layer model, a few steps."""
+    from codelens.experiments.steering import FORTUNES_QUICK, _neox
+
+    settings = dict(
+        run_dir=str(run_dir),
+        corpus=str(corpus),
+        topics=(),
+        pretrain_every_label=False,
+        vocab_size=400,
+        model=_neox(32, 1, 2, 128),
+        baseline={"steps": 20, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2},
+        codebook_stage={
+            "codebook": {"n_codes": 32, "k": 2, "sites": ["attn", "mlp"]},
+            "steps": 10,
+            "train": "all",
+            "lr": 1e-3,
+            "codebook_lr": 3e-3,
+            "warmup_steps": 2,
+            "batch_size": 8,
+            "init_samples": 512,
+        },
+        samples=2,
+        new_tokens=8,
+        candidates=2,
+        sweep_samples=1,
+    )
+    return dataclasses.replace(FORTUNES_QUICK, **(settings | changes))
+
+
+def story_table(path, n=300, topics=3):
+    from codelens.data.stories import TOPICS, generate_stories
+
+    stories = generate_stories(n, seed=0, topics=TOPICS[:topics])
+    rows = [{"body": s.text, "topic": s.topic} for s in stories]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_generic_corpus_pipeline_end_to_end(tmp_path, monkeypatch):
+    """Any labelled corpus runs through training, code search, steering and the report."""
+    from codelens.experiments.steering import run_experiment
+
+    monkeypatch.setenv("CODELENS_PROGRESS", "0")
+    corpus = story_table(tmp_path / "c.jsonl")
+    exp = tiny_experiment(tmp_path / "run", corpus, text_column="body", label_column="topic")
+    report = run_experiment(exp)
+    rows = report["steering"]["topics"]
+    assert [r["topic"] for r in rows] == ["dragon", "fire", "flower"]
+    assert all(0 <= r["before"] <= 1 and 0 <= r.get("after", 0) <= 1 for r in rows)
+    assert any("after" in r for r in rows)
+    info = report["corpus"]
+    assert info["documents"] == {"dragon": 100, "fire": 100, "flower": 100}
+    assert info["parts"] == {"lm": 180, "search": 60, "classifier": 30, "classifier_heldout": 30}
+    judge = report["classifier"]
+    assert (judge["fit_stories"], judge["heldout_stories"]) == (30, 30)
+    assert 0 <= judge["heldout_accuracy"] <= 1
+    assert info["search rows"] >= 60 and info["search length"] == exp.search_len
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "of 30 held-out documents." in markdown
+    lm = [json.loads(line)["text"] for line in (tmp_path / "run" / "corpus.jsonl").open()]
+    assert len(lm) == 180
+
+
+def test_experiment_data_split_prompts_and_pretraining_set(tmp_path):
+    """The corpus' parts, prompts and (with pretrain_every_label) the other labels'
+    documents go where they should, and nothing the classifier or search sees is trained on."""
+    from codelens.experiments.steering import load_experiment_corpus
+
+    d = tmp_path / "d"
+    d.mkdir()
+    shared = "The same quote, filed twice."
+    openers = ("The", "A", "One", "Every", "Some", "My", "Our", "This", "That")
+    for label, word in (("food", "soup"), ("law", "judge"), ("other", "thing")):
+        docs = [f"{openers[i % 9]} {word} number {i}." for i in range(36)]
+        (d / label).write_text("\n%\n".join([shared, *docs]) + "\n")
+    exp = tiny_experiment(tmp_path / "run", d, topics=("food", "law"), min_documents=5)
+    data = load_experiment_corpus(exp)
+    assert data.topics == ("food", "law") and data.steered == ("food", "law")
+    evaluation, sweep = data.prompts
+    assert len(evaluation) == len(sweep) == 4 and not set(evaluation) & set(sweep)
+    assert set(evaluation + sweep) <= set(openers)
+    assert not any("thing" in t for t in data.lm_texts)
+    held_out_somewhere = 0
+    for seed in range(5):
+        run = dataclasses.replace(exp, pretrain_every_label=True, seed=seed)
+        pretrain = load_experiment_corpus(run)
+        assert len([t for t in pretrain.lm_texts if "thing" in t]) == 36
+        held = {*pretrain.search_texts, *pretrain.classifier_heldout.texts}
+        assert not held & set(pretrain.lm_texts)  # not even the copy under another label
+        held_out_somewhere += shared in held
+    assert held_out_somewhere
+
+
+def test_story_only_settings_are_refused_for_other_corpora(tmp_path):
+    from codelens.experiments.steering import FORTUNES
+
+    with pytest.raises(ValueError, match=r"\['baselines', 'circuit_pairs'\] need the stories"):
+        dataclasses.replace(FORTUNES, circuit_pairs=4, baselines={})
+
+
+def test_cli_steer_refuses_a_bad_corpus_before_training(tmp_path, capsys):
+    from codelens.cli import main
+
+    corpus = write_table(tmp_path / "c.csv", text="body")
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["steer", "--quick", "--corpus", str(corpus), "--run-dir", str(run_dir)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "codelens steer: error:" in err and "no text column 'text'" in err
+    assert not run_dir.exists()
+    with pytest.raises(SystemExit):
+        main(["steer", "--corpus", str(corpus), "--text-column", "body", "--topics", "cars"])
+    assert "['cars'] are not labels" in capsys.readouterr().err
+
+
+def test_cli_corpus_presets():
+    from codelens.experiments.steering import FORTUNES, FORTUNES_QUICK, corpus_preset
+
+    assert corpus_preset("fortunes", quick=True) is FORTUNES_QUICK
+    assert corpus_preset("fortunes", quick=False) is FORTUNES
+    mine = corpus_preset("data/mine.csv", quick=True)
+    assert (mine.corpus, mine.topics, mine.run_dir) == (
+        "data/mine.csv",
+        (),
+        "runs/steering-corpus-quick",
+    )
