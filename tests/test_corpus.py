@@ -50,6 +50,9 @@ def write_fortunes(directory, rows=ROWS):
     return directory
 
 
+OPENERS = ("The", "A", "One", "Every", "Some", "My", "Our", "This", "That")
+
+
 def expected():
     pairs = sorted(ROWS, key=lambda r: r[1])
     return tuple(x for x, _ in pairs), tuple(y for _, y in pairs)
@@ -272,16 +275,15 @@ def test_experiment_data_split_prompts_and_pretraining_set(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
     shared = "The same quote, filed twice."
-    openers = ("The", "A", "One", "Every", "Some", "My", "Our", "This", "That")
     for label, word in (("food", "soup"), ("law", "judge"), ("other", "thing")):
-        docs = [f"{openers[i % 9]} {word} number {i}." for i in range(36)]
+        docs = [f"{OPENERS[i % 9]} {word} number {i}." for i in range(36)]
         (d / label).write_text("\n%\n".join([shared, *docs]) + "\n")
     exp = tiny_experiment(tmp_path / "run", d, topics=("food", "law"), min_documents=5)
     data = load_experiment_corpus(exp)
     assert data.topics == ("food", "law") and data.steered == ("food", "law")
     evaluation, sweep = data.prompts
     assert len(evaluation) == len(sweep) == 4 and not set(evaluation) & set(sweep)
-    assert set(evaluation + sweep) <= set(openers)
+    assert set(evaluation + sweep) <= set(OPENERS)
     assert not any("thing" in t for t in data.lm_texts)
     held_out_somewhere = 0
     for seed in range(5):
@@ -292,6 +294,24 @@ def test_experiment_data_split_prompts_and_pretraining_set(tmp_path):
         assert not held & set(pretrain.lm_texts)  # not even the copy under another label
         held_out_somewhere += shared in held
     assert held_out_somewhere
+
+
+def test_fortunes_preset_pretrains_on_every_fortune_file(tmp_path, monkeypatch):
+    from codelens.data import corpus as corpora
+    from codelens.experiments.steering import load_experiment_corpus
+
+    fake = tmp_path / "fortunes"
+    fake.mkdir()
+    for label in (*FORTUNE_TOPICS, "zippy"):
+        quotes = [f"{OPENERS[i % 9]} {label} quote {i}." for i in range(30)]
+        (fake / label).write_text("\n%\n".join(quotes))
+    monkeypatch.setattr(corpora, "FORTUNES_DIR", fake)
+    exp = tiny_experiment(tmp_path / "run", "fortunes", topics=FORTUNE_TOPICS[:2])
+    data = load_experiment_corpus(dataclasses.replace(exp, pretrain_every_label=True))
+    assert data.topics == FORTUNE_TOPICS[:2]
+    assert len(data.prompts[0]) == 4
+    trained = {t.split()[1] for t in data.lm_texts}
+    assert trained == {*FORTUNE_TOPICS, "zippy"}
 
 
 def test_story_only_settings_are_refused_for_other_corpora(tmp_path):

@@ -573,8 +573,10 @@ def load_experiment_corpus(exp: SteeringExperiment) -> ExperimentData:
     held = {t for name, p in parts.items() if name != "lm" for t in p.texts}
     lm = [t for t in parts["lm"].texts if t not in held]  # a text filed under two labels
     if exp.pretrain_every_label:
-        everything = load_labelled_corpus(
-            exp.corpus,
+        from codelens.data import corpus as corpora  # FORTUNES_DIR read at run time
+
+        everything = load_labelled_corpus(  # "fortunes" alone means its 8 topics
+            str(corpora.FORTUNES_DIR) if exp.corpus == "fortunes" else exp.corpus,
             text_column=exp.text_column,
             label_column=exp.label_column,
             min_documents=1,
