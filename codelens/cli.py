@@ -223,6 +223,11 @@ def _steering_circuit_task(stage: Path, pairs: int | None, seed: int | None):
         raise SystemExit(
             f"{stage}/report.json has no steering experiment this codelens reads: {err}"
         ) from None
+    if exp.corpus != "stories":
+        raise SystemExit(
+            f"{stage} is a steering run on corpus {exp.corpus!r}; the topic circuit is built "
+            "from story pairs, so `codelens circuit` needs a run on the stories"
+        )
     model = HookedCodebookTransformer.from_pretrained(stage / "codebooks" / "final")
     task = topic_task(load_tokenizer(stage / "tokenizer"), exp, pairs, seed)
     return model, task, TOPIC_CIRCUIT_METHODS, exp.circuit_tau

@@ -348,3 +348,14 @@ def test_cli_corpus_presets():
         (),
         "runs/steering-corpus-quick",
     )
+
+
+def test_cli_circuit_refuses_a_steering_run_on_another_corpus(tmp_path):
+    from codelens.cli import main
+    from codelens.experiments.steering import FORTUNES
+
+    (tmp_path / "codebooks" / "final").mkdir(parents=True)
+    report = {"experiment": dataclasses.asdict(FORTUNES)}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="on corpus 'fortunes'; the topic circuit is built"):
+        main(["circuit", str(tmp_path)])
