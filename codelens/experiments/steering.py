@@ -226,22 +226,21 @@ FORTUNES = SteeringExperiment(
     n_stories=0,
     n_search=0,
     n_classifier=0,
-    vocab_size=2048,
-    model=_neox(128, 2, 4, 128),
-    baseline={"steps": 600, "batch_size": 32, "lr": 3e-3, "warmup_steps": 30},
+    vocab_size=4096,
+    model=_neox(128, 3, 4, 128),
+    baseline={"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup_steps": 50},
     codebook_stage={
-        "codebook": {"n_codes": 512, "mlp_n_codes": 2048, "k": 8, "sites": ["attn", "mlp"]},
-        "steps": 150,
-        "dead_code_window": 50_000,
+        "codebook": {"n_codes": 1024, "mlp_n_codes": 4096, "k": 8, "sites": ["attn", "mlp"]},
+        "steps": 250,
+        "dead_code_window": 100_000,
         **_CODEBOOK_TRAINING,
-        "init_samples": 8192,
     },
     search_len=32,
     topics=FORTUNE_TOPICS,
-    samples=6,
-    new_tokens=40,
-    candidates=4,
-    sweep_samples=4,
+    samples=8,
+    new_tokens=48,
+    candidates=8,
+    sweep_samples=6,
     topic_skip=1,
     circuit_pairs=0,
     baselines=None,
@@ -511,10 +510,12 @@ def steer_topics(
 # ---------------------------------------------------------------------------- the pipeline
 
 
-CORPUS_SPLIT = {"lm": 0.6, "search": 0.2, "classifier": 0.1, "classifier_heldout": 0.1}
+CORPUS_SPLIT = {"lm": 0.4, "search": 0.2, "classifier": 0.3, "classifier_heldout": 0.1}
 """How a `LabelledCorpus` is shared out (stratified by label, `LabelledCorpus.split`):
 language model training, code search (and held-out loss), fitting the topic classifier,
-and measuring the classifier's own accuracy."""
+and measuring the classifier's own accuracy. The classifier gets 30%: on the fortunes,
+its held-out accuracy (8 topics, seeds 0 and 1) was 43-45% fit on 10%, 50-51% on 20%,
+57-58% on 30%."""
 
 
 @dataclass
