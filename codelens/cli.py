@@ -26,6 +26,17 @@ def _experiment(module_name: str, args: argparse.Namespace) -> None:
     """Run an experiment module's QUICK or FULL preset and say where its report is."""
     module = importlib.import_module(f"codelens.experiments.{module_name}")
     exp = module.QUICK if args.quick else module.FULL
+    corpus = getattr(args, "corpus", None)
+    if corpus not in (None, "stories"):  # steer only
+        exp = module.corpus_preset(corpus, args.quick)
+    settings = {
+        "topics": tuple(args.topics.split(",")) if getattr(args, "topics", None) else None,
+        "text_column": getattr(args, "text_column", None),
+        "label_column": getattr(args, "label_column", None),
+    }
+    settings = {key: value for key, value in settings.items() if value is not None}
+    if settings:
+        exp = dataclasses.replace(exp, **settings)
     if args.run_dir:
         exp = exp.with_run_dir(args.run_dir)
     if args.seed is not None:
@@ -212,6 +223,11 @@ def _steering_circuit_task(stage: Path, pairs: int | None, seed: int | None):
         raise SystemExit(
             f"{stage}/report.json has no steering experiment this codelens reads: {err}"
         ) from None
+    if exp.corpus != "stories":
+        raise SystemExit(
+            f"{stage} is a steering run on corpus {exp.corpus!r}; the topic circuit is built "
+            "from story pairs, so `codelens circuit` needs a run on the stories"
+        )
     model = HookedCodebookTransformer.from_pretrained(stage / "codebooks" / "final")
     task = topic_task(load_tokenizer(stage / "tokenizer"), exp, pairs, seed)
     return model, task, TOPIC_CIRCUIT_METHODS, exp.circuit_tau
@@ -279,8 +295,20 @@ def main(argv: list[str] | None = None) -> None:
     fsm.add_argument("--fsm-seed", type=int, help="seed of the FSM's transition table")
     fsm.set_defaults(run=functools.partial(_experiment, "tokfsm"))
 
-    steer = commands.add_parser("steer", help="run the topic steering experiment on stories")
+    steer = commands.add_parser(
+        "steer", help="run the topic steering experiment on stories or a labelled corpus"
+    )
     steer.add_argument("--quick", action="store_true", help="small corpus and model, for CI")
+    steer.add_argument(
+        "--corpus",
+        metavar="SPEC",
+        help="stories (default), fortunes (apt-get install fortunes fortunes-min), a "
+        ".jsonl/.json/.csv/.parquet file with text and label columns, a directory with one "
+        "text file per label, or a Hugging Face dataset id",
+    )
+    steer.add_argument("--topics", help="comma-separated topics to steer (default: the corpus')")
+    steer.add_argument("--text-column", help="the corpus' text column (default: text)")
+    steer.add_argument("--label-column", help="the corpus' label column (default: label)")
     steer.add_argument("--run-dir", help="where to write models and the report")
     steer.add_argument("--seed", type=int, help="corpus, training and sampling seed")
     steer.add_argument("--seeds", type=int, nargs="+", help="run once per seed; mean and range")

@@ -42,8 +42,8 @@ from codelens.interventions import (
 from codelens.vocab import Code, cached_batches, codes_hook
 
 if TYPE_CHECKING:
-    from codelens.analysis.topics import TopicSwap
     from codelens.analysis.topic_classifier import TopicClassifier
+    from codelens.analysis.topics import TopicSwap
     from codelens.model import HookedCodebookTransformer
 
 __all__ = [

@@ -111,6 +111,15 @@ SUBSTITUTIONS: dict[str, list[tuple[str, str]]] = {
         ('write_corpus("stories.jsonl", 400, seed=0)', 'write_corpus("stories.jsonl", 40, seed=0)'),
         ("generate_stories(2000, seed=1)", "generate_stories(200, seed=1)"),
         ("max_new_tokens=40", "max_new_tokens=4"),
+        (
+            'exp = corpus_preset("my_corpus.jsonl", quick=True)\n',
+            'exp = dataclasses.replace(corpus_preset("my_corpus.jsonl", quick=True), '
+            "vocab_size=300, model=dict(corpus_preset('x', True).model, hidden_size=32, "
+            "num_hidden_layers=1, intermediate_size=64), baseline=dict(steps=10, batch_size=8), "
+            "codebook_stage=dict(codebook=dict(n_codes=32, k=2, sites=['attn']), steps=5, "
+            "train='all', batch_size=8, init_samples=256), samples=1, new_tokens=4, "
+            "candidates=1, sweep_samples=1)\n",
+        ),
     ],
     "docs/tutorials/tokfsm.md": [
         ("fsm.sample(256, generator=gen)", "fsm.sample(32, generator=gen)"),

@@ -1,8 +1,10 @@
-"""Topic steering and regex code search on synthetic children's stories.
+"""Topic steering and regex code search on synthetic children's stories or any
+labelled corpus (`codelens.data.corpus`, e.g. the ``fortunes`` preset).
 
 Pipeline (every model is a `HookedCodebookTransformer`):
 
-1. a corpus of `generate_stories` and a BPE tokenizer trained on it;
+1. a corpus (`generate_stories`, or a `LabelledCorpus` split by `CORPUS_SPLIT`) and a
+   BPE tokenizer trained on the language model's part of it;
 2. a small GPT-NeoX trained from scratch, then fine-tuned with attention + MLP
    codebooks (layer-wise k-means initialisation, then the whole model fine-tunes);
 3. regex code search: for each of `PATTERNS`, the best code (highest f1) as a classifier of the
@@ -29,9 +31,13 @@ the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import random
+import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,12 @@ from codelens.analysis import (
 )
 from codelens.analysis.topic_classifier import TopicClassifier, on_topic_interval
 from codelens.analysis.topics import TopicCode, TopicSwap
+from codelens.data.corpus import (
+    FORTUNE_TOPICS,
+    LabelledCorpus,
+    default_prompts,
+    load_labelled_corpus,
+)
 from codelens.data.stories import (
     PATTERNS,
     TOPICS,
@@ -112,11 +124,29 @@ class SteeringExperiment:
     baselines: dict[str, Any] | None = dataclasses.field(default_factory=dict)  # None: skip
     seed: int = 0
     threads: int | None = 1
+    # Another corpus than the stories: a `load_labelled_corpus` spec, its columns, and
+    # its topics (empty: every label). n_stories, n_search and n_classifier are then
+    # unused: the corpus is split by `CORPUS_SPLIT`.
+    corpus: str = "stories"
+    text_column: str = "text"
+    label_column: str = "label"
+    min_documents: int = 20  # per topic, else an error before any training
+    pretrain_every_label: bool = False  # the LM also trains on the labels not steered
 
     def __post_init__(self) -> None:
-        unknown = [t for t in self.topics if t not in TOPICS]
-        if unknown:
-            raise ValueError(f"topics {unknown} are not corpus topics; known: {list(TOPICS)}")
+        if self.corpus == "stories":
+            unknown = [t for t in self.topics if t not in TOPICS]
+            if unknown:
+                raise ValueError(f"topics {unknown} are not corpus topics; known: {list(TOPICS)}")
+            return
+        story_only = {"circuit_pairs": self.circuit_pairs, "baselines": self.baselines}
+        story_only = {k: v for k, v in story_only.items() if v not in (0, None)}
+        if story_only:
+            raise ValueError(
+                f"{sorted(story_only)} need the stories corpus (the topic circuit is built "
+                f"from story pairs, the baselines score story labels); corpus {self.corpus!r} "
+                "runs with circuit_pairs=0 and baselines=None"
+            )
 
     def with_run_dir(self, run_dir: str) -> SteeringExperiment:
         return dataclasses.replace(self, run_dir=run_dir)
@@ -188,6 +218,76 @@ QUICK = SteeringExperiment(
     sweep_samples=3,
     baselines={"steps": 300, "sweep_ks": [4, 16], "sweep_steps": 300, "train_blocks": 256},
 )
+
+
+# Fortunes (`load_labelled_corpus("fortunes")`, Debian's fortune files): eight topic
+# files of 74 to 1,051 quotations, about 640 KB of text; the language model also
+# pretrains on every other fortune file (about 2.5 MB, 750k tokens in all,
+# `pretrain_every_label`). Sized for 30 minutes on 2 threads: on this machine, shared,
+# a training step of a 3-layer model with a 4,096-token vocabulary took 3.7 s.
+# Quotations are short (a median of about 30 words), so code search uses rows cut from
+# them (`corpus_rows`), and topic codes skip only the BOS token.
+FORTUNES = SteeringExperiment(
+    run_dir="runs/steering-fortunes",
+    n_stories=0,
+    n_search=0,
+    n_classifier=0,
+    vocab_size=4096,
+    model=_neox(128, 3, 4, 128),
+    baseline={"steps": 1200, "batch_size": 32, "lr": 3e-3, "warmup_steps": 50},
+    codebook_stage={
+        "codebook": {"n_codes": 1024, "mlp_n_codes": 4096, "k": 8, "sites": ["attn", "mlp"]},
+        "steps": 250,
+        "dead_code_window": 100_000,
+        **_CODEBOOK_TRAINING,
+    },
+    search_len=32,
+    topics=FORTUNE_TOPICS,
+    samples=8,
+    new_tokens=48,
+    candidates=8,
+    sweep_samples=6,
+    topic_skip=1,
+    circuit_pairs=0,
+    baselines=None,
+    corpus="fortunes",
+    pretrain_every_label=True,
+    threads=2,
+)
+
+FORTUNES_QUICK = dataclasses.replace(
+    FORTUNES,
+    run_dir="runs/steering-fortunes-quick",
+    vocab_size=2048,
+    model=_neox(64, 2, 4, 128),
+    baseline={"steps": 150, "batch_size": 16, "lr": 3e-3, "warmup_steps": 15},
+    codebook_stage={
+        "codebook": {"n_codes": 256, "mlp_n_codes": 512, "k": 8, "sites": ["attn", "mlp"]},
+        "steps": 40,
+        "dead_code_window": 20_000,
+        **_CODEBOOK_TRAINING,
+        "batch_size": 16,
+        "init_samples": 4096,
+    },
+    topics=FORTUNE_TOPICS[:4],
+    samples=3,
+    new_tokens=24,
+    candidates=2,
+    sweep_samples=2,
+    threads=1,
+)
+
+
+def corpus_preset(spec: str, quick: bool) -> SteeringExperiment:
+    """`FORTUNES` or `FORTUNES_QUICK` for ``"fortunes"``; for another corpus the same
+    settings on every label of ``spec``, in ``runs/steering-corpus[-quick]``."""
+    exp = FORTUNES_QUICK if quick else FORTUNES
+    if spec == "fortunes":
+        return exp
+    run_dir = "runs/steering-corpus" + ("-quick" if quick else "")
+    return dataclasses.replace(
+        exp, corpus=spec, topics=(), pretrain_every_label=False, run_dir=run_dir
+    )
 
 
 # ---------------------------------------------------------------------------- data and training
@@ -380,6 +480,154 @@ def steer_topics(
 # ---------------------------------------------------------------------------- the pipeline
 
 
+CORPUS_SPLIT = {"lm": 0.4, "search": 0.2, "classifier": 0.3, "classifier_heldout": 0.1}
+"""How a `LabelledCorpus` is shared out (stratified by label, `LabelledCorpus.split`):
+language model training, code search (and held-out loss), fitting the topic classifier,
+and measuring the classifier's own accuracy. The classifier gets 30%: on the fortunes,
+its held-out accuracy (8 topics, seeds 0 and 1) was 43-45% fit on 10%, 50-51% on 20%,
+57-58% on 30%."""
+
+
+@dataclass
+class ExperimentData:
+    """The texts and judges of one run, from the stories or a labelled corpus."""
+
+    lm_texts: list[str]  # the language model and the tokenizer train on these
+    search_texts: list[str]  # code search and held-out loss
+    search_labels: list[str]
+    topics: tuple[str, ...]  # every topic of the corpus; rows are labelled by index
+    steered: tuple[str, ...]  # the topics to steer
+    classifier: TopicClassifier
+    classifier_heldout: LabelledCorpus  # documents the classifier did not see
+    prompts: tuple[tuple[str, ...], tuple[str, ...]]  # (evaluation, sweep)
+    info: dict[str, Any]  # for the report
+
+
+def fit_topic_classifier(corpus: LabelledCorpus) -> TopicClassifier:
+    """The on-topic judge, fit on labelled documents."""
+    return TopicClassifier.fit(list(corpus.texts), list(corpus.labels))
+
+
+def _story_data(exp: SteeringExperiment) -> ExperimentData:
+    search = generate_stories(exp.n_search, seed=exp.seed + 1)
+    fit = generate_stories(exp.n_classifier, seed=exp.seed + 2)
+    heldout = generate_stories(max(exp.n_classifier // 2, 1), seed=exp.seed + 5)
+    return ExperimentData(
+        lm_texts=[s.text for s in generate_stories(exp.n_stories, seed=exp.seed)],
+        search_texts=[s.text for s in search],
+        search_labels=[s.topic for s in search],
+        topics=TOPICS,
+        steered=exp.topics,
+        classifier=fit_topic_classifier(
+            LabelledCorpus("stories", tuple(s.text for s in fit), tuple(s.topic for s in fit))
+        ),
+        classifier_heldout=LabelledCorpus(
+            "stories", tuple(s.text for s in heldout), tuple(s.topic for s in heldout)
+        ),
+        prompts=(EVAL_PROMPTS, SWEEP_PROMPTS),
+        info={"name": "stories", "classifier documents": len(fit)},
+    )
+
+
+def load_experiment_corpus(exp: SteeringExperiment) -> ExperimentData:
+    """Load, check and split ``exp.corpus`` (errors come here, before any training).
+
+    With ``exp.pretrain_every_label`` the language model also trains on every document
+    of the labels that are not topics (e.g. all the other fortune files); documents of
+    the search and classifier parts never go into training, even when filed under
+    another label too. Prompts: `default_prompts`, alternately for evaluation and sweep.
+    """
+    if exp.corpus == "stories":
+        return _story_data(exp)
+    corpus = load_labelled_corpus(
+        exp.corpus,
+        text_column=exp.text_column,
+        label_column=exp.label_column,
+        topics=exp.topics or None,
+        min_documents=exp.min_documents,
+    )
+    parts = corpus.split(CORPUS_SPLIT, seed=exp.seed)
+    held = {t for name, p in parts.items() if name != "lm" for t in p.texts}
+    lm = [t for t in parts["lm"].texts if t not in held]  # a text filed under two labels
+    if exp.pretrain_every_label:
+        from codelens.data import corpus as corpora  # FORTUNES_DIR read at run time
+
+        everything = load_labelled_corpus(  # "fortunes" alone means its 8 topics
+            str(corpora.FORTUNES_DIR) if exp.corpus == "fortunes" else exp.corpus,
+            text_column=exp.text_column,
+            label_column=exp.label_column,
+            min_documents=1,
+            skip_empty=True,
+        )
+        topics = set(corpus.topics)
+        lm += [
+            t
+            for t, y in zip(everything.texts, everything.labels, strict=True)
+            if y not in topics and t not in held
+        ]
+    random.Random(exp.seed).shuffle(lm)  # the corpus comes grouped by label
+    prompts = default_prompts(parts["lm"], n=8)
+    return ExperimentData(
+        lm_texts=lm,
+        search_texts=list(parts["search"].texts),
+        search_labels=list(parts["search"].labels),
+        topics=corpus.topics,
+        steered=exp.topics or corpus.topics,
+        classifier=fit_topic_classifier(parts["classifier"]),
+        classifier_heldout=parts["classifier_heldout"],
+        prompts=(prompts[0::2], prompts[1::2]),
+        info={
+            "name": corpus.name,
+            "documents": corpus.counts(),
+            "parts": {name: len(p.texts) for name, p in parts.items()},
+            "lm documents": len(lm),
+            "lm characters": sum(map(len, lm)),
+            "classifier documents": len(parts["classifier"].texts),
+        },
+    )
+
+
+def corpus_rows(
+    tokenizer: Any, texts: Sequence[str], topics: Sequence[int], length: int
+) -> tuple[Tensor, Tensor]:
+    """``[n, 1 + length]`` rows (BOS, then ``length`` tokens) cut one after another from
+    each text, dropping a text's shorter tail, and each row's topic."""
+    rows, row_topics = [], []
+    for text, topic in zip(texts, topics, strict=True):
+        ids = tokenizer.encode(text)
+        for start in range(0, len(ids) - length + 1, length):
+            rows.append([tokenizer.bos_token_id, *ids[start : start + length]])
+            row_topics.append(topic)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(row_topics, dtype=torch.long)
+
+
+def search_length(tokenizer: Any, texts: Sequence[str], exp: SteeringExperiment) -> int:
+    """Tokens per code-search row of a labelled corpus: the first quartile of the
+    documents' token lengths (so about 3 in 4 documents give a row), at most
+    ``exp.search_len``, and at least ``exp.topic_skip + 8`` (else an error)."""
+    lengths = sorted(len(tokenizer.encode(t)) for t in texts)
+    length = min(exp.search_len, lengths[len(lengths) // 4])
+    if length < exp.topic_skip + 8:
+        raise ValueError(
+            f"corpus {exp.corpus!r}: a quarter of the search documents have under "
+            f"{exp.topic_skip + 8} tokens ({length}); code search needs longer documents"
+        )
+    return length
+
+
+@contextlib.contextmanager
+def _prompts(prompts: tuple[tuple[str, ...], tuple[str, ...]]) -> Iterator[None]:
+    """`steer_topics` reads the module's EVAL_PROMPTS and SWEEP_PROMPTS: set to the
+    corpus' prompts while it runs (until it takes prompts as arguments)."""
+    module = sys.modules[__name__]
+    saved = module.EVAL_PROMPTS, module.SWEEP_PROMPTS
+    module.EVAL_PROMPTS, module.SWEEP_PROMPTS = prompts
+    try:
+        yield
+    finally:
+        module.EVAL_PROMPTS, module.SWEEP_PROMPTS = saved
+
+
 def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     """Build the corpus, train both models, search codes, steer; write the report."""
     if exp.threads:
@@ -393,19 +641,39 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         timings[name] = now - since
         return now
 
-    write_corpus(run_dir / "corpus.jsonl", exp.n_stories, seed=exp.seed)
-    train_texts = [s.text for s in generate_stories(exp.n_stories, seed=exp.seed)]
-    train_bpe_tokenizer(train_texts, exp.vocab_size, save_dir=run_dir / "tokenizer")
+    data = load_experiment_corpus(exp)
+    steer_exp = dataclasses.replace(exp, topics=data.steered)
+    if exp.corpus == "stories":
+        write_corpus(run_dir / "corpus.jsonl", exp.n_stories, seed=exp.seed)
+    else:
+        lines = (json.dumps({"text": t}) + "\n" for t in data.lm_texts)
+        atomic_write_text(run_dir / "corpus.jsonl", "".join(lines))
+    train_bpe_tokenizer(data.lm_texts, exp.vocab_size, save_dir=run_dir / "tokenizer")
     tokenizer = load_tokenizer(run_dir / "tokenizer")
-    search_stories = generate_stories(exp.n_search, seed=exp.seed + 1)
-    fit_on = generate_stories(exp.n_classifier, seed=exp.seed + 2)
-    classifier = TopicClassifier.fit([s.text for s in fit_on], [s.topic for s in fit_on])
-    check = generate_stories(max(exp.n_classifier // 2, 1), seed=exp.seed + 5)  # held out
-    judge = {"fit_stories": len(fit_on), "heldout_stories": len(check)}
-    judge["heldout_accuracy"] = classifier.accuracy(
-        [s.text for s in check], [s.topic for s in check]
-    )
-    heldout = pack_to_tensor([s.text for s in search_stories], tokenizer, 128)
+    classifier, check = data.classifier, data.classifier_heldout
+    judge = {  # key names as for the stories
+        "fit_stories": data.info.pop("classifier documents"),
+        "heldout_stories": len(check.texts),
+        "heldout_accuracy": classifier.accuracy(list(check.texts), list(check.labels)),
+    }
+    heldout = pack_to_tensor(data.search_texts, tokenizer, 128)
+    label_ids = [data.topics.index(y) for y in data.search_labels]
+    if exp.corpus == "stories":
+        stories = [Story(t, y) for t, y in zip(data.search_texts, data.search_labels, strict=True)]
+        tokens = story_tokens(tokenizer, stories, exp.search_len)
+        kept = [
+            i
+            for t, i in zip(stories, label_ids, strict=True)
+            if len(tokenizer.encode(t.text)) >= exp.search_len
+        ]
+        topic_of_row = torch.tensor(kept)
+        data.info["search length"] = exp.search_len
+    else:
+        length = search_length(tokenizer, data.search_texts, exp)
+        tokens, topic_of_row = corpus_rows(tokenizer, data.search_texts, label_ids, length)
+        data.info["search length"] = length
+    data.info["search rows"] = len(tokens)
+    data.info["prompts"] = {"evaluation": list(data.prompts[0]), "sweep": list(data.prompts[1])}
     t = lap("corpus and tokenizer s", started)
 
     base = _train_stage(exp, "baseline", exp.baseline, None).model
@@ -419,15 +687,12 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     losses = {"baseline": heldout_loss(base, heldout), "codebooks": heldout_loss(model, heldout)}
     losses["ratio"] = losses["codebooks"] / losses["baseline"]
 
-    tokens = story_tokens(tokenizer, search_stories, exp.search_len)
-    kept = [s for s in search_stories if len(tokenizer.encode(s.text)) >= exp.search_len]
     regex = regex_search(model, tokens, token_strings(tokenizer, tokens), base)
     t = lap("regex search s", t)
-    # Codes of every corpus topic are scored, so that swaps also redirect the stories
-    # the model was about to tell on topics that are not steered.
-    topic_of_row = torch.tensor([TOPICS.index(s.topic) for s in kept])
-    stats = topic_stats(model, tokens, topic_of_row, len(TOPICS), skip=exp.topic_skip)
-    steered = [TOPICS.index(topic) for topic in exp.topics]
+    # Codes of every corpus topic are scored, so that swaps also redirect the texts
+    # the model was about to write on topics that are not steered.
+    stats = topic_stats(model, tokens, topic_of_row, len(data.topics), skip=exp.topic_skip)
+    steered = [data.topics.index(topic) for topic in data.steered]
     found = topic_codes(stats, top=exp.pool, min_recall=exp.min_topic_recall)
     candidates = [found[i] for i in steered]
     attention = [s for s in model.codebooks if is_attn_site(s)]
@@ -440,7 +705,8 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         for t in steered
     ]
     t = lap("topic code search s", t)
-    steering = steer_topics(model, base, classifier, candidates, swaps, exp)
+    with _prompts(data.prompts):
+        steering = steer_topics(model, base, classifier, candidates, swaps, steer_exp)
     for row, found in zip(steering["topics"], candidates, strict=True):
         row["candidates"] = [c.as_dict() for c in found]
     t = lap("steering s", t)
@@ -449,6 +715,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     report = {
         "experiment": dataclasses.asdict(exp),
         "environment": stack(),
+        "corpus": data.info,
         "heldout_loss": losses,
         "classifier": judge,
         "regex": regex,
@@ -468,9 +735,9 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
             tokens=tokens,
             strings=token_strings(tokenizer, tokens),
             topic_of_row=topic_of_row,
-            train_tokens=pack_to_tensor(train_texts, tokenizer, 128, blocks),
+            train_tokens=pack_to_tensor(data.lm_texts, tokenizer, 128, blocks),
             heldout=heldout,
-            prompts=(EVAL_PROMPTS, SWEEP_PROMPTS),
+            prompts=data.prompts,
         )
         lap("baselines s", t)
     timings["total s"] = time.perf_counter() - started
@@ -529,9 +796,10 @@ def _judge(report: dict[str, Any]) -> str:
     if "classifier" not in report:
         return ""
     c = report["classifier"]
+    texts = "stories" if report["experiment"].get("corpus", "stories") == "stories" else "documents"
     return (
-        f" The TopicClassifier (bag-of-words logistic regression, {c['fit_stories']} stories) "
-        f"is right on {_pct(c['heldout_accuracy'])}% of {c['heldout_stories']} held-out stories."
+        f" The TopicClassifier (bag-of-words logistic regression, {c['fit_stories']} {texts}) "
+        f"is right on {_pct(c['heldout_accuracy'])}% of {c['heldout_stories']} held-out {texts}."
     )
 
 
@@ -550,14 +818,17 @@ def _option_name(option: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The steering report as markdown tables."""
     exp, losses, steering = report["experiment"], report["heldout_loss"], report["steering"]
+    corpus = report.get("corpus", {})
+    n_prompts = len(corpus.get("prompts", {}).get("evaluation", EVAL_PROMPTS))
     lines = [
         "# Topic steering report",
         "",
         f"Model: {exp['model']}; codebooks: {exp['codebook_stage']['codebook']}; "
-        f"{exp['n_stories']} training stories; seed {exp['seed']}.",
+        f"{_training_texts(exp, corpus)}; seed {exp['seed']}.",
         "",
         f"Stack: {describe(report['environment'])}.",
         "",
+        *_corpus_lines(corpus),
         "## Held-out loss",
         "",
         f"Baseline {losses['baseline']:.4f}, with codebooks {losses['codebooks']:.4f} "
@@ -586,16 +857,17 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Topic steering",
         "",
-        f"{len(EVAL_PROMPTS)} prompts x {exp['samples']} samples x {exp['new_tokens']} new "
+        f"{n_prompts} prompts x {exp['samples']} samples x {exp['new_tokens']} new "
         "tokens, temperature 1; on-topic: the TopicClassifier's top topic is the target. "
-        "Topic code precision/recall: for 'token is in a story of this topic' on held-out "
-        f"stories. Unsteered perplexity {steering['unsteered_perplexity']:.2f}.{_judge(report)}",
+        "Topic code precision/recall: for 'token is in a document of this topic' on "
+        f"held-out documents. Unsteered perplexity {steering['unsteered_perplexity']:.2f}."
+        f"{_judge(report)}",
         "",
         "| topic | codes (site, group, id) (how) | code precision % | "
         "topic tokens hit % | before % (95% CI) | after % (95% CI) | perplexity | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    n = len(EVAL_PROMPTS) * exp["samples"]  # generations per share
+    n = n_prompts * exp["samples"]  # generations per share
     for r in steering["topics"]:
         if "steer" not in r:
             lines.append(f"| {r['topic']} | none | | | {_share(r['before'], n)} | | | |")
@@ -620,6 +892,30 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Timings (s)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _training_texts(exp: dict[str, Any], corpus: dict[str, Any]) -> str:
+    if exp.get("corpus", "stories") == "stories":
+        return f"{exp['n_stories']} training stories"
+    return (
+        f"corpus {corpus['name']}: the language model trains on {corpus['lm documents']} "
+        f"documents ({corpus['lm characters']} characters)"
+    )
+
+
+def _corpus_lines(corpus: dict[str, Any]) -> list[str]:
+    """A labelled corpus: its topics, split, search rows and prompts (none for stories)."""
+    if "documents" not in corpus:
+        return []
+    return [
+        "## Corpus",
+        "",
+        f"Documents per topic: {corpus['documents']}; split {corpus['parts']}. Code "
+        f"search: {corpus['search rows']} rows of {corpus['search length']} tokens. "
+        f"Prompts (`default_prompts`): {corpus['prompts']['evaluation']} for evaluation, "
+        f"{corpus['prompts']['sweep']} for the sweep.",
+        "",
+    ]
 
 
 def write_report(report: dict[str, Any], run_dir: Path) -> None:
