@@ -26,7 +26,7 @@ import torch
 from codelens import HookedCodebookTransformer
 from codelens.analysis import TopicClassifier
 from codelens.baselines import cache_activations
-from codelens.data.stories import generate_stories
+from codelens.data.stories import TOPICS, generate_stories
 from codelens.data.text import load_tokenizer, pack_to_tensor
 from codelens.experiments import baselines as bl
 from codelens.experiments import steering
@@ -59,8 +59,11 @@ def main() -> None:
 
     n_docs = args.documents or exp.n_search
     stories = generate_stories(n_docs, seed=exp.seed + 1)
-    kept = [s for s in stories if len(tokenizer.encode(s.text)) >= exp.search_len]
-    tokens = steering.story_tokens(tokenizer, stories, exp.search_len)
+    texts = [s.text for s in stories]
+    ids = [TOPICS.index(s.topic) for s in stories]
+    tokens, topic_of_row = steering.corpus_rows(
+        tokenizer, texts, ids, exp.search_len, one_per_text=True
+    )
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False  # BOS
     train_texts = [s.text for s in generate_stories(exp.n_stories, seed=exp.seed)]
@@ -80,9 +83,16 @@ def main() -> None:
         print(f"{name}: trained in {time.perf_counter() - t:.1f}s, explained variance {ev:.3f}")
     t = time.perf_counter()
     section = bl.probing_section(
-        base, coded, methods, tokens, mask, [s.topic for s in kept], exp.topics, seed=exp.seed
+        base,
+        coded,
+        methods,
+        tokens,
+        mask,
+        [TOPICS[i] for i in topic_of_row.tolist()],
+        exp.topics,
+        seed=exp.seed,
     )
-    print(f"probing: {time.perf_counter() - t:.1f}s on {len(kept)} of {n_docs} stories\n")
+    print(f"probing: {time.perf_counter() - t:.1f}s on {len(tokens)} of {n_docs} stories\n")
     print("\n".join(bl.probing_markdown(section)))
     for row in section["rows"]:
         if row["k"] == 1 and row["accuracy"] is not None:

@@ -267,6 +267,29 @@ def test_generic_corpus_pipeline_end_to_end(tmp_path, monkeypatch):
     assert len(lm) == 120
 
 
+def test_generic_corpus_baselines_and_probing(tmp_path, monkeypatch):
+    """The baselines (SAE, PCA, ICA, neurons, mean-difference direction) and the k-sparse
+    probing table run on a labelled corpus too, indexed by its own topics."""
+    from codelens.experiments.steering import run_experiment
+
+    monkeypatch.setenv("CODELENS_PROGRESS", "0")
+    corpus = story_table(tmp_path / "c.jsonl", topics=2)
+    settings = {"steps": 20, "sweep_ks": [2], "sweep_steps": 10, "ce_sequences": 4}
+    settings |= {"train_blocks": 16, "ica_tokens": 500, "strengths": [2.0]}
+    exp = tiny_experiment(
+        tmp_path / "run", corpus, text_column="body", label_column="topic",
+        baselines=settings | {"direction_scales": [1.0]},
+    )  # fmt: skip
+    section = run_experiment(exp)["baselines"]
+    methods = [r["method"] for r in section["rows"]]
+    assert methods[0] == "codes" and any("mean-difference" in m for m in methods)
+    for row in section["rows"]:
+        assert 0 <= row.get("steering_success", 0) <= 1
+    probed = {r["method"] for r in section["probing"]["rows"]}
+    assert any("code" in m for m in probed) and len(probed) >= 4
+    assert set(section["probing"]["topics"]) == {"dragon", "flower"}
+
+
 def test_experiment_data_split_prompts_and_pretraining_set(tmp_path):
     """The corpus' parts, prompts and (with pretrain_every_label) the other labels'
     documents go where they should, and nothing the classifier or search sees is trained on."""
@@ -314,11 +337,11 @@ def test_fortunes_preset_pretrains_on_every_fortune_file(tmp_path, monkeypatch):
     assert trained == {*FORTUNE_TOPICS, "zippy"}
 
 
-def test_story_only_settings_are_refused_for_other_corpora(tmp_path):
+def test_the_topic_circuit_is_refused_for_other_corpora(tmp_path):
     from codelens.experiments.steering import FORTUNES
 
-    with pytest.raises(ValueError, match=r"\['baselines', 'circuit_pairs'\] need the stories"):
-        dataclasses.replace(FORTUNES, circuit_pairs=4, baselines={})
+    with pytest.raises(ValueError, match="circuit_pairs needs the stories corpus"):
+        dataclasses.replace(FORTUNES, circuit_pairs=4)
 
 
 def test_cli_steer_refuses_a_bad_corpus_before_training(tmp_path, capsys):

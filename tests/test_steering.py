@@ -24,9 +24,9 @@ from codelens.data.text import train_bpe_tokenizer
 from codelens.experiments.baselines import MEAN_DIFFERENCE
 from codelens.experiments.steering import (
     QUICK,
+    corpus_rows,
     regex_search,
     run_experiment,
-    story_tokens,
     summary_line,
     write_report,
 )
@@ -57,16 +57,21 @@ def tokenizer(stories):
     return train_bpe_tokenizer([s.text for s in stories], 400)
 
 
-def test_story_tokens_start_with_bos_and_drop_short_stories(tokenizer, stories):
-    tokens = story_tokens(tokenizer, stories, 20)
+def _openings(tokenizer, stories, length):
+    texts = [s.text for s in stories]
+    return corpus_rows(tokenizer, texts, [0] * len(texts), length, one_per_text=True)[0]
+
+
+def test_story_openings_start_with_bos_and_drop_short_stories(tokenizer, stories):
+    tokens = _openings(tokenizer, stories, 20)
     assert tokens.shape == (len(stories), 21)
     assert (tokens[:, 0] == tokenizer.bos_token_id).all()
     assert tokens[0, 1:].tolist() == tokenizer.encode(stories[0].text)[:20]
-    assert len(story_tokens(tokenizer, stories, 10_000)) == 0
+    assert len(_openings(tokenizer, stories, 10_000)) == 0
 
 
 def test_token_strings_spell_the_text(tokenizer, stories):
-    tokens = story_tokens(tokenizer, stories[:3], 30)
+    tokens = _openings(tokenizer, stories[:3], 30)
     strings = token_strings(tokenizer, tokens)
     assert strings[0][0] == ""
     for row, story in zip(strings, stories[:3], strict=True):

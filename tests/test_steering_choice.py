@@ -210,7 +210,9 @@ def test_mean_difference_baseline_sweeps_its_scale_on_the_code_prompts(model):
     tokens = _docs(4, n=6, length=10)
     topic_of_row = torch.tensor([0, 1, 0, 2, 0, 3])
     plain = unsteered(model, Classifier(), exp, prompts)
-    (row,) = steer_with_direction(model, tokens, topic_of_row, Classifier(), exp, plain, prompts)
+    (row,) = steer_with_direction(
+        model, tokens, topic_of_row, Classifier(), exp, plain, prompts, topics=TOPICS
+    )
     assert row["topic"] == TOPICS[0] and row["hook"] == resid_pre(1)
     assert row["before"] == plain["before"][TOPICS[0]]
     assert [o["scale"] for o in row["sweep"]] == [0.0, 30.0]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,21 +363,23 @@ def steer_with_direction(
     exp: Any,
     plain: dict[str, Any],
     prompts: tuple[tuple[str, ...], tuple[str, ...]],
+    *,
+    topics: Sequence[str],
 ) -> list[dict[str, Any]]:
     """Per steered topic, activation addition: the mean-difference direction (the topic's
-    search stories minus the others', tokens from ``exp.topic_skip`` on) added to the base
+    search rows minus the others', tokens from ``exp.topic_skip`` on) added to the base
     model's residual stream before its middle layer at every position, at the multiple
     the sweep picks under the fluency guard (the same sweep and eval prompts and seeds as
-    codes and features). ``topic_of_row``: each row's corpus topic index."""
+    codes and features). ``topic_of_row``: each row's index in ``topics`` (every topic of
+    the corpus)."""
     from codelens import steering as st
-    from codelens.data.stories import TOPICS
 
     eval_prompts, sweep_prompts = prompts
     hook = resid_pre(base.cfg.n_layers // 2)
     scales = check_settings(getattr(exp, "baselines", None) or {})["direction_scales"]
     rows = []
     for topic in exp.topics:
-        is_topic = topic_of_row == TOPICS.index(topic)
+        is_topic = topic_of_row == topics.index(topic)
         direction = st.mean_difference_direction(
             base, hook, tokens[is_topic], tokens[~is_topic], start=exp.topic_skip
         )
@@ -454,10 +456,12 @@ def story_labels(
     tokens: Tensor,
     strings: list[list[str]],
     topic_of_row: Tensor,
+    topics: Sequence[str],
 ) -> StoryLabels:
-    """The `StoryLabels` of the search stories (BOS first), from the codes' report."""
+    """The `StoryLabels` of the search rows (BOS first), from the codes' report;
+    ``topic_of_row`` indexes ``topics`` (every topic of the corpus)."""
     from codelens.analysis import regex_labels
-    from codelens.data.stories import PATTERNS, TOPICS
+    from codelens.data.stories import PATTERNS
 
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False
@@ -472,7 +476,7 @@ def story_labels(
     topic_mask = torch.zeros_like(mask)
     topic_mask[:, exp.topic_skip :] = True
     row_topic = topic_of_row[:, None].expand_as(tokens)[topic_mask]
-    steered_ids = torch.tensor([TOPICS.index(t) for t in exp.topics])
+    steered_ids = torch.tensor([topics.index(t) for t in exp.topics])
     topic_recalls = [
         r["candidates"][0]["recall"] if r.get("candidates") else exp.min_topic_recall
         for r in report["steering"]["topics"]
@@ -592,18 +596,19 @@ def steering_comparison(
     train_tokens: Tensor,
     heldout: Tensor,
     prompts: tuple[tuple[str, ...], tuple[str, ...]],
+    topics: Sequence[str],
 ) -> dict[str, Any]:
     """Codes against SAEs, PCA, ICA, the base model's neurons and a mean-difference
     direction in the steering experiment: regex precision at each pattern's code's recall,
     topic steering with one clamped feature (or the added direction), loss cost, and
-    k-sparse probing of the search stories' topics (`probing_section`).
-    ``tokens``/``strings``: the search stories (BOS first); ``topic_of_row``: each story's
-    corpus topic index; ``train_tokens``: blocks of training stories to fit on;
-    ``heldout``: blocks for reconstruction metrics and loss; ``prompts``: (eval prompts,
-    sweep prompts) of the code steering, which every baseline steers on too."""
+    k-sparse probing of the search rows' topics (`probing_section`).
+    ``tokens``/``strings``: the search rows (BOS first); ``topic_of_row``: each row's
+    index in ``topics`` (every corpus topic); ``train_tokens``: blocks of training text to
+    fit on; ``heldout``: blocks for reconstruction metrics and loss; ``prompts``: (eval
+    prompts, sweep prompts) of the code steering, which every baseline steers on too."""
     settings = check_settings(getattr(exp, "baselines", None) or {})
     held = cache_activations(base, heldout, list(model.codebooks), batch_size=32)
-    labels = story_labels(exp, report, tokens, strings, topic_of_row)
+    labels = story_labels(exp, report, tokens, strings, topic_of_row, topics)
     methods, sweep = fit_baselines(
         base,
         model,
@@ -623,7 +628,9 @@ def steering_comparison(
             base, method, labels, tokens, heldout, classifier, exp, plain, prompts
         )
         rows.append(row)
-    direction = steer_with_direction(base, tokens, topic_of_row, classifier, exp, plain, prompts)
+    direction = steer_with_direction(
+        base, tokens, topic_of_row, classifier, exp, plain, prompts, topics=topics
+    )
     rows.append(
         {
             "method": MEAN_DIFFERENCE,
@@ -631,9 +638,7 @@ def steering_comparison(
         }
     )
     details[MEAN_DIFFERENCE] = {"steering": direction}
-    from codelens.data.stories import TOPICS
-
-    names = [TOPICS[i] for i in topic_of_row.tolist()]
+    names = [topics[i] for i in topic_of_row.tolist()]
     probing = probing_section(
         base, model, methods, tokens, labels.mask, names, exp.topics, seed=exp.seed
     )

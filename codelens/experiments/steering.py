@@ -31,13 +31,11 @@ the run directory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import random
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +63,6 @@ from codelens.data.corpus import (
 from codelens.data.stories import (
     PATTERNS,
     TOPICS,
-    Story,
     generate_stories,
     write_corpus,
 )
@@ -139,13 +136,10 @@ class SteeringExperiment:
             if unknown:
                 raise ValueError(f"topics {unknown} are not corpus topics; known: {list(TOPICS)}")
             return
-        story_only = {"circuit_pairs": self.circuit_pairs, "baselines": self.baselines}
-        story_only = {k: v for k, v in story_only.items() if v not in (0, None)}
-        if story_only:
+        if self.circuit_pairs:
             raise ValueError(
-                f"{sorted(story_only)} need the stories corpus (the topic circuit is built "
-                f"from story pairs, the baselines score story labels); corpus {self.corpus!r} "
-                "runs with circuit_pairs=0 and baselines=None"
+                "circuit_pairs needs the stories corpus (the topic circuit is built from "
+                f"story pairs); corpus {self.corpus!r} runs with circuit_pairs=0"
             )
 
     def with_run_dir(self, run_dir: str) -> SteeringExperiment:
@@ -249,7 +243,7 @@ FORTUNES = SteeringExperiment(
     sweep_samples=6,
     topic_skip=1,
     circuit_pairs=0,
-    baselines=None,
+    baselines={"steps": 300, "sweep_ks": [4, 16], "sweep_steps": 300, "train_blocks": 256},
     corpus="fortunes",
     pretrain_every_label=True,
     threads=2,
@@ -274,6 +268,7 @@ FORTUNES_QUICK = dataclasses.replace(
     new_tokens=24,
     candidates=2,
     sweep_samples=2,
+    baselines=None,
     threads=1,
 )
 
@@ -306,16 +301,6 @@ def _train_stage(
         seed=exp.seed,
         tokenizer=str(run_dir / "tokenizer"),
     )
-
-
-def story_tokens(tokenizer: Any, stories: list[Story], length: int) -> Tensor:
-    """``[n, 1 + length]``: BOS then each story's first ``length`` tokens (shorter ones dropped)."""
-    rows = []
-    for story in stories:
-        ids = tokenizer.encode(story.text)
-        if len(ids) >= length:
-            rows.append([tokenizer.bos_token_id, *ids[:length]])
-    return torch.tensor(rows, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------- regex codes
@@ -385,16 +370,6 @@ def _mlp_neurons(
 # ---------------------------------------------------------------------------- steering
 
 
-def effect_documents(tokenizer: Any, exp: SteeringExperiment) -> tuple[Tensor, Tensor]:
-    """Held-out stories for `code_effects` (another seed than search, classifier, sweep):
-    ``[n, 1 + search_len]`` tokens and each row's corpus topic index; about
-    ``2 * effect_docs`` stories per corpus topic."""
-    stories = generate_stories(2 * exp.effect_docs * len(TOPICS), seed=exp.seed + 4)
-    kept = [s for s in stories if len(tokenizer.encode(s.text)) >= exp.search_len]
-    tokens = story_tokens(tokenizer, kept, exp.search_len)
-    return tokens, torch.tensor([TOPICS.index(s.topic) for s in kept])
-
-
 def steer_topics(
     model: HookedCodebookTransformer,
     base: HookedCodebookTransformer,
@@ -402,10 +377,15 @@ def steer_topics(
     candidates: list[list[TopicCode]],
     swaps: list[dict[str, list[TopicSwap]]],
     exp: SteeringExperiment,
+    *,
+    prompts: tuple[tuple[str, ...], tuple[str, ...]],
+    effect_tokens: Tensor,
+    effect_topic: Sequence[str],
 ) -> dict[str, Any]:
-    """Per topic: measure what each candidate code does (`code_effects` on
-    `effect_documents`), pick the steering with `choose_steering` on the sweep prompts,
-    then evaluate it against unsteered generations on the eval prompts.
+    """Per topic of ``exp.topics``: measure what each candidate code does (`code_effects`
+    on ``effect_tokens``, held-out rows whose topics are ``effect_topic``), pick the
+    steering with `choose_steering` on the sweep prompts, then evaluate it against
+    unsteered generations on the eval prompts (``prompts``: evaluation, sweep).
 
     ``candidates[t]``: topic t's pool of codes (by precision); ``swaps[t]``: its named
     `topic_swaps` lists. The fluency guard is ``exp.max_perplexity_ratio`` times the
@@ -416,23 +396,23 @@ def steer_topics(
     that share.
     """
     tok = model.tokenizer
-    plain = generate_texts(model, EVAL_PROMPTS, exp.samples, exp.new_tokens, exp.seed + 100)
+    eval_prompts, sweep_prompts = prompts
+    plain = generate_texts(model, eval_prompts, exp.samples, exp.new_tokens, exp.seed + 100)
     plain_texts = continuation_texts(tok, plain)
     plain_ppl = perplexity(base, plain)
     sweep_plain = generate_texts(
-        model, SWEEP_PROMPTS, exp.sweep_samples, exp.new_tokens, exp.seed + 200
+        model, sweep_prompts, exp.sweep_samples, exp.new_tokens, exp.seed + 200
     )
     sweep_ppl = perplexity(base, sweep_plain)
     sweep_plain_texts = continuation_texts(tok, sweep_plain)
-    docs, doc_topic = effect_documents(tok, exp)
     rows = []
     for t, topic in enumerate(exp.topics):
-        is_topic = doc_topic == TOPICS.index(topic)
+        is_topic = torch.tensor([y == topic for y in effect_topic], dtype=torch.bool)
         effects = code_effects(
             model,
             [c.code for c in candidates[t]],
-            docs[is_topic][: exp.effect_docs],
-            docs[~is_topic][: exp.effect_docs],
+            effect_tokens[is_topic][: exp.effect_docs],
+            effect_tokens[~is_topic][: exp.effect_docs],
         )
         found = {c.code: c for c in candidates[t]}
 
@@ -440,7 +420,7 @@ def steer_topics(
             return {**found[code].as_dict(), **effects.record(code)}
 
         trial = option_trial(
-            model, base, classifier, topic, SWEEP_PROMPTS,
+            model, base, classifier, topic, sweep_prompts,
             samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
         )  # fmt: skip
         sweep, best = choose_steering(
@@ -462,7 +442,7 @@ def steer_topics(
         }
         if best is not None:
             final = steering_trial(
-                model, base, classifier, topic, option_hooks(model, best), EVAL_PROMPTS,
+                model, base, classifier, topic, option_hooks(model, best), eval_prompts,
                 samples=exp.samples, new_tokens=exp.new_tokens, seed=exp.seed + 100,
             )  # fmt: skip
             chosen = {k: v for k, v in best.items() if k not in ("on_topic", "perplexity_ratio")}
@@ -499,6 +479,8 @@ class ExperimentData:
     steered: tuple[str, ...]  # the topics to steer
     classifier: TopicClassifier
     classifier_heldout: LabelledCorpus  # documents the classifier did not see
+    effect_texts: list[str]  # held-out documents for `code_effects` (not LM, not search)
+    effect_labels: list[str]
     prompts: tuple[tuple[str, ...], tuple[str, ...]]  # (evaluation, sweep)
     info: dict[str, Any]  # for the report
 
@@ -512,6 +494,7 @@ def _story_data(exp: SteeringExperiment) -> ExperimentData:
     search = generate_stories(exp.n_search, seed=exp.seed + 1)
     fit = generate_stories(exp.n_classifier, seed=exp.seed + 2)
     heldout = generate_stories(max(exp.n_classifier // 2, 1), seed=exp.seed + 5)
+    effect = generate_stories(2 * exp.effect_docs * len(TOPICS), seed=exp.seed + 4)
     return ExperimentData(
         lm_texts=[s.text for s in generate_stories(exp.n_stories, seed=exp.seed)],
         search_texts=[s.text for s in search],
@@ -524,6 +507,8 @@ def _story_data(exp: SteeringExperiment) -> ExperimentData:
         classifier_heldout=LabelledCorpus(
             "stories", tuple(s.text for s in heldout), tuple(s.topic for s in heldout)
         ),
+        effect_texts=[s.text for s in effect],
+        effect_labels=[s.topic for s in effect],
         prompts=(EVAL_PROMPTS, SWEEP_PROMPTS),
         info={"name": "stories", "classifier documents": len(fit)},
     )
@@ -575,6 +560,8 @@ def load_experiment_corpus(exp: SteeringExperiment) -> ExperimentData:
         steered=exp.topics or corpus.topics,
         classifier=fit_topic_classifier(parts["classifier"]),
         classifier_heldout=parts["classifier_heldout"],
+        effect_texts=list(parts["classifier"].texts),
+        effect_labels=list(parts["classifier"].labels),
         prompts=(prompts[0::2], prompts[1::2]),
         info={
             "name": corpus.name,
@@ -588,14 +575,21 @@ def load_experiment_corpus(exp: SteeringExperiment) -> ExperimentData:
 
 
 def corpus_rows(
-    tokenizer: Any, texts: Sequence[str], topics: Sequence[int], length: int
+    tokenizer: Any,
+    texts: Sequence[str],
+    topics: Sequence[int],
+    length: int,
+    *,
+    one_per_text: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``[n, 1 + length]`` rows (BOS, then ``length`` tokens) cut one after another from
-    each text, dropping a text's shorter tail, and each row's topic."""
+    each text (with ``one_per_text``, only its first), dropping a text's shorter tail, and
+    each row's topic."""
     rows, row_topics = [], []
     for text, topic in zip(texts, topics, strict=True):
         ids = tokenizer.encode(text)
-        for start in range(0, len(ids) - length + 1, length):
+        starts = range(0, len(ids) - length + 1, length)
+        for start in starts[:1] if one_per_text else starts:
             rows.append([tokenizer.bos_token_id, *ids[start : start + length]])
             row_topics.append(topic)
     return torch.tensor(rows, dtype=torch.long), torch.tensor(row_topics, dtype=torch.long)
@@ -613,19 +607,6 @@ def search_length(tokenizer: Any, texts: Sequence[str], exp: SteeringExperiment)
             f"{exp.topic_skip + 8} tokens ({length}); code search needs longer documents"
         )
     return length
-
-
-@contextlib.contextmanager
-def _prompts(prompts: tuple[tuple[str, ...], tuple[str, ...]]) -> Iterator[None]:
-    """`steer_topics` reads the module's EVAL_PROMPTS and SWEEP_PROMPTS: set to the
-    corpus' prompts while it runs (until it takes prompts as arguments)."""
-    module = sys.modules[__name__]
-    saved = module.EVAL_PROMPTS, module.SWEEP_PROMPTS
-    module.EVAL_PROMPTS, module.SWEEP_PROMPTS = prompts
-    try:
-        yield
-    finally:
-        module.EVAL_PROMPTS, module.SWEEP_PROMPTS = saved
 
 
 def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
@@ -657,21 +638,18 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         "heldout_accuracy": classifier.accuracy(list(check.texts), list(check.labels)),
     }
     heldout = pack_to_tensor(data.search_texts, tokenizer, 128)
-    label_ids = [data.topics.index(y) for y in data.search_labels]
-    if exp.corpus == "stories":
-        stories = [Story(t, y) for t, y in zip(data.search_texts, data.search_labels, strict=True)]
-        tokens = story_tokens(tokenizer, stories, exp.search_len)
-        kept = [
-            i
-            for t, i in zip(stories, label_ids, strict=True)
-            if len(tokenizer.encode(t.text)) >= exp.search_len
-        ]
-        topic_of_row = torch.tensor(kept)
-        data.info["search length"] = exp.search_len
-    else:
-        length = search_length(tokenizer, data.search_texts, exp)
-        tokens, topic_of_row = corpus_rows(tokenizer, data.search_texts, label_ids, length)
-        data.info["search length"] = length
+    if exp.corpus == "stories":  # one row per story, its opening
+        length, one_per_text = exp.search_len, True
+    else:  # quotations are short: rows cut one after another
+        length, one_per_text = search_length(tokenizer, data.search_texts, exp), False
+
+    def rows(texts: list[str], labels: list[str]) -> tuple[Tensor, Tensor]:
+        ids = [data.topics.index(y) for y in labels]
+        return corpus_rows(tokenizer, texts, ids, length, one_per_text=one_per_text)
+
+    tokens, topic_of_row = rows(data.search_texts, data.search_labels)
+    effect_tokens, effect_ids = rows(data.effect_texts, data.effect_labels)
+    data.info["search length"] = length
     data.info["search rows"] = len(tokens)
     data.info["prompts"] = {"evaluation": list(data.prompts[0]), "sweep": list(data.prompts[1])}
     t = lap("corpus and tokenizer s", started)
@@ -697,16 +675,22 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     candidates = [found[i] for i in steered]
     attention = [s for s in model.codebooks if is_attn_site(s)]
     first_layer = [s for s in attention if s == attn_site(0)]
+    # Another topic's code: precise for it beyond chance (with two topics, chance is 0.5).
+    source = 0.5 if len(data.topics) > 2 else 0.75
     swaps = [
         {
-            "first-layer heads": topic_swaps(stats, t, sites=first_layer),
-            "all heads": topic_swaps(stats, t, sites=attention),
+            "first-layer heads": topic_swaps(stats, t, sites=first_layer, source_precision=source),
+            "all heads": topic_swaps(stats, t, sites=attention, source_precision=source),
         }
         for t in steered
     ]
     t = lap("topic code search s", t)
-    with _prompts(data.prompts):
-        steering = steer_topics(model, base, classifier, candidates, swaps, steer_exp)
+    steering = steer_topics(
+        model, base, classifier, candidates, swaps, steer_exp,
+        prompts=data.prompts,
+        effect_tokens=effect_tokens,
+        effect_topic=[data.topics[i] for i in effect_ids.tolist()],
+    )  # fmt: skip
     for row, found in zip(steering["topics"], candidates, strict=True):
         row["candidates"] = [c.as_dict() for c in found]
     t = lap("steering s", t)
@@ -730,7 +714,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
             base,
             model,
             classifier,
-            exp,
+            steer_exp,
             report,
             tokens=tokens,
             strings=token_strings(tokenizer, tokens),
@@ -738,6 +722,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
             train_tokens=pack_to_tensor(data.lm_texts, tokenizer, 128, blocks),
             heldout=heldout,
             prompts=data.prompts,
+            topics=data.topics,
         )
         lap("baselines s", t)
     timings["total s"] = time.perf_counter() - started
