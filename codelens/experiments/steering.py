@@ -217,8 +217,9 @@ QUICK = SteeringExperiment(
 # Fortunes (`load_labelled_corpus("fortunes")`, Debian's fortune files): eight topic
 # files of 74 to 1,051 quotations, about 640 KB of text; the language model also
 # pretrains on every other fortune file (about 2.5 MB, 750k tokens in all,
-# `pretrain_every_label`). Sized for 30 minutes on 2 threads: on this machine, shared,
-# a training step of a 3-layer model with a 4,096-token vocabulary took 3.7 s.
+# `pretrain_every_label`). Sized for at most 30 minutes on 2 threads: without the
+# baselines, its full run (seed 0, commit cf49b7d) took 15 min 24 s on this machine's 2
+# shared cores (training 10.4 min, steering 4.5 min); the baselines' time is not measured.
 # Quotations are short (a median of about 30 words), so code search uses rows cut from
 # them (`corpus_rows`), and topic codes skip only the BOS token.
 FORTUNES = SteeringExperiment(
@@ -249,6 +250,7 @@ FORTUNES = SteeringExperiment(
     threads=2,
 )
 
+# A check that the fortunes path runs (CI): 64 s wall on 1 thread.
 FORTUNES_QUICK = dataclasses.replace(
     FORTUNES,
     run_dir="runs/steering-fortunes-quick",
