@@ -452,6 +452,10 @@ def test_steered_and_feature_columns():
     assert bl.steered({"before": 0.1, "after": 0.8, "perplexity_ratio": 2.0})
     assert not bl.steered({"before": 0.2, "after": 0.9, "perplexity_ratio": 1.0})
     assert not bl.steered({"before": 0.1})  # no fluent option: not steered
+    # another corpus: >= 70% and 10 points over the unsteered share
+    assert bl.steered({"before": 0.3, "after": 0.7, "perplexity_ratio": 1.0}, "fortunes")
+    assert not bl.steered({"before": 0.65, "after": 0.7, "perplexity_ratio": 1.0}, "fortunes")
+    assert not bl.steered({"before": 0.0, "after": 0.9, "perplexity_ratio": 2.5}, "fortunes")
     feats = [neurons("a", 3), neurons("b", 5)]
     assert bl._split(feats, 4) == (feats[1], 1)
     with pytest.raises(ValueError, match="out of range"):

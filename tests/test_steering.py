@@ -417,7 +417,7 @@ def test_summary_line_counts_the_issue_targets():
     line = summary_line(report)
     # boat: 10% -> 90% at 1.2x perplexity; month: 50 points over its own neurons, 20 over
     # the base model's.
-    assert line.startswith("steered >=80% (from <=15%, perplexity <=2x): 1/2 topics; ")
+    assert line.startswith("steered (>=80% on topic from <=15%, perplexity <=2x): 1/2 topics; ")
     assert "over neurons: 1/2 (over the base model's: 0/2)" in line
     report["steering"]["topics"][1]["perplexity_ratio"] = 2.5
     assert "1/2 topics" not in summary_line(report)

@@ -272,9 +272,22 @@ def precision_at_recalls(
 # ---------------------------------------------------------------------------- stories
 
 
-def steered(row: dict[str, Any]) -> bool:
-    """The steering report's success test: >= 80% on topic from <= 15%, perplexity <= 2x."""
-    return row.get("after", 0) >= 0.8 and row["before"] <= 0.15 and row["perplexity_ratio"] <= 2
+def steered(row: dict[str, Any], corpus: str = "stories") -> bool:
+    """The steering report's success test (issue 24's targets), perplexity <= 2x in both:
+    on the stories >= 80% on topic from <= 15%; on another corpus, whose unsteered shares
+    vary by topic, >= 70% on topic and at least 10 points above the unsteered share."""
+    if "after" not in row or row["perplexity_ratio"] > 2:
+        return False
+    if corpus == "stories":
+        return row["after"] >= 0.8 and row["before"] <= 0.15
+    return row["after"] >= 0.7 and row["after"] - row["before"] >= 0.1
+
+
+def success_rule(corpus: str) -> str:
+    """`steered` in words."""
+    if corpus == "stories":
+        return ">=80% on topic from <=15%, perplexity <=2x"
+    return ">=70% on topic and >=10 points over unsteered, perplexity <=2x"
 
 
 def _split(features: list[LinearFeatures], index: int) -> tuple[LinearFeatures, int]:
@@ -514,10 +527,11 @@ def unsteered(
 def codes_row(report: dict[str, Any], found: list[dict[str, Any]]) -> dict[str, Any]:
     """The codes' row of the comparison, from the steering report."""
     losses, code_rows = report["heldout_loss"], report["steering"]["topics"]
+    corpus = report.get("experiment", {}).get("corpus", "stories")
     return {
         "method": "codes",
         "regex_precision": sum(r["precision"] for r in found) / len(found) if found else None,
-        "steering_success": sum(steered(r) for r in code_rows) / len(code_rows),
+        "steering_success": sum(steered(r, corpus) for r in code_rows) / len(code_rows),
         "loss_cost": losses["codebooks"] - losses["baseline"],
         "seconds": report["timings"].get("codebook training s"),
     }
@@ -570,7 +584,9 @@ def compare_method(
         plain,
         prompts,
     )
-    row["steering_success"] = sum(steered(r) for r in topics) / len(topics)
+    row["steering_success"] = sum(
+        steered(r, getattr(exp, "corpus", "stories")) for r in topics
+    ) / len(topics)
     detail["steering"] = topics
     if method.seconds:
         cost = splice_loss_cost(base, method.features, heldout)
@@ -634,7 +650,10 @@ def steering_comparison(
     rows.append(
         {
             "method": MEAN_DIFFERENCE,
-            "steering_success": sum(steered(r) for r in direction) / len(direction),
+            "steering_success": sum(
+                steered(r, getattr(exp, "corpus", "stories")) for r in direction
+            )
+            / len(direction),
         }
     )
     details[MEAN_DIFFERENCE] = {"steering": direction}

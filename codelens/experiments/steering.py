@@ -553,7 +553,13 @@ def load_experiment_corpus(exp: SteeringExperiment) -> ExperimentData:
             if y not in topics and t not in held
         ]
     random.Random(exp.seed).shuffle(lm)  # the corpus comes grouped by label
-    prompts = default_prompts(parts["lm"], n=8)
+    openings = len({t.split(maxsplit=1)[0] for t in parts["lm"].texts})
+    if openings < 2:
+        raise ValueError(
+            f"corpus {corpus.name!r}: its documents all open with the same word, so there "
+            "are no two topic-neutral prompts (one to evaluate, one to sweep on)"
+        )
+    prompts = default_prompts(parts["lm"], n=min(8, openings - openings % 2))
     return ExperimentData(
         lm_texts=lm,
         search_texts=list(parts["search"].texts),
@@ -934,16 +940,18 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
 
 def summary_line(report: dict[str, Any]) -> str:
     """One line: steering successes (the issue's targets), regex wins, loss ratio."""
-    rows = report["steering"]["topics"]
-    steered = sum(
-        r.get("after", 0) >= 0.8 and r["before"] <= 0.15 and r["perplexity_ratio"] <= 2
-        for r in rows
+    from codelens.experiments.baselines import steered, success_rule
+
+    rows, corpus = (
+        report["steering"]["topics"],
+        report.get("experiment", {}).get("corpus", "stories"),
     )
+    n_steered = sum(steered(r, corpus) for r in rows)
     regex = report["regex"]
     wins = sum(r.get("precision_gain", -1) >= 0.3 for r in regex)
     base_wins = sum(r.get("precision", 0) - r.get("base_neuron_precision", 1) >= 0.3 for r in regex)
     return (
-        f"steered >=80% (from <=15%, perplexity <=2x): {steered}/{len(rows)} topics; regex "
+        f"steered ({success_rule(corpus)}): {n_steered}/{len(rows)} topics; regex "
         f"codes >=30 points over neurons: {wins}/{len(regex)} (over the base model's: "
         f"{base_wins}/{len(regex)}); loss ratio {report['heldout_loss']['ratio']:.3f}; "
         f"{report['timings']['total s']:.0f}s"
@@ -979,8 +987,9 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
     from codelens.experiments.baselines import steered
 
     rows, regex = report["steering"]["topics"], report["regex"]
+    corpus = report.get("experiment", {}).get("corpus", "stories")
     out = {
-        "topics steered": sum(steered(r) for r in rows),
+        "topics steered": sum(steered(r, corpus) for r in rows),
         "regex codes >= 30 points over neurons": sum(
             r.get("precision_gain", -1) >= 0.3 for r in regex
         ),
