@@ -299,6 +299,51 @@ def _split(features: list[LinearFeatures], index: int) -> tuple[LinearFeatures, 
     raise ValueError(f"feature column {index} out of range")
 
 
+def sweep_and_evaluate(
+    base: Any,
+    classifier: Any,
+    exp: Any,
+    plain: dict[str, Any],
+    prompts: tuple[tuple[str, ...], tuple[str, ...]],
+    topic: str,
+    options: list[dict[str, Any]],
+    hooks: Callable[[dict[str, Any]], list],
+) -> dict[str, Any]:
+    """A baseline's steering of ``topic`` on the base model: ``options`` swept on the sweep
+    prompts under the fluency guard (as codes are), the pick evaluated on the eval prompts
+    (``prompts``: eval, sweep). Row fields: ``before``, ``sweep``, and with a pick its
+    settings, ``after``, ``perplexity_ratio`` and an ``example``."""
+    from codelens import steering as st
+
+    eval_prompts, sweep_prompts = prompts
+
+    def trial(option: dict[str, Any]) -> Any:
+        return st.steering_trial(
+            base, base, classifier, topic, hooks(option), sweep_prompts,
+            samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
+        )  # fmt: skip
+
+    sweep, best = st.sweep_steering(
+        options,
+        trial,
+        perplexity_before=plain["sweep_perplexity"],
+        max_perplexity_ratio=exp.max_perplexity_ratio,
+    )
+    row: dict[str, Any] = {"before": plain["before"][topic], "sweep": sweep}
+    if best is not None:
+        final = st.steering_trial(
+            base, base, classifier, topic, hooks(best), eval_prompts,
+            samples=exp.samples, new_tokens=exp.new_tokens, seed=exp.seed + 100,
+        )  # fmt: skip
+        row |= {k: v for k, v in best.items() if k not in ("on_topic", "perplexity_ratio")}
+        row |= {
+            "after": final.on_topic,
+            "perplexity_ratio": final.perplexity / plain["perplexity"],
+            "example": final.texts[0],
+        }
+    return row
+
+
 @torch.no_grad()
 def steer_with_features(
     base: Any,
@@ -316,9 +361,6 @@ def steer_with_features(
     mean value on the topic tokens where it fires; the strength is swept on the sweep
     prompts under the fluency guard, as codes are, then evaluated on the eval prompts.
     ``prompts``: (eval prompts, sweep prompts)."""
-    from codelens import steering as st
-
-    eval_prompts, sweep_prompts = prompts
     matches = best_neurons_for_labels(topic_values, topic_labels, recalls)
     rows = []
     for t, topic in enumerate(exp.topics):
@@ -331,38 +373,15 @@ def steer_with_features(
         def clamped(option: dict[str, Any], features=site_features, local=local, value=value):
             return steer_feature_hooks(base, features, clamp={local: option["strength"] * value})
 
-        def trial(option: dict[str, Any], topic: str = topic, clamped=clamped):
-            return st.steering_trial(
-                base, base, classifier, topic, clamped(option), sweep_prompts,
-                samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
-            )  # fmt: skip
-
-        sweep, best = st.sweep_steering(
-            [{"strength": strength} for strength in settings_strengths(exp)],
-            trial,
-            perplexity_before=plain["sweep_perplexity"],
-            max_perplexity_ratio=exp.max_perplexity_ratio,
-        )
-        row: dict[str, Any] = {
+        row = {
             "topic": topic,
             "site": site_features.site,
             "feature": local,
             "precision": float(matches.precision[t]),
             "value": value,
-            "before": plain["before"][topic],
-            "sweep": sweep,
         }
-        if best is not None:
-            final = st.steering_trial(
-                base, base, classifier, topic, clamped(best), eval_prompts,
-                samples=exp.samples, new_tokens=exp.new_tokens, seed=exp.seed + 100,
-            )  # fmt: skip
-            row |= {
-                "strength": best["strength"],
-                "after": final.on_topic,
-                "perplexity_ratio": final.perplexity / plain["perplexity"],
-                "example": final.texts[0],
-            }
+        options = [{"strength": strength} for strength in settings_strengths(exp)]
+        row |= sweep_and_evaluate(base, classifier, exp, plain, prompts, topic, options, clamped)
         rows.append(row)
     return rows
 
@@ -387,7 +406,6 @@ def steer_with_direction(
     the corpus)."""
     from codelens import steering as st
 
-    eval_prompts, sweep_prompts = prompts
     hook = resid_pre(base.cfg.n_layers // 2)
     scales = check_settings(getattr(exp, "baselines", None) or {})["direction_scales"]
     rows = []
@@ -397,38 +415,12 @@ def steer_with_direction(
             base, hook, tokens[is_topic], tokens[~is_topic], start=exp.topic_skip
         )
 
-        def trial(option: dict[str, Any], topic: str = topic, direction: Tensor = direction):
-            hooks = st.add_direction_hooks(base, hook, direction, option["scale"])
-            return st.steering_trial(
-                base, base, classifier, topic, hooks, sweep_prompts,
-                samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
-            )  # fmt: skip
+        def added(option: dict[str, Any], direction: Tensor = direction):
+            return st.add_direction_hooks(base, hook, direction, option["scale"])
 
-        sweep, best = st.sweep_steering(
-            [{"scale": float(scale)} for scale in scales],
-            trial,
-            perplexity_before=plain["sweep_perplexity"],
-            max_perplexity_ratio=exp.max_perplexity_ratio,
-        )
-        row: dict[str, Any] = {
-            "topic": topic,
-            "hook": hook,
-            "direction_norm": float(direction.norm()),
-            "before": plain["before"][topic],
-            "sweep": sweep,
-        }
-        if best is not None:
-            final = st.steering_trial(
-                base, base, classifier, topic,
-                st.add_direction_hooks(base, hook, direction, best["scale"]), eval_prompts,
-                samples=exp.samples, new_tokens=exp.new_tokens, seed=exp.seed + 100,
-            )  # fmt: skip
-            row |= {
-                "scale": best["scale"],
-                "after": final.on_topic,
-                "perplexity_ratio": final.perplexity / plain["perplexity"],
-                "example": final.texts[0],
-            }
+        row = {"topic": topic, "hook": hook, "direction_norm": float(direction.norm())}
+        options = [{"scale": float(scale)} for scale in scales]
+        row |= sweep_and_evaluate(base, classifier, exp, plain, prompts, topic, options, added)
         rows.append(row)
     return rows
 
