@@ -231,6 +231,20 @@ def test_fsdp_ranks_share_evaluation_and_kmeans_init(single, fsdp):
     check_shared_work(single, fsdp)
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_process_group_and_its_threads_end_with_train(mode, request):
+    """Once `train` returns, nothing holds the process group it started, so gloo's worker
+    threads have been joined: left running, one of them could still be releasing a
+    tensor when the interpreter exits, which aborted a finished FSDP run now and then.
+    The model returned is whole, also under FSDP."""
+    run_dir = request.getfixturevalue(mode)
+    for rank in (0, 1):
+        report = json.loads((run_dir.parent / f"report-rank{rank}.json").read_text())
+        gloo = [name for name in report["threads"] if "gloo" in name]
+        assert not gloo, (rank, report["threads"])
+        assert not report["sharded"], rank
+
+
 def test_sharded_kmeans_and_evaluation_equal_one_process(tmp_path):
     """`kmeans` on unequal shares of the samples (random and k-means++ starts, chunked
     assignment, empty clusters, fewer samples than clusters) and `evaluate` of each

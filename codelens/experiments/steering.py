@@ -189,6 +189,7 @@ FULL = SteeringExperiment(
         **_CODEBOOK_TRAINING,
     },
     topics=TOPICS[:8],
+    threads=2,  # the budget: one seed on this machine's 2 cores
 )
 
 QUICK = SteeringExperiment(

@@ -11,6 +11,8 @@ trainer needs (rank 0's word broadcast, a global all-finite check, sums over ran
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,8 +91,39 @@ def start(device: torch.device, batch_size: int, world: int) -> Ranks:
 
 
 def stop(ranks: Ranks) -> None:
+    """End the process group this run started, and with it gloo's worker threads.
+
+    Whatever still holds the group (a sharded model's state) is collected first, so that
+    the group is freed here: its worker threads can otherwise still be releasing tensors
+    when the interpreter exits, which aborts the process after a finished run.
+    """
     if ranks.owns_group and dist.is_initialized():
+        _drop_dtensor_caches()
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
+
+
+def _drop_dtensor_caches() -> None:
+    """Empty torch's DTensor caches, which keep sharded runs' device meshes (and through
+    them the process group) alive. Private torch functions: one that a torch release
+    renames is skipped, and `tests/test_distributed.py` then finds gloo's threads alive."""
+    from torch.distributed import tensor
+
+    for path in (
+        "debug._clear_sharding_prop_cache",
+        "_redistribute._gen_transform_infos.cache_clear",
+        "_redistribute.clear_redistribute_planner_cache",
+        "_collective_utils.MeshTopoInfo.build_from_mesh.cache_clear",
+    ):
+        module, *attrs = path.split(".")
+        try:
+            target = importlib.import_module(f"{tensor.__name__}.{module}")
+            for attr in attrs:
+                target = getattr(target, attr)
+        except (ImportError, AttributeError):
+            continue
+        target()
 
 
 def rank0_says(value: Any, ranks: Ranks) -> Any:

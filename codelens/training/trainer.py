@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -540,11 +541,12 @@ def train(
             # freed after `parallel.stop`, e.g. with an error's traceback, gloo's teardown
             # could wait forever for a rank that has already exited
             run.trainable = run.model
+        result = TrainResult(run.model, run.run_dir, config.steps, run.final_eval)
+        del run  # a sharded model and its optimizer state hold the process group
     finally:
         parallel.stop(ranks)
-    return TrainResult(
-        run.model, run.run_dir, config.steps, run.final_eval, time.perf_counter() - started
-    )
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def _prepare(
@@ -781,16 +783,38 @@ def _save_checkpoint(run: _Run, done: int) -> None:
 
 
 def _finish(run: _Run) -> None:
-    """The final model and evaluation, written by rank 0."""
+    """The final model and evaluation, written by rank 0.
+
+    A sharded model whose process group this run started is returned whole on every
+    rank: its shards would be of no use once the group ends with the run.
+    """
     tensors = None
-    if parallel.is_sharded(run.model):
-        tensors = train_state.full_model_state(run.model, keep=run.ranks.main)
+    sharded = parallel.is_sharded(run.model)
+    whole_on_every_rank = sharded and run.ranks.owns_group
+    if sharded:
+        keep = run.ranks.main or whole_on_every_rank
+        tensors = train_state.full_model_state(run.model, keep=keep)
     if run.ranks.main:
         checkpoint.save(run.model, run.run_dir / "final", tensors=tensors)
     if not run.final_eval and run.config.eval_batches:
         run.final_eval = _evaluate(run)
     if run.ranks.main:
         (run.run_dir / "final_eval.json").write_text(json.dumps(run.final_eval, indent=2))
+    if whole_on_every_rank:
+        run.model = _whole_copy(run.model, tensors, run.device)
+
+
+def _whole_copy(
+    sharded: HookedCodebookTransformer,
+    tensors: tuple[dict[str, Tensor], dict[str, Tensor]],
+    device: torch.device,
+) -> HookedCodebookTransformer:
+    """An unsharded model with the gathered ``tensors``, built by the checkpoint's own
+    save and load (each rank in a directory of its own: ranks may not share a disk)."""
+    dtype = next(iter(tensors[0].values())).dtype
+    with tempfile.TemporaryDirectory(prefix="codelens-whole-") as tmp:
+        saved = checkpoint.save(sharded, Path(tmp) / "model", tensors=tensors)
+        return HookedCodebookTransformer.from_pretrained(saved, device=device, dtype=dtype)
 
 
 def _train_metrics(

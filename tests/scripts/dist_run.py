@@ -10,8 +10,9 @@ python dist_run.py CONFIG.json [--float64] [--kill-at N] [--nan-at N] [--own-dir
 --own-dir    each rank runs in its own directory rank{R}/ (a relative run_dir is then a
              disk the ranks do not share)
 --report     each rank writes report-rank{R}.json beside the config: the rows it ran
-             in k-means initialisation and in evaluation (`work_counter`), and its
-             final evaluation
+             in k-means initialisation and in evaluation (`work_counter`), its final
+             evaluation, the names of its threads after `train`, and whether the model
+             `train` returned has sharded (DTensor) parameters
 """
 
 import argparse
@@ -24,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from work_counter import counting_work  # noqa: E402
 
 from codelens.model import HookedCodebookTransformer  # noqa: E402
@@ -70,7 +72,15 @@ try:
     with counting_work() if args.report else contextlib.nullcontext() as work:
         result = train(config, progress=False, on_step=on_step)
     if args.report:
-        report = {"work": work, "final_eval": result.final_eval}
+        report = {
+            "work": work,
+            "final_eval": result.final_eval,
+            "threads": sorted(
+                Path(f"/proc/self/task/{t}/comm").read_text().strip()
+                for t in os.listdir("/proc/self/task")
+            ),
+            "sharded": any(isinstance(p, DTensor) for p in result.model.parameters()),
+        }
         (config_file.parent / f"report-rank{rank}.json").write_text(json.dumps(report))
 except NonFiniteLossError as err:
     (config_file.parent / f"nonfinite-rank{rank}.txt").write_text(str(steps_done[0]))
