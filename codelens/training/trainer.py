@@ -801,20 +801,19 @@ def _finish(run: _Run) -> None:
     if run.ranks.main:
         (run.run_dir / "final_eval.json").write_text(json.dumps(run.final_eval, indent=2))
     if whole_on_every_rank:
-        run.model = _whole_copy(run.model, tensors, run.device)
+        run.model = _whole_copy(run.model, tensors)
 
 
 def _whole_copy(
-    sharded: HookedCodebookTransformer,
-    tensors: tuple[dict[str, Tensor], dict[str, Tensor]],
-    device: torch.device,
+    sharded: HookedCodebookTransformer, tensors: tuple[dict[str, Tensor], dict[str, Tensor]]
 ) -> HookedCodebookTransformer:
-    """An unsharded model with the gathered ``tensors``, built by the checkpoint's own
-    save and load (each rank in a directory of its own: ranks may not share a disk)."""
+    """An unsharded model with the gathered ``tensors``, on the CPU (a model trained
+    sharded may not fit whole on one accelerator), built by the checkpoint's own save and
+    load (each rank in a directory of its own: ranks may not share a disk)."""
     dtype = next(iter(tensors[0].values())).dtype
     with tempfile.TemporaryDirectory(prefix="codelens-whole-") as tmp:
         saved = checkpoint.save(sharded, Path(tmp) / "model", tensors=tensors)
-        return HookedCodebookTransformer.from_pretrained(saved, device=device, dtype=dtype)
+        return HookedCodebookTransformer.from_pretrained(saved, device="cpu", dtype=dtype)
 
 
 def _train_metrics(
