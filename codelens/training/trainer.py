@@ -801,18 +801,23 @@ def _finish(run: _Run) -> None:
     if run.ranks.main:
         (run.run_dir / "final_eval.json").write_text(json.dumps(run.final_eval, indent=2))
     if whole_on_every_rank:
-        run.model = _whole_copy(run.model, tensors)
+        run.model = _whole_copy(run, tensors)
 
 
 def _whole_copy(
-    sharded: HookedCodebookTransformer, tensors: tuple[dict[str, Tensor], dict[str, Tensor]]
+    run: _Run, tensors: tuple[dict[str, Tensor], dict[str, Tensor]]
 ) -> HookedCodebookTransformer:
-    """An unsharded model with the gathered ``tensors``, on the CPU (a model trained
-    sharded may not fit whole on one accelerator), built by the checkpoint's own save and
-    load (each rank in a directory of its own: ranks may not share a disk)."""
+    """The model with the gathered ``tensors``, unsharded and on the CPU (a model trained
+    sharded may not fit whole on one accelerator), loaded from the final checkpoint: rank 0
+    has just written it, the others write their own in a temporary directory (ranks may
+    not share a disk)."""
     dtype = next(iter(tensors[0].values())).dtype
+    if run.ranks.main:
+        return HookedCodebookTransformer.from_pretrained(
+            run.run_dir / "final", device="cpu", dtype=dtype
+        )
     with tempfile.TemporaryDirectory(prefix="codelens-whole-") as tmp:
-        saved = checkpoint.save(sharded, Path(tmp) / "model", tensors=tensors)
+        saved = checkpoint.save(run.model, Path(tmp) / "model", tensors=tensors)
         return HookedCodebookTransformer.from_pretrained(saved, device="cpu", dtype=dtype)
 
 
