@@ -117,17 +117,22 @@ def _fill(model: HookedCodebookTransformer, site: str, slots: str | int) -> int:
 
 
 def swap_code_hooks(
-    model: HookedCodebookTransformer, swaps: Sequence[TopicSwap], force: bool = False
+    model: HookedCodebookTransformer, swaps: Sequence[TopicSwap], force: int = 0
 ) -> HookList:
     """Hooks swapping each head's ``sources`` to its target code (`topic_swaps` entries);
-    with ``force``, the target is also forced into the head's lowest slot."""
+    the target is also forced into the head's ``force`` lowest slots (0: swaps alone;
+    each slot adds the code's vector once more, so ``force`` sets the strength)."""
     hooks: HookList = []
     for s in swaps:
         code = s.target.code
+        k = model.codebooks[code.site].k
+        if isinstance(force, bool) or not isinstance(force, int) or not 0 <= force <= k:
+            raise ValueError(f"force must be an int in [0, k={k}] slots, got {force!r}")
         mapping = dict.fromkeys(s.sources, code.id)
         hooks += swap_codes(model, code.site, mapping, group=code.group)
         if force:
-            hooks += force_codes(model, code.site, [code.id], group=code.group, slots="lowest")
+            ids = [code.id] * force
+            hooks += force_codes(model, code.site, ids, group=code.group, slots="lowest")
     return hooks
 
 
@@ -459,17 +464,18 @@ def steering_options(
 
     ``codes``: best first, one per (site, group) (`CodeEffects.ranked`); ``swaps``:
     named `topic_swaps` lists (e.g. first-layer heads, all heads). Swap options: every
-    other topic's codes swapped to this topic's, alone or with this topic's code also
-    forced into the lowest slot. Forcing options (`force_code_hooks`), for the best 1, 2,
-    4, ... codes: each in its head's lowest slot at every position; in its k/2 lowest
-    slots (k >= 4) at every position; then in all k slots, only at the prompt's tokens
-    (like a story that has named its topic, then left the model alone), then at every
-    position.
+    other topic's codes swapped to this topic's, alone, then with this topic's code also
+    forced into 1, 2 and k/2 of the head's lowest slots (ever stronger). Forcing
+    options (`force_code_hooks`), for the best 1, 2, 4, ... codes: each in its head's
+    lowest slot at every position; in its k/2 lowest slots (k >= 4) at every position;
+    then in all k slots, only at the prompt's tokens (like a story that has named its
+    topic, then left the model alone), then at every position.
     """
     options = []
+    strengths = sorted({f for f in (0, 1, 2, k // 2) if f <= k})
     for name, heads in (swaps or {}).items():
         if heads:
-            options += [{"swaps": list(heads), "heads": name, "force": f} for f in (False, True)]
+            options += [{"swaps": list(heads), "heads": name, "force": f} for f in strengths]
     if not codes:
         return options
     codes = list(codes)
@@ -515,15 +521,19 @@ def option_record(
 
 
 def _past_broken(option: dict[str, Any], swept: list[dict[str, Any]], limit: float) -> bool:
-    """True for a forcing option with more codes than a swept one of the same slots and
-    positions whose perplexity ratio already exceeded ``limit``."""
-    return "codes" in option and any(
-        "codes" in o
-        and (o["slots"], o["positions"]) == (option["slots"], option["positions"])
-        and len(o["codes"]) < len(option["codes"])
-        and o["perplexity_ratio"] > limit
-        for o in swept
-    )
+    """True for an option stronger than a swept one of its kind whose perplexity ratio
+    already exceeded ``limit``: more forced codes with the same slots and positions, or
+    the same swaps with the target forced into more slots."""
+
+    def weaker(o: dict[str, Any]) -> bool:
+        if "codes" in option and "codes" in o:
+            same = (o["slots"], o["positions"]) == (option["slots"], option["positions"])
+            return same and len(o["codes"]) < len(option["codes"])
+        if "swaps" in option and "swaps" in o:
+            return o["heads"] == option["heads"] and o["force"] < option["force"]
+        return False
+
+    return any(weaker(o) and o["perplexity_ratio"] > limit for o in swept)
 
 
 def option_trial(

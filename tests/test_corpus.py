@@ -226,6 +226,7 @@ def tiny_experiment(run_dir, corpus, **changes):
             "init_samples": 512,
         },
         samples=2,
+        unsteered_samples=2,
         new_tokens=8,
         candidates=2,
         sweep_samples=1,

@@ -118,7 +118,7 @@ SUBSTITUTIONS: dict[str, list[tuple[str, str]]] = {
             "num_hidden_layers=1, intermediate_size=64), baseline=dict(steps=10, batch_size=8), "
             "codebook_stage=dict(codebook=dict(n_codes=32, k=2, sites=['attn']), steps=5, "
             "train='all', batch_size=8, init_samples=256), samples=1, new_tokens=4, "
-            "candidates=1, sweep_samples=1)\n",
+            "candidates=1, sweep_samples=1, unsteered_samples=1)\n",
         ),
     ],
     "docs/tutorials/tokfsm.md": [

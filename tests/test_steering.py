@@ -185,11 +185,11 @@ def test_steering_options_go_from_swaps_to_many_heads():
     swap = TopicSwap(TopicCode(Code("s", 0, 1), 0.9, 0.5, 10), (2,))
     swaps = {"first": [swap], "none": []}
     options = steering_options(codes, 8, swaps)
-    assert options[:2] == [
-        {"swaps": swaps["first"], "heads": "first", "force": False},
-        {"swaps": swaps["first"], "heads": "first", "force": True},
+    assert options[:4] == [  # ever stronger: forced into 0, 1, 2 and k/2 slots
+        {"swaps": swaps["first"], "heads": "first", "force": f} for f in (0, 1, 2, 4)
     ]
-    assert [(o["slots"], o["positions"]) for o in options[2::4]] == [
+    assert [o["force"] for o in steering_options(codes, 2, swaps) if "swaps" in o] == [0, 1, 2]
+    assert [(o["slots"], o["positions"]) for o in options[4::4]] == [
         ("lowest", "every"),
         (4, "every"),
         ("all", "prompt"),
@@ -202,8 +202,8 @@ def test_steering_options_go_from_swaps_to_many_heads():
     assert {o["slots"] for o in steering_options(codes, 2)} == {"lowest", "all"}
     assert steering_options([], 8) == []
     record = option_record({**options[1], "on_topic": 0.5})
-    assert record == {"swaps": [swap.as_dict()], "heads": "first", "force": True, "on_topic": 0.5}
-    record = option_record(options[2], lambda c: {"effect": c.id / 10})
+    assert record == {"swaps": [swap.as_dict()], "heads": "first", "force": 1, "on_topic": 0.5}
+    record = option_record(options[4], lambda c: {"effect": c.id / 10})
     assert json.loads(json.dumps(record))["codes"] == [{**codes[0].as_dict(), "effect": 0.0}]
 
 
@@ -244,7 +244,13 @@ def test_sweep_skips_more_forced_heads_once_fewer_broke_the_fluency_guard():
     assert not _past_broken({**more, "slots": "lowest"}, [broke], limit=2.0)
     lowest = {**broke, "slots": "lowest"}
     assert _past_broken({**more, "slots": "lowest"}, [lowest], limit=2.0)
-    assert not _past_broken({"swaps": [], "heads": "all", "force": True}, [broke], limit=2.0)
+    swap = {"swaps": [], "heads": "all", "force": 2}
+    assert not _past_broken(swap, [broke], limit=2.0)
+    swap_broke = {**swap, "force": 1, "perplexity_ratio": 3.0}
+    assert _past_broken(swap, [swap_broke], limit=2.0)
+    assert not _past_broken({**swap, "heads": "first"}, [swap_broke], limit=2.0)
+    assert not _past_broken({**swap, "force": 1}, [swap_broke], limit=2.0)
+    assert not _past_broken(more, [swap_broke], limit=2.0)
 
 
 def _topic_rows(n_rows, n_topics, length):
@@ -298,9 +304,16 @@ def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
     expected = torch.where(ids == source, target, ids)
     assert torch.equal(cache[name][:, :, 1], expected)
     assert torch.equal(cache[name][:, :, 0], clean[name][:, :, 0])
-    with model.hooks(fwd_hooks=swap_code_hooks(model, swaps, force=True)):
+    with model.hooks(fwd_hooks=swap_code_hooks(model, swaps, force=1)):
         _, cache = model.run_with_cache(tokens, names_filter=name)
     assert (cache[name][:, :, 1, -1] == target).all()
+    assert torch.equal(cache[name][:, :, 1, 0], expected[..., 0])  # the other slot: swapped
+    with model.hooks(fwd_hooks=swap_code_hooks(model, swaps, force=2)):
+        _, cache = model.run_with_cache(tokens, names_filter=name)
+    assert (cache[name][:, :, 1] == target).all()
+    for bad in (3, -1, True, 1.0):
+        with pytest.raises(ValueError, match=r"force must be an int in \[0, k=2\]"):
+            swap_code_hooks(model, swaps, force=bad)
 
 
 def test_option_hooks_force_only_the_prompt_tokens():
@@ -403,11 +416,11 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
     report = _fake_report()
     boat = report["steering"]["topics"][1]
     code = boat["steer"]["codes"][0]
-    boat["steer"] = {"swaps": [{**code, "sources": [1, 2]}], "heads": "first", "force": True}
+    boat["steer"] = {"swaps": [{**code, "sources": [1, 2]}], "heads": "first", "force": 2}
     write_report(report, tmp_path)
     assert (
         "| boat | blocks.0.attn.hook_z, 1, 5 (other topics' codes swapped to these in first, "
-        "forced in the lowest slot) | 80.0 | 20.0 | 10.0 (2.2-47.1) | 90.0 (52.9-97.8) |"
+        "forced in the 2 lowest slots) | 80.0 | 20.0 | 10.0 (2.2-47.1) | 90.0 (52.9-97.8) |"
     ) in (tmp_path / "report.md").read_text()
     assert "plotly" in (tmp_path / "report.html").read_text().lower()
 

@@ -327,7 +327,7 @@ def sweep_and_evaluate(
         options,
         trial,
         perplexity_before=plain["sweep_perplexity"],
-        max_perplexity_ratio=exp.max_perplexity_ratio,
+        max_perplexity_ratio=exp.sweep_perplexity_ratio,
     )
     row: dict[str, Any] = {"before": plain["before"][topic], "sweep": sweep}
     if best is not None:
@@ -504,7 +504,9 @@ def unsteered(
     from codelens import steering as st
 
     eval_prompts, sweep_prompts = prompts
-    plain_gen = st.generate_texts(base, eval_prompts, exp.samples, exp.new_tokens, exp.seed + 100)
+    plain_gen = st.generate_texts(
+        base, eval_prompts, exp.unsteered_samples, exp.new_tokens, exp.seed + 100
+    )
     plain_texts = st.continuation_texts(base.tokenizer, plain_gen)
     sweep_gen = st.generate_texts(
         base, sweep_prompts, exp.sweep_samples, exp.new_tokens, exp.seed + 200

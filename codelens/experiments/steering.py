@@ -107,15 +107,21 @@ class SteeringExperiment:
     codebook_stage: dict[str, Any]
     search_len: int = 64  # tokens of each held-out story used for code search
     topics: tuple[str, ...] = TOPICS
-    samples: int = 10  # per prompt
+    samples: int = 10  # per prompt, steered (as in the paper)
+    # per prompt, unsteered: the on-topic shares and perplexity that steering is judged
+    # against (each steered topic is compared with them, so they get more samples)
+    unsteered_samples: int = 40
     new_tokens: int = 110  # the paper: 200; our stories fit a 128-token context
     candidates: int = 8  # the most codes forced at once (one per head)
     pool: int = 32  # codes per topic (the most precise) whose effect is measured
     effect_docs: int = 24  # held-out stories of the topic, and of others, to measure effects
-    sweep_samples: int = 8  # per sweep prompt
+    sweep_samples: int = 16  # per sweep prompt
     min_topic_recall: float = 0.05  # a topic code must fire on this share of its topic's tokens
     topic_skip: int = 16  # tokens of each story left out of topic code search (before the topic)
-    max_perplexity_ratio: float = 2.0  # fluency guard when picking a steering option
+    max_perplexity_ratio: float = 2.0  # fluency guard of the evaluation
+    # The guard on the sweep prompts, with headroom: the pick's ratio is measured again on
+    # the evaluation prompts, and an option picked at the edge falls over it half the time.
+    sweep_perplexity_ratio: float = 1.8
     circuit_pairs: int = 16  # story pairs for the topic circuit (0: no circuit)
     circuit_tau: float = 0.05  # ACDC threshold of the topic circuit's fast path
     baselines: dict[str, Any] | None = dataclasses.field(default_factory=dict)  # None: skip
@@ -208,6 +214,7 @@ QUICK = SteeringExperiment(
     },
     topics=TOPICS[:5],
     samples=5,
+    unsteered_samples=5,
     new_tokens=40,
     candidates=4,
     sweep_samples=3,
@@ -268,6 +275,7 @@ FORTUNES_QUICK = dataclasses.replace(
     },
     topics=FORTUNE_TOPICS[:4],
     samples=3,
+    unsteered_samples=3,
     new_tokens=24,
     candidates=2,
     sweep_samples=2,
@@ -391,16 +399,20 @@ def steer_topics(
     unsteered generations on the eval prompts (``prompts``: evaluation, sweep).
 
     ``candidates[t]``: topic t's pool of codes (by precision); ``swaps[t]``: its named
-    `topic_swaps` lists. The fluency guard is ``exp.max_perplexity_ratio`` times the
-    unsteered sweep's perplexity under the base model; at most ``exp.candidates`` codes
-    are forced together. Evaluation uses other prompts and seeds than the sweep.
+    `topic_swaps` lists. The sweep's fluency guard is ``exp.sweep_perplexity_ratio``
+    times the unsteered sweep's perplexity under the base model (headroom below the
+    evaluation's ``exp.max_perplexity_ratio``); at most ``exp.candidates`` codes are
+    forced together. Evaluation uses other prompts and seeds than the sweep, and is
+    judged against ``exp.unsteered_samples`` unsteered generations per prompt.
     ``sweep_before`` is the on-topic share of the unsteered sweep, generated with the same
     prompts and seeds as every option, so an option that changed nothing has exactly
     that share.
     """
     tok = model.tokenizer
     eval_prompts, sweep_prompts = prompts
-    plain = generate_texts(model, eval_prompts, exp.samples, exp.new_tokens, exp.seed + 100)
+    plain = generate_texts(
+        model, eval_prompts, exp.unsteered_samples, exp.new_tokens, exp.seed + 100
+    )
     plain_texts = continuation_texts(tok, plain)
     plain_ppl = perplexity(base, plain)
     sweep_plain = generate_texts(
@@ -431,7 +443,7 @@ def steer_topics(
             effects,
             trial,
             perplexity_before=sweep_ppl,
-            max_perplexity_ratio=exp.max_perplexity_ratio,
+            max_perplexity_ratio=exp.sweep_perplexity_ratio,
             max_codes=exp.candidates,
             swaps=swaps[t],
         )
@@ -803,7 +815,8 @@ def _code_name(code: dict[str, Any]) -> str:
 
 def _option_name(option: dict[str, Any]) -> str:
     if "swaps" in option:
-        forced = ", forced in the lowest slot" if option["force"] else ""
+        n = option["force"]
+        forced = f", forced in the {n} lowest slot{'s' if n > 1 else ''}" if n else ""
         return f"other topics' codes swapped to these in {option['heads']}{forced}"
     where = "prompt tokens" if option.get("positions") == "prompt" else "every position"
     return f"{option['slots']} slots, {where}"
