@@ -266,6 +266,13 @@ def test_generic_corpus_pipeline_end_to_end(tmp_path, monkeypatch):
     assert "of 30 held-out documents." in markdown
     lm = [json.loads(line)["text"] for line in (tmp_path / "run" / "corpus.jsonl").open()]
     assert len(lm) == 120
+    assert report["reused_stages"] == []
+    # a rerun with other steering settings reuses both trained models: same data, same
+    # tokenizer, same training settings
+    again = run_experiment(dataclasses.replace(exp, sweep_perplexity_ratio=1.5))
+    assert again["reused_stages"] == ["baseline", "codebooks"]
+    assert again["heldout_loss"] == report["heldout_loss"]
+    assert "Not trained again" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_generic_corpus_baselines_and_probing(tmp_path, monkeypatch):

@@ -78,9 +78,18 @@ def markdown(report: dict[str, Any]) -> str:
             )
     if "baselines" in report:
         lines += ["", *baselines_markdown(report["baselines"])]
-    lines += ["", "## Timings (s)", ""]
-    lines += [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
+    lines += timings_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def timings_markdown(report: dict[str, Any]) -> list[str]:
+    """A pipeline report's timings, and the training stages it reused (`train_stage`)."""
+    lines = ["", "## Timings (s)", ""]
+    lines += [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
+    if report.get("reused_stages"):
+        reused = ", ".join(report["reused_stages"])
+        lines += ["", f"Not trained again (finished earlier from the same inputs): {reused}."]
+    return lines
 
 
 def baselines_markdown(section: dict[str, Any]) -> list[str]:

@@ -69,6 +69,7 @@ from codelens.data.stories import (
 from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokenizer
 from codelens.environment import check_cached_generation, describe, stack
 from codelens.experiments.baselines import check_settings, steering_comparison
+from codelens.experiments.report import timings_markdown
 from codelens.experiments.stages import train_stage
 from codelens.files import atomic_write_text
 from codelens.model import HookedCodebookTransformer
@@ -675,12 +676,13 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     data.info["prompts"] = {"evaluation": list(data.prompts[0]), "sweep": list(data.prompts[1])}
     t = lap("corpus and tokenizer s", started)
 
-    base = _train_stage(exp, "baseline", exp.baseline, None).model
+    stages = {"baseline": _train_stage(exp, "baseline", exp.baseline, None)}
     t = lap("baseline training s", t)
-    model = _train_stage(
+    stages["codebooks"] = _train_stage(
         exp, "codebooks", exp.codebook_stage, str(run_dir / "baseline/final")
-    ).model
+    )
     t = lap("codebook training s", t)
+    base, model = stages["baseline"].model, stages["codebooks"].model
     for trained in (base, model):
         check_cached_generation(trained, heldout[:4, :16])
     losses = {"baseline": heldout_loss(base, heldout), "codebooks": heldout_loss(model, heldout)}
@@ -726,6 +728,7 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         "regex": regex,
         "steering": steering,
         "timings": timings,
+        "reused_stages": [name for name, stage in stages.items() if stage.reused],
     }
     if circuit is not None:
         report["circuit"] = circuit
@@ -896,8 +899,7 @@ def markdown(report: dict[str, Any]) -> str:
         section = circuit_markdown(report["circuit"]).replace("\n## ", "\n### ")
         lines += ["", section.replace("# Circuits:", "## Topic circuit:", 1).rstrip()]
         lines += ["", "Circuits, curves and graphs: `circuits/` (report.html, circuits/*.json)."]
-    lines += ["", "## Timings (s)", ""]
-    lines += [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
+    lines += timings_markdown(report)
     return "\n".join(lines) + "\n"
 
 

@@ -577,11 +577,14 @@ def run_experiment(exp: FSMExperiment) -> dict[str, Any]:
     }
     stage_start = time.perf_counter()
     baseline = _train_stage(exp, "baseline", exp.baseline, None)
+    report["reused_stages"] = ["baseline"] if baseline.reused else []
     report["timings"]["baseline training s"] = time.perf_counter() - stage_start
     models = {"no codebook": baseline.model}
     for name, settings in exp.codebook_models.items():
         stage_start = time.perf_counter()
         result = _train_stage(exp, name, settings, str(baseline.run_dir / "final"))
+        if result.reused:
+            report["reused_stages"].append(name)
         report["timings"][f"{name} training s"] = time.perf_counter() - stage_start
         models[name] = result.model
     for name, model in models.items():

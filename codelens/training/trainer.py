@@ -61,6 +61,7 @@ class TrainResult:
     steps: int
     final_eval: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    reused: bool = False  # loaded from an earlier run of the same stage (`train_stage`)
 
 
 # ---------------------------------------------------------------------------- set-up
