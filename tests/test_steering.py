@@ -362,6 +362,7 @@ def _fake_report():
             "n_stories": 10,
             "seed": 0,
             "samples": 2,
+            "unsteered_samples": 5,
             "new_tokens": 5,
         },
         "environment": {"torch": "2.0", "transformers": "5.0"},
@@ -406,9 +407,10 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert (
         "| boat | blocks.0.attn.hook_z, 1, 5 (all slots, every position) | 80.0 | 20.0 | "
-        "10.0 (2.2-47.1) | 90.0 (52.9-97.8) |" in md  # Wilson 95%: 1 and 7 of 8 generations
+        "10.0 (2.8-30.1) | 90.0 (52.9-97.8) |" in md  # Wilson 95%: 2 of 20, 7 of 8 generations
     )
-    assert "| cake | none | | | 10.0 (2.2-47.1) | | | |" in md
+    assert "| cake | none | | | 10.0 (2.8-30.1) | | | |" in md
+    assert "4 prompts x 2 samples x 5 new tokens steered (5 samples unsteered)" in md
     assert "is right on 97.5% of 40 held-out stories." in md
     assert "| month | 4 | blocks.0.attn.hook_z, 1, 5 | 90.0 | 50.0 | 40.0 | 50.0 | 70.0 |" in md
     assert json.loads((tmp_path / "report.json").read_text())["heldout_loss"]["ratio"] == 1.1
@@ -420,7 +422,7 @@ def test_write_report_writes_markdown_json_and_html(tmp_path):
     write_report(report, tmp_path)
     assert (
         "| boat | blocks.0.attn.hook_z, 1, 5 (other topics' codes swapped to these in first, "
-        "forced in the 2 lowest slots) | 80.0 | 20.0 | 10.0 (2.2-47.1) | 90.0 (52.9-97.8) |"
+        "forced in the 2 lowest slots) | 80.0 | 20.0 | 10.0 (2.8-30.1) | 90.0 (52.9-97.8) |"
     ) in (tmp_path / "report.md").read_text()
     assert "plotly" in (tmp_path / "report.html").read_text().lower()
 

@@ -867,26 +867,28 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Topic steering",
         "",
-        f"{n_prompts} prompts x {exp['samples']} samples x {exp['new_tokens']} new "
-        "tokens, temperature 1; on-topic: the TopicClassifier's top topic is the target. "
-        "Topic code precision/recall: for 'token is in a document of this topic' on "
-        f"held-out documents. Unsteered perplexity {steering['unsteered_perplexity']:.2f}."
+        f"{n_prompts} prompts x {exp['samples']} samples x {exp['new_tokens']} new tokens "
+        f"steered ({exp['unsteered_samples']} samples unsteered), temperature 1; on-topic: "
+        "the TopicClassifier's top topic is the target. Topic code precision/recall: for "
+        "'token is in a document of this topic' on held-out documents."
+        f" Unsteered perplexity {steering['unsteered_perplexity']:.2f}."
         f"{_judge(report)}",
         "",
         "| topic | codes (site, group, id) (how) | code precision % | "
         "topic tokens hit % | before % (95% CI) | after % (95% CI) | perplexity | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    n = n_prompts * exp["samples"]  # generations per share
+    n, n_before = (n_prompts * exp[key] for key in ("samples", "unsteered_samples"))
     for r in steering["topics"]:
+        before = _share(r["before"], n_before)
         if "steer" not in r:
-            lines.append(f"| {r['topic']} | none | | | {_share(r['before'], n)} | | | |")
+            lines.append(f"| {r['topic']} | none | | | {before} | | | |")
             continue
         codes = r["steer"].get("codes") or r["steer"]["swaps"]
         lines.append(
             f"| {r['topic']} | {'; '.join(_code_name(c) for c in codes)} "
             f"({_option_name(r['steer'])}) | {' / '.join(_pct(c['precision']) for c in codes)} | "
-            f"{' / '.join(_pct(c['recall']) for c in codes)} | {_share(r['before'], n)} | "
+            f"{' / '.join(_pct(c['recall']) for c in codes)} | {before} | "
             f"{_share(r['after'], n)} | {r['perplexity']:.2f} | {r['perplexity_ratio']:.2f} |"
         )
     if "baselines" in report:
