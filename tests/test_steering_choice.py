@@ -204,7 +204,8 @@ def test_mean_difference_baseline_sweeps_its_scale_on_the_code_prompts(model):
 
     exp = SimpleNamespace(
         topics=(TOPICS[0],), topic_skip=2, samples=2, sweep_samples=2, new_tokens=6, seed=0,
-        max_perplexity_ratio=100.0, baselines={"direction_scales": [0.0, 30.0]},
+        max_perplexity_ratio=100.0, sweep_perplexity_ratio=100.0, unsteered_samples=2,
+        baselines={"direction_scales": [0.0, 30.0]},
     )  # fmt: skip
     prompts = (("12", "3"), ("45", "6"))  # (eval, sweep)
     tokens = _docs(4, n=6, length=10)
