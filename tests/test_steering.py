@@ -28,6 +28,7 @@ from codelens.experiments.steering import (
     regex_search,
     run_experiment,
     summary_line,
+    swap_sets,
     write_report,
 )
 from codelens.steering import (
@@ -286,6 +287,34 @@ def test_topic_swaps_map_other_topics_codes_to_this_topics_best_code():
         assert s.as_dict() == {**s.target.as_dict(), "sources": list(s.sources)}
     with pytest.raises(ValueError, match="not above chance"):
         topic_swaps(stats, 0, source_precision=0.3)
+
+
+def test_swap_sets_add_looser_targets_only_where_they_add_heads():
+    torch.manual_seed(0)
+    model = tiny_model(codebook=CodebookConfig(n_codes=16, k=2))
+    attention = [s for s in model.codebooks if s.endswith("attn.hook_z")]
+    for n_topics in (3, 2):
+        tokens, topic_of_row = _topic_rows(240, n_topics, 16)
+        stats = topic_stats(model, tokens, topic_of_row, n_topics, skip=1)
+        source = 0.5 if n_topics > 2 else 0.75
+        looser_seen = False
+        for topic in range(n_topics):
+            sets = swap_sets(model, stats, topic)
+            strict = topic_swaps(stats, topic, sites=attention, source_precision=source)
+            assert sets["all heads"] == strict
+            assert sets["first-layer heads"] == topic_swaps(
+                stats, topic, sites=attention[:1], source_precision=source
+            )
+            looser = topic_swaps(
+                stats, topic, sites=attention, source_precision=source, target_precision=0.6
+            )
+            name = "all heads, targets 60% precise"
+            if name in sets:
+                looser_seen = True
+                assert sets[name] == looser and len(looser) > len(strict)
+            else:
+                assert n_topics == 2 or len(looser) == len(strict)
+        assert looser_seen == (n_topics > 2), "random marker codes give looser heads"
 
 
 def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
