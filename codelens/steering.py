@@ -12,8 +12,8 @@ on-topic one that stays fluent.
 Choosing what to steer with, by what it does rather than by how precisely it fires:
 `code_effects` measures, teacher-forced and batched, how much forcing each candidate
 code raises the likelihood of a topic's documents over other documents; `choose_steering`
-builds options from the best codes (`steering_options`: how many, which slots, which
-positions) and sweeps them by generation under a fluency guard (`option_trial`,
+builds options from the best codes (`steering_options`: how many, in how many slots)
+and sweeps them by generation under a fluency guard (`option_trial`,
 `option_hooks`, `option_record`).
 
 The activation-addition baseline: `mean_difference_direction` (topic documents' mean
@@ -466,10 +466,8 @@ def steering_options(
     named `topic_swaps` lists (e.g. first-layer heads, all heads). Swap options: every
     other topic's codes swapped to this topic's, alone, then with this topic's code also
     forced into 1, 2 and k/2 of the head's lowest slots (ever stronger). Forcing
-    options (`force_code_hooks`), for the best 1, 2, 4, ... codes: each in its head's
-    lowest slot at every position; in its k/2 lowest slots (k >= 4) at every position;
-    then in all k slots, only at the prompt's tokens (like a story that has named its
-    topic, then left the model alone), then at every position.
+    options (`force_code_hooks`, at every position), for the best 1, 2, 4, ... codes:
+    each in its head's lowest slot, in its k/2 lowest slots (k >= 4), then in all k slots.
     """
     options = []
     strengths = sorted({f for f in (0, 1, 2, k // 2) if f <= k})
@@ -480,25 +478,18 @@ def steering_options(
         return options
     codes = list(codes)
     counts = sorted({min(2**i, len(codes)) for i in range(len(codes).bit_length() + 1)})
-    ways: list[tuple[str | int, str]] = [("lowest", "every")] if k > 1 else []
-    ways += [(k // 2, "every")] if k >= 4 else []
-    ways += [("all", "prompt"), ("all", "every")]
-    for slots, positions in ways:
-        options += [{"codes": codes[:n], "slots": slots, "positions": positions} for n in counts]
+    ways: list[str | int] = ["lowest"] if k > 1 else []
+    ways += [k // 2] if k >= 4 else []
+    for slots in [*ways, "all"]:
+        options += [{"codes": codes[:n], "slots": slots} for n in counts]
     return options
 
 
-def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> Callable[[int], list]:
-    """Hooks for one `steering_options` entry, as a function of the prompt length
-    (what `generate_texts` takes)."""
-
-    def hooks(prompt_length: int) -> list:
-        if "swaps" in option:
-            return swap_code_hooks(model, option["swaps"], option["force"])
-        positions = tuple(range(1, prompt_length)) if option["positions"] == "prompt" else None
-        return force_code_hooks(model, option["codes"], option["slots"], positions)
-
-    return hooks
+def option_hooks(model: HookedCodebookTransformer, option: dict[str, Any]) -> HookList:
+    """Hooks for one `steering_options` entry (it steers at every position)."""
+    if "swaps" in option:
+        return swap_code_hooks(model, option["swaps"], option["force"])
+    return force_code_hooks(model, option["codes"], option["slots"])
 
 
 def option_record(
@@ -522,13 +513,12 @@ def option_record(
 
 def _past_broken(option: dict[str, Any], swept: list[dict[str, Any]], limit: float) -> bool:
     """True for an option stronger than a swept one of its kind whose perplexity ratio
-    already exceeded ``limit``: more forced codes with the same slots and positions, or
+    already exceeded ``limit``: more forced codes in the same slots, or
     the same swaps with the target forced into more slots."""
 
     def weaker(o: dict[str, Any]) -> bool:
         if "codes" in option and "codes" in o:
-            same = (o["slots"], o["positions"]) == (option["slots"], option["positions"])
-            return same and len(o["codes"]) < len(option["codes"])
+            return o["slots"] == option["slots"] and len(o["codes"]) < len(option["codes"])
         if "swaps" in option and "swaps" in o:
             return o["heads"] == option["heads"] and o["force"] < option["force"]
         return False
@@ -577,8 +567,8 @@ def choose_steering(
     are judged by ``trial`` (e.g. `option_trial` on sweep prompts, not the prompts you
     evaluate on) in `sweep_steering`: the most on-topic option whose perplexity is at
     most ``max_perplexity_ratio`` times ``perplexity_before`` (the unsteered trial's),
-    ties to the simpler, earlier one. More codes with the same slots and positions are
-    not tried once fewer broke the guard. Returns (every swept option, the pick or None).
+    ties to the simpler, earlier one. More codes in the same slots are not tried
+    once fewer broke the guard. Returns (every swept option, the pick or None).
     """
     if max_codes < 1:
         raise ValueError(f"max_codes must be >= 1, got {max_codes}")

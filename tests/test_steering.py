@@ -190,14 +190,9 @@ def test_steering_options_go_from_swaps_to_many_heads():
         {"swaps": swaps["first"], "heads": "first", "force": f} for f in (0, 1, 2, 4)
     ]
     assert [o["force"] for o in steering_options(codes, 2, swaps) if "swaps" in o] == [0, 1, 2]
-    assert [(o["slots"], o["positions"]) for o in options[4::4]] == [
-        ("lowest", "every"),
-        (4, "every"),
-        ("all", "prompt"),
-        ("all", "every"),
-    ]
-    for ways in (("lowest", "every"), (4, "every"), ("all", "prompt"), ("all", "every")):
-        chosen = [o["codes"] for o in options if (o.get("slots"), o.get("positions")) == ways]
+    assert [o["slots"] for o in options[4::4]] == ["lowest", 4, "all"]
+    for slots in ("lowest", 4, "all"):
+        chosen = [o["codes"] for o in options if o.get("slots") == slots]
         assert chosen == [codes[:1], codes[:2], codes[:4], codes]
     assert all(o["slots"] == "all" for o in steering_options(codes, 1))
     assert {o["slots"] for o in steering_options(codes, 2)} == {"lowest", "all"}
@@ -236,11 +231,10 @@ def test_sweep_steering_picks_the_most_on_topic_fluent_option():
 
 
 def test_sweep_skips_more_forced_heads_once_fewer_broke_the_fluency_guard():
-    broke = {"codes": [1], "slots": "all", "positions": "every", "perplexity_ratio": 3.0}
-    more = {"codes": [1, 2], "slots": "all", "positions": "every"}
+    broke = {"codes": [1], "slots": "all", "perplexity_ratio": 3.0}
+    more = {"codes": [1, 2], "slots": "all"}
     assert _past_broken(more, [broke], limit=2.0)
     assert not _past_broken(more, [{**broke, "perplexity_ratio": 1.5}], limit=2.0)
-    assert not _past_broken({**more, "positions": "prompt"}, [broke], limit=2.0)
     assert not _past_broken({**more, "codes": [1]}, [broke], limit=2.0)
     assert not _past_broken({**more, "slots": "lowest"}, [broke], limit=2.0)
     lowest = {**broke, "slots": "lowest"}
@@ -345,21 +339,19 @@ def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
             swap_code_hooks(model, swaps, force=bad)
 
 
-def test_option_hooks_force_only_the_prompt_tokens():
+def test_option_hooks_force_the_codes_at_every_position():
+    torch.manual_seed(0)
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
-    option = {"codes": [Code(site, 1, 3)], "slots": "all"}
     tokens = torch.randint(0, 10, (2, 7))
     name = f"{site}.hook_codes"
     _, clean = model.run_with_cache(tokens, names_filter=name)
-    for positions, forced_at in (("prompt", [1, 2, 3]), ("every", list(range(7)))):
-        hooks = option_hooks(model, {**option, "positions": positions})(4)
-        with model.hooks(fwd_hooks=hooks):
+    for slots, forced in (("all", [0, 1]), ("lowest", [1])):
+        option = {"codes": [Code(site, 1, 3)], "slots": slots}
+        with model.hooks(fwd_hooks=option_hooks(model, option)):
             _, cache = model.run_with_cache(tokens, names_filter=name)
-        changed = (cache[name] != clean[name]).any(-1).any(-1).any(0)
-        assert changed.nonzero().flatten().tolist() == forced_at
-        assert (cache[name][:, forced_at, 1] == 3).all()
-        assert torch.equal(cache[name][:, :, 0], clean[name][:, :, 0])
+        assert (cache[name][:, :, 1, forced] == 3).all(), slots
+        assert torch.equal(cache[name][:, :, 0], clean[name][:, :, 0]), "other heads kept"
 
 
 def test_force_code_hooks_put_codes_of_one_head_together():
@@ -487,16 +479,15 @@ def test_quick_pipeline_end_to_end(tmp_path):
             assert effects == sorted(effects, reverse=True) and len(effects) == len(pool)
         else:
             assert steer["swaps"], r
-            assert all(s["sources"] and s["precision"] >= 0.8 for s in steer["swaps"])
+            floor = 0.6 if "60%" in steer["heads"] else 0.8
+            assert all(s["sources"] and s["precision"] >= floor for s in steer["swaps"])
     assert sum("after" in r for r in rows) >= 3, rows
     # Steering raises the on-topic share. The quick model is too small to steer within the
     # fluency guard, but a topic's code forced into every slot at every position must put
     # the topic into more sweep texts than the same prompts and seeds unsteered: steering
     # that changed nothing would give exactly the unsteered share.
-    strongest = ("all", "every")  # (slots, positions)
     rises = [
-        max(o["on_topic"] for o in r["sweep"] if (o.get("slots"), o.get("positions")) == strongest)
-        - r["sweep_before"]
+        max(o["on_topic"] for o in r["sweep"] if o.get("slots") == "all") - r["sweep_before"]
         for r in rows
     ]
     assert sum(rise > 0 for rise in rises) >= 3 and sum(rises) / len(rises) >= 0.1, rises

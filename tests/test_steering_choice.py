@@ -127,8 +127,8 @@ def test_choose_steering_takes_the_most_on_topic_option_within_the_fluency_guard
 
     def trial(option):  # fake generations: more codes are more on topic and less fluent
         tried.append(option)
-        n, every = len(option["codes"]), option["positions"] == "every"
-        on_topic = (0.2 if option["slots"] == "all" else 0.08) * n + (0.05 if every else 0)
+        n = len(option["codes"])
+        on_topic = (0.2 if option["slots"] == "all" else 0.08) * n + 0.05
         perplexity = 10.0 * (1 + 0.45 * n) if option["slots"] == "all" else 10.0
         return SteeringTrial(on_topic, perplexity, ["text"])
 
@@ -137,8 +137,7 @@ def test_choose_steering_takes_the_most_on_topic_option_within_the_fluency_guard
     )
     # all slots: 1 code ratio 1.45, 2 codes 1.9 (fluent), 4 codes 2.8 (too much)
     assert best["codes"] == best_two and best["slots"] == "all"
-    assert best["on_topic"] == pytest.approx(0.45)  # 2 codes, every position, beats prompt
-    assert best["positions"] == "every"
+    assert best["on_topic"] == pytest.approx(0.45)  # 2 codes
     lowest = [o for o in swept if o["slots"] == "lowest"]
     assert [len(o["codes"]) for o in lowest] == [1, 2, 4]  # always fluent, less on topic
     assert all(o["perplexity_ratio"] <= 2.0 or len(o["codes"]) == 4 for o in swept)
@@ -156,7 +155,7 @@ def test_choose_steering_skips_more_codes_once_fewer_broke_the_guard(model):
     swept, _ = choose_steering(
         model, _effects([0.5, 0.4, 0.3]), trial, perplexity_before=10.0, max_codes=3
     )
-    every = [len(o["codes"]) for o in swept if (o["slots"], o["positions"]) == ("all", "every")]
+    every = [len(o["codes"]) for o in swept if o["slots"] == "all"]
     assert every == [1]  # 2 and 3 codes not tried
     assert [len(o["codes"]) for o in swept if o["slots"] == "lowest"] == [1, 2, 3]
 

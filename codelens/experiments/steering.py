@@ -838,8 +838,7 @@ def _option_name(option: dict[str, Any]) -> str:
         n = option["force"]
         forced = f", forced in the {n} lowest slot{'s' if n > 1 else ''}" if n else ""
         return f"other topics' codes swapped to these in {option['heads']}{forced}"
-    where = "prompt tokens" if option.get("positions") == "prompt" else "every position"
-    return f"{option['slots']} slots, {where}"
+    return f"{option['slots']} slots, every position"
 
 
 def markdown(report: dict[str, Any]) -> str:
