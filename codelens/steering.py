@@ -151,13 +151,12 @@ def generate_texts(
     samples: int,
     new_tokens: int,
     seed: int,
-    hooks: list | Callable[[int], list] | None = None,
+    hooks: HookList | None = None,
 ) -> list[tuple[Tensor, int]]:
     """Sampled continuations (temperature 1, KV cache) of each prompt, under ``hooks``.
 
-    ``hooks`` is a hook list, or a function of the prompt length (BOS included) that
-    returns one. Returns ``(tokens, prompt_length)`` per prompt; ``tokens`` is
-    ``[samples, P + new]``.
+    Returns ``(tokens, prompt_length)`` per prompt (BOS included in the length);
+    ``tokens`` is ``[samples, P + new]``.
     """
     model.eval()
     out = []
@@ -169,8 +168,7 @@ def generate_texts(
                 f"the model's context of {model.cfg.n_ctx} tokens"
             )
         torch.manual_seed(seed + i)
-        active = hooks(batch.shape[1]) if callable(hooks) else hooks or []
-        with intervene(model, *active):
+        with intervene(model, *(hooks or [])):
             tokens = model.generate(
                 batch,
                 max_new_tokens=new_tokens,
@@ -245,7 +243,7 @@ def steering_trial(
     reference: HookedCodebookTransformer,
     classifier: TopicClassifier,
     topic: str,
-    hooks: list | Callable[[int], list] | None,
+    hooks: HookList | None,
     prompts: tuple[str, ...],
     *,
     samples: int,
@@ -478,9 +476,8 @@ def steering_options(
         return options
     codes = list(codes)
     counts = sorted({min(2**i, len(codes)) for i in range(len(codes).bit_length() + 1)})
-    ways: list[str | int] = ["lowest"] if k > 1 else []
-    ways += [k // 2] if k >= 4 else []
-    for slots in [*ways, "all"]:
+    ways = (["lowest"] if k > 1 else []) + ([k // 2] if k >= 4 else []) + ["all"]
+    for slots in ways:
         options += [{"codes": codes[:n], "slots": slots} for n in counts]
     return options
 
