@@ -302,9 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     steer.add_argument(
         "--corpus",
         metavar="SPEC",
-        help="stories (default), fortunes (apt-get install fortunes fortunes-min), a "
+        help="stories (default), fortunes (apt-get install fortunes fortunes-min), "
+        "linux-doc (apt-get install linux-doc-6.1), a "
         ".jsonl/.json/.csv/.parquet file with text and label columns, a directory with one "
-        "text file per label, or a Hugging Face dataset id",
+        "text file or sub-directory per label, or a Hugging Face dataset id",
     )
     steer.add_argument("--topics", help="comma-separated topics to steer (default: the corpus')")
     steer.add_argument("--text-column", help="the corpus' text column (default: text)")

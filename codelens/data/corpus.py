@@ -1,5 +1,5 @@
 """Labelled corpora: text documents with one label each, from files, a directory, the
-`fortunes` preset or a Hugging Face dataset.
+`fortunes` and `linux-doc` presets or a Hugging Face dataset.
 
 `load_labelled_corpus` reads any of them into a `LabelledCorpus` and checks it before
 anything trains on it (missing columns, empty texts, labels with too few documents,
@@ -11,6 +11,7 @@ documents' openings.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import random
 import re
@@ -23,6 +24,8 @@ from typing import Any
 __all__ = [
     "FORTUNES_DIR",
     "FORTUNE_TOPICS",
+    "LINUX_DOC_DIR",
+    "LINUX_DOC_TOPICS",
     "LabelledCorpus",
     "default_prompts",
     "load_labelled_corpus",
@@ -42,9 +45,34 @@ FORTUNE_TOPICS = (
 )
 """The fortune files the ``"fortunes"`` preset loads by default, one topic each."""
 
+LINUX_DOC_DIR = Path("/usr/share/doc/linux-doc-6.1/Documentation")
+"""Debian's ``linux-doc-6.1`` package: the kernel's documentation, one directory per
+subsystem (reStructuredText, gzipped)."""
+LINUX_DOC_TOPICS = (
+    "filesystems",
+    "gpu",
+    "hwmon",
+    "networking",
+    "scsi",
+    "sound",
+    "trace",
+    "virt",
+)
+"""The documentation directories the ``"linux-doc"`` preset loads by default: eight
+subsystems of 0.28 to 2.3 MB of text, each with its own vocabulary."""
+
+_PRESETS = {
+    "fortunes": ("FORTUNES_DIR", FORTUNE_TOPICS, "apt-get install fortunes fortunes-min"),
+    "linux-doc": ("LINUX_DOC_DIR", LINUX_DOC_TOPICS, "apt-get install linux-doc-6.1"),
+}
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+PASSAGE_WORDS = 50
+"""A label directory's files are cut into passages of at least this many words."""
 _SKIPPED_SUFFIXES = (".dat", ".u8")  # fortune's index files and its UTF-8 symlinks
+_TEXT_SUFFIXES = ("", ".txt", ".text", ".rst", ".md")  # files read in a label directory
 _FORTUNE_SEPARATOR = re.compile(r"^%[ \t]*$", re.M)
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_RULE = re.compile(r"^[ \t]*[=\-~^*#+`:'\".,_|<>]+[ \t]*$", re.M)  # underlines, rules
 
 
 @dataclass(frozen=True)
@@ -155,14 +183,19 @@ def load_labelled_corpus(
 
     - a ``.jsonl``, ``.json`` (a list of objects), ``.csv`` or ``.parquet`` file with
       ``text_column`` and ``label_column``;
-    - a directory with one text file per label (the file name, less a ``.txt``
-      suffix, is the label). A file with lines holding only ``%`` is split at them
-      (the fortune format); otherwise at blank lines. Hidden files and fortune's
-      ``.dat``/``.u8`` files are skipped, bytes that are not UTF-8 are replaced, and
-      overstruck characters (``_`` backspace ``x``, fortune's underlining) keep the
+    - a directory with one text file or one sub-directory per label (the name, less
+      ``.gz`` and ``.txt`` suffixes, is the label). A file with lines holding only
+      ``%`` is split at them (the fortune format); otherwise at blank lines. A
+      sub-directory's text files (no suffix, ``.txt``, ``.text``, ``.rst``, ``.md``, each
+      maybe gzipped; at any depth) are cut into passages: paragraphs, less lines of
+      only punctuation (reStructuredText and Markdown underlines), joined until they
+      hold `PASSAGE_WORDS` words. Hidden files and fortune's ``.dat``/``.u8`` files are
+      skipped, ``.gz`` files are decompressed, bytes that are not UTF-8 are replaced,
+      and overstruck characters (``_`` backspace ``x``, fortune's underlining) keep the
       last character;
-    - ``"fortunes"``: the directory of Debian's fortune files (`FORTUNES_DIR`), by
-      default its `FORTUNE_TOPICS`;
+    - a preset, by default its own topics: ``"fortunes"``, Debian's fortune files
+      (`FORTUNES_DIR`, `FORTUNE_TOPICS`), or ``"linux-doc"``, the Linux kernel's
+      documentation (`LINUX_DOC_DIR`, `LINUX_DOC_TOPICS`);
     - otherwise a Hugging Face dataset id (its ``train`` split; needs the network).
 
     ``topics`` keeps only those labels (default: every label). Texts are stripped of
@@ -177,13 +210,14 @@ def load_labelled_corpus(
         raise ValueError(f"min_documents must be >= 1, got {min_documents}")
     from codelens.data.text import DataFileNotFoundError  # torch, so not at import time
 
-    if spec == "fortunes":
-        if not FORTUNES_DIR.is_dir():
+    if spec in _PRESETS:
+        path = preset_directory(spec)
+        if not path.is_dir():
             raise DataFileNotFoundError(
-                f"the 'fortunes' corpus reads {FORTUNES_DIR}, which does not exist; install "
-                "it with: apt-get install fortunes fortunes-min"
+                f"the {spec!r} corpus reads {path}, which does not exist; install it with: "
+                f"{_PRESETS[spec][2]}"
             )
-        path, topics = FORTUNES_DIR, FORTUNE_TOPICS if topics is None else topics
+        topics = _PRESETS[spec][1] if topics is None else topics
     else:
         path = Path(spec).expanduser()
     if path.is_dir():
@@ -198,6 +232,11 @@ def load_labelled_corpus(
         corpus = corpus.select(topics)
     _check_sizes(corpus, min_documents)
     return corpus
+
+
+def preset_directory(spec: str) -> Path | None:
+    """The directory a preset (``"fortunes"``, ``"linux-doc"``) reads, else None."""
+    return globals()[_PRESETS[spec][0]] if spec in _PRESETS else None
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -233,37 +272,80 @@ def _clean(text: str) -> str:
     return text.strip()
 
 
-def _label_files(path: Path) -> dict[str, Path]:
-    files = {}
+def _label_sources(path: Path) -> dict[str, Path]:
+    """Label -> its file or sub-directory."""
+    sources = {}
     for f in sorted(path.iterdir()):
-        if f.name.startswith(".") or f.suffix in _SKIPPED_SUFFIXES or not f.is_file():
+        if f.name.startswith(".") or f.suffix in _SKIPPED_SUFFIXES:
             continue
-        files[f.name.removesuffix(".txt")] = f
-    if not files:
-        raise ValueError(f"corpus directory {str(path)!r} holds no text files (one per label)")
-    return files
+        if f.is_dir():
+            sources[f.name] = f
+        elif f.is_file():
+            sources[f.name.removesuffix(".gz").removesuffix(".txt")] = f
+    if not sources:
+        raise ValueError(
+            f"corpus directory {str(path)!r} holds no text files or sub-directories (one per label)"
+        )
+    return sources
+
+
+def _read_text(f: Path) -> str:
+    raw = f.read_bytes()
+    return (gzip.decompress(raw) if f.suffix == ".gz" else raw).decode("utf-8", "replace")
+
+
+def _file_entries(f: Path) -> list[str]:
+    """A label file's documents: its fortunes, else its paragraphs."""
+    raw = _read_text(f)
+    if not _FORTUNE_SEPARATOR.search(raw):
+        return [e for e in _PARAGRAPH_BREAK.split(raw) if e.strip()]
+    entries = _FORTUNE_SEPARATOR.split(raw)
+    if not entries[-1].strip():  # a file ending with its separator
+        entries.pop()
+    if entries and not entries[0].strip():  # or starting with one
+        entries.pop(0)
+    return entries
+
+
+def _passages(directory: Path) -> list[str]:
+    """A label directory's documents: passages of `PASSAGE_WORDS` words or more, cut at
+    paragraph breaks of its text files (a file's short tail joins its last passage)."""
+    passages = []
+    for f in sorted(directory.rglob("*")):
+        name = f.name.removesuffix(".gz")
+        hidden = any(part.startswith(".") for part in f.relative_to(directory).parts)
+        if hidden or not f.is_file() or Path(name).suffix not in _TEXT_SUFFIXES:
+            continue
+        mine: list[str] = []
+        current: list[str] = []
+        words = 0
+        for paragraph in _PARAGRAPH_BREAK.split(_RULE.sub("", _read_text(f))):
+            if paragraph.strip():
+                current.append(paragraph.strip())
+                words += len(paragraph.split())
+            if words >= PASSAGE_WORDS:
+                mine.append("\n\n".join(current))
+                current, words = [], 0
+        if current and mine:
+            mine[-1] = "\n\n".join([mine[-1], *current])
+        elif current:
+            mine.append("\n\n".join(current))
+        passages += mine
+    return passages
 
 
 def _load_directory(path: Path, topics: Sequence[str] | None, skip_empty: bool) -> LabelledCorpus:
-    files = _label_files(path)
+    sources = _label_sources(path)
     if topics is not None:
-        unknown = [t for t in topics if t not in files]
+        unknown = [t for t in topics if t not in sources]
         if unknown:
             raise ValueError(
-                f"topics {unknown} are not labels of corpus {str(path)!r}; known: {list(files)}"
+                f"topics {unknown} are not labels of corpus {str(path)!r}; known: {list(sources)}"
             )
-        files = {t: files[t] for t in files if t in set(topics)}
+        sources = {t: sources[t] for t in sources if t in set(topics)}
     texts, labels = [], []
-    for label, f in files.items():
-        raw = f.read_text(encoding="utf-8", errors="replace")
-        if _FORTUNE_SEPARATOR.search(raw):
-            entries = _FORTUNE_SEPARATOR.split(raw)
-            if not entries[-1].strip():  # a file ending with its separator
-                entries.pop()
-            if entries and not entries[0].strip():  # or starting with one
-                entries.pop(0)
-        else:
-            entries = [e for e in re.split(r"\n[ \t]*\n", raw) if e.strip()]
+    for label, f in sources.items():
+        entries = _passages(f) if f.is_dir() else _file_entries(f)
         for number, entry in enumerate(entries, 1):
             text = _clean(entry)
             if not text and skip_empty:
@@ -380,7 +462,8 @@ def default_prompts(corpus: LabelledCorpus, n: int = 4) -> tuple[str, ...]:
     label; a word's score is its smallest share of openings over the labels, so a word
     that opens many documents of one topic but none of another scores 0. The ``n``
     highest scores win (ties: more documents overall, then alphabetical); words that
-    open no document of some label only fill up when too few open every label's.
+    open no document of some label only fill up when too few open every label's, and
+    openings without a letter (list bullets, markup such as ``..``) come last.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -390,9 +473,9 @@ def default_prompts(corpus: LabelledCorpus, n: int = 4) -> tuple[str, ...]:
     sizes = corpus.counts()
     total: Counter = sum(per_label.values(), Counter())
 
-    def score(word: str) -> tuple[float, int, str]:
+    def score(word: str) -> tuple[bool, float, int, str]:
         share = min(per_label[t][word] / sizes[t] for t in per_label)
-        return (-share, -total[word], word)
+        return (not any(ch.isalpha() for ch in word), -share, -total[word], word)
 
     ranked = sorted(total, key=score)
     if len(ranked) < n:
