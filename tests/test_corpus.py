@@ -3,12 +3,13 @@ and prompts, and the `codelens steer --corpus` checks before any training."""
 
 import csv
 import dataclasses
+import gzip
 import json
 
 import pytest
 
 from codelens.data import LabelledCorpus, default_prompts, load_labelled_corpus
-from codelens.data.corpus import FORTUNE_TOPICS, FORTUNES_DIR
+from codelens.data.corpus import FORTUNE_TOPICS, FORTUNES_DIR, LINUX_DOC_DIR, LINUX_DOC_TOPICS
 
 ROWS = [
     (f"The cake number {i} was sweet." if i % 2 else f"A bowl of soup {i}.", "food")
@@ -90,6 +91,30 @@ def test_blank_line_directory_and_overstrike_and_bad_bytes(tmp_path):
     assert corpus.labels == ("food", "food", "sports", "sports")
 
 
+def test_label_directories_are_cut_into_passages(tmp_path, monkeypatch):
+    from codelens.data import corpus as corpora
+
+    monkeypatch.setattr(corpora, "PASSAGE_WORDS", 4)
+    d = tmp_path / "docs"
+    (d / "sound" / "cards").mkdir(parents=True)
+    (d / "sound" / "intro.rst").write_text(
+        "=====\nSound\n=====\n\nThe codec plays audio.\n\nOne two.\n\nThree four five.\n\nTail.\n"
+    )
+    (d / "sound" / "cards" / "usb.md.gz").write_bytes(gzip.compress(b"A short file.\n"))
+    (d / "sound" / "diagram.svg").write_text("<svg>not text for a passage</svg>")
+    (d / "sound" / ".notes.txt").write_text("a hidden file")
+    (d / "net.txt.gz").write_bytes(gzip.compress(b"Packets go out.\n\nRoutes change.\n"))
+    corpus = load_labelled_corpus(str(d), min_documents=2)
+    assert corpus.labels == ("net", "net", "sound", "sound", "sound")
+    assert corpus.texts == (
+        "Packets go out.",  # a label file: its paragraphs, decompressed
+        "Routes change.",
+        "A short file.",  # a file shorter than a passage is one (sorted by path)
+        "Sound\n\nThe codec plays audio.",  # the underlines are gone
+        "One two.\n\nThree four five.\n\nTail.",  # the short tail joins the last passage
+    )
+
+
 def test_multiline_fortunes_keep_their_attribution(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
@@ -111,6 +136,7 @@ def test_multiline_fortunes_keep_their_attribution(tmp_path):
             "row 4: empty text",
         ),
         (lambda p: str(write_table(p / "c.jsonl", ROWS[:6])), r"1 topic\(s\) \['food'\]"),
+        (lambda p: str((p / "e").mkdir() or p / "e"), "holds no text files or sub-directories"),
     ],
 )
 def test_bad_input_errors_name_the_problem(tmp_path, make, match):
@@ -190,6 +216,40 @@ def test_default_prompts_are_openings_common_to_every_label():
     labels = ["pets"] * 4 + ["sports"] * 3
     prompts = default_prompts(LabelledCorpus("c", tuple(texts), tuple(labels)), n=2)
     assert prompts == ("The", "A")  # "Cats" and "Balls" open only one topic's documents
+
+
+def test_default_prompts_put_openings_without_a_letter_last():
+    texts = ["- a cat", ".. note", "The cat", "- a ball", ".. note", "The ball", "If balls"]
+    labels = ["pets"] * 3 + ["sports"] * 4
+    prompts = default_prompts(LabelledCorpus("c", tuple(texts), tuple(labels)), n=3)
+    assert prompts == ("The", "If", "-")  # "If" opens no pets document, yet comes first
+
+
+@pytest.mark.parametrize(
+    ("preset", "attribute", "install"),
+    [
+        ("fortunes", "FORTUNES_DIR", "apt-get install fortunes fortunes-min"),
+        ("linux-doc", "LINUX_DOC_DIR", "apt-get install linux-doc-6.1"),
+    ],
+)
+def test_a_missing_preset_says_how_to_install_it(tmp_path, monkeypatch, preset, attribute, install):
+    from codelens.data import corpus as corpora
+    from codelens.data.text import DataFileNotFoundError
+
+    monkeypatch.setattr(corpora, attribute, tmp_path / "absent")
+    with pytest.raises(DataFileNotFoundError, match=f"{preset!r} corpus reads .*{install}"):
+        load_labelled_corpus(preset)
+
+
+@pytest.mark.skipif(not LINUX_DOC_DIR.is_dir(), reason="apt-get install linux-doc-6.1")
+def test_the_linux_doc_preset_loads_its_eight_topics():
+    from codelens.data.corpus import PASSAGE_WORDS
+
+    corpus = load_labelled_corpus("linux-doc")
+    assert corpus.topics == LINUX_DOC_TOPICS
+    assert min(corpus.counts().values()) >= 400
+    words = sorted(len(t.split()) for t in corpus.texts)
+    assert words[len(words) // 2] >= PASSAGE_WORDS
 
 
 @pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="apt-get install fortunes fortunes-min")
@@ -327,22 +387,36 @@ def test_experiment_data_split_prompts_and_pretraining_set(tmp_path):
     assert held_out_somewhere
 
 
-def test_fortunes_preset_pretrains_on_every_fortune_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("preset", "attribute", "topics"),
+    [
+        ("fortunes", "FORTUNES_DIR", FORTUNE_TOPICS),
+        ("linux-doc", "LINUX_DOC_DIR", LINUX_DOC_TOPICS),
+    ],
+)
+def test_a_preset_pretrains_on_every_label(tmp_path, monkeypatch, preset, attribute, topics):
     from codelens.data import corpus as corpora
     from codelens.experiments.steering import load_experiment_corpus
 
-    fake = tmp_path / "fortunes"
+    fake = tmp_path / preset
     fake.mkdir()
-    for label in (*FORTUNE_TOPICS, "zippy"):
+    for label in (*topics, "zippy"):
         quotes = [f"{OPENERS[i % 9]} {label} quote {i}." for i in range(30)]
-        (fake / label).write_text("\n%\n".join(quotes))
-    monkeypatch.setattr(corpora, "FORTUNES_DIR", fake)
-    exp = tiny_experiment(tmp_path / "run", "fortunes", topics=FORTUNE_TOPICS[:2])
+        if preset == "fortunes":
+            (fake / label).write_text("\n%\n".join(quotes))
+        else:  # a directory per label, passages of one quote (4 words) each
+            (fake / label / "sub").mkdir(parents=True)
+            (fake / label / "sub" / "a.rst.gz").write_bytes(
+                gzip.compress("\n\n".join(quotes).encode())
+            )
+    monkeypatch.setattr(corpora, attribute, fake)
+    monkeypatch.setattr(corpora, "PASSAGE_WORDS", 4)
+    exp = tiny_experiment(tmp_path / "run", preset, topics=topics[:2])
     data = load_experiment_corpus(dataclasses.replace(exp, pretrain_every_label=True))
-    assert data.topics == FORTUNE_TOPICS[:2]
+    assert data.topics == topics[:2]
     assert len(data.prompts[0]) == 4
     trained = {t.split()[1] for t in data.lm_texts}
-    assert trained == {*FORTUNE_TOPICS, "zippy"}
+    assert trained == {*topics, "zippy"}
 
 
 def test_the_topic_circuit_is_refused_for_other_corpora(tmp_path):
@@ -373,6 +447,12 @@ def test_cli_corpus_presets():
 
     assert corpus_preset("fortunes", quick=True) is FORTUNES_QUICK
     assert corpus_preset("fortunes", quick=False) is FORTUNES
+    for quick in (True, False):
+        docs = corpus_preset("linux-doc", quick=quick)
+        assert (docs.corpus, docs.pretrain_every_label) == ("linux-doc", True)
+        assert set(docs.topics) <= set(LINUX_DOC_TOPICS) and docs.run_dir.endswith(
+            "linux-doc" + "-quick" * quick
+        )
     mine = corpus_preset("data/mine.csv", quick=True)
     assert (mine.corpus, mine.topics, mine.run_dir) == (
         "data/mine.csv",
