@@ -327,10 +327,11 @@ def test_generic_corpus_pipeline_end_to_end(tmp_path, monkeypatch):
     lm = [json.loads(line)["text"] for line in (tmp_path / "run" / "corpus.jsonl").open()]
     assert len(lm) == 120
     assert report["reused_stages"] == []
-    # a rerun with other steering settings reuses both trained models: same data, same
-    # tokenizer, same training settings
-    again = run_experiment(dataclasses.replace(exp, sweep_perplexity_ratio=1.5))
+    # a rerun with other search and steering settings reuses both trained models: same
+    # data, same tokenizer, same training settings
+    again = run_experiment(dataclasses.replace(exp, sweep_perplexity_ratio=1.5, max_search_rows=40))
     assert again["reused_stages"] == ["baseline", "codebooks"]
+    assert again["corpus"]["search rows"] == 40  # a random subset of the rows
     assert again["heldout_loss"] == report["heldout_loss"]
     assert "Not trained again" in (tmp_path / "run" / "report.md").read_text()
 
