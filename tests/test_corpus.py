@@ -357,6 +357,13 @@ def test_generic_corpus_baselines_and_probing(tmp_path, monkeypatch):
     probed = {r["method"] for r in section["probing"]["rows"]}
     assert any("code" in m for m in probed) and len(probed) >= 4
     assert set(section["probing"]["topics"]) == {"dragon", "flower"}
+    # baselines too wide to encode stop the rerun before any code search or steering
+    from codelens.experiments import steering
+
+    monkeypatch.setattr(steering, "regex_search", lambda *a: pytest.fail("searched"))
+    too_wide = dataclasses.replace(exp, baselines=exp.baselines | {"expansion": 10**5})
+    with pytest.raises(ValueError, match="features needs .* over memory_budget_mb"):
+        run_experiment(too_wide)
 
 
 def test_experiment_data_split_prompts_and_pretraining_set(tmp_path):

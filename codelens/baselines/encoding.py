@@ -17,6 +17,9 @@ from torch import Tensor
 from codelens.baselines.activations import iter_activations, site_width
 from codelens.baselines.features import LinearFeatures, neurons
 
+MEMORY_BUDGET_MB = 1024.0
+"""`encode_all`'s default bound on what it holds."""
+
 
 def identity_features(model: Any, sites: list[str]) -> list[LinearFeatures]:
     """Every dimension of each site as a feature (for swaps: plain activation patching)."""
@@ -56,7 +59,7 @@ def encode_all(
     tokens: Int[Tensor, "batch pos"],
     mask: Bool[Tensor, "batch pos"],
     *,
-    memory_budget_mb: float = 1024.0,
+    memory_budget_mb: float = MEMORY_BUDGET_MB,
     dtype: torch.dtype = torch.float32,
 ) -> Float[Tensor, "n F"]:
     """``[kept tokens, total features]``: every site's features side by side, in ``dtype``.

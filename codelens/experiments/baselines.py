@@ -47,14 +47,17 @@ from codelens.baselines import (
     SparseAutoencoder,
     cache_activations,
     encode_all,
+    encode_batch_size,
     ica_features,
     identity_features,
     pca_features,
     sae_metrics,
+    site_width,
     splice_loss_cost,
     steer_feature_hooks,
     store_activations,
 )
+from codelens.baselines.encoding import MEMORY_BUDGET_MB
 from codelens.baselines.sweep import L0Sweep, sweep_l0, train_and_measure
 from codelens.vocab import every_layer, resid_pre
 
@@ -113,6 +116,17 @@ def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
             f"grid); known: {sorted(DEFAULT_SETTINGS)}"
         )
     return {**DEFAULT_SETTINGS, **settings}
+
+
+def check_encoding_budget(model: Any, settings: dict[str, Any], tokens: Tensor) -> None:
+    """Raise now, before the search and steering, if the SAE features of every codebook
+    site of ``model`` at every token of ``tokens`` would not fit `encode_all`'s memory
+    budget."""
+    width = sum(site_width(model, site) for site in codebook_sites(model))
+    n_tokens, seq_len = tokens.shape
+    encode_batch_size(
+        n_tokens * seq_len, seq_len, settings["expansion"] * width, width, MEMORY_BUDGET_MB
+    )
 
 
 def sae_config(settings: dict[str, Any], d: int, k: int, seed: int, steps: int) -> SAEConfig:

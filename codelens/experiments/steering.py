@@ -71,7 +71,11 @@ from codelens.data.stories import (
 )
 from codelens.data.text import load_tokenizer, pack_to_tensor, train_bpe_tokenizer
 from codelens.environment import check_cached_generation, describe, stack
-from codelens.experiments.baselines import check_settings, steering_comparison
+from codelens.experiments.baselines import (
+    check_encoding_budget,
+    check_settings,
+    steering_comparison,
+)
 from codelens.experiments.report import timings_markdown
 from codelens.experiments.stages import train_stage
 from codelens.files import atomic_write_text
@@ -741,6 +745,8 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
     base, model = stages["baseline"].model, stages["codebooks"].model
     for trained in (base, model):
         check_cached_generation(trained, heldout[:4, :16])
+    if exp.baselines is not None:
+        check_encoding_budget(model, check_settings(exp.baselines), tokens)
     losses = {"baseline": heldout_loss(base, heldout), "codebooks": heldout_loss(model, heldout)}
     losses["ratio"] = losses["codebooks"] / losses["baseline"]
 
