@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from codelens.model import HookedCodebookTransformer
 
 __all__ = [
+    "MEASURED",
     "CodeEffects",
     "SteeringTrial",
     "add_direction_hooks",
@@ -117,22 +118,32 @@ def _fill(model: HookedCodebookTransformer, site: str, slots: str | int) -> int:
 
 
 def swap_code_hooks(
-    model: HookedCodebookTransformer, swaps: Sequence[TopicSwap], force: int = 0
+    model: HookedCodebookTransformer, swaps: Sequence[TopicSwap], force: float = 0
 ) -> HookList:
     """Hooks swapping each head's ``sources`` to its target code (`topic_swaps` entries);
     the target is also forced into the head's ``force`` lowest slots (0: swaps alone;
-    each slot adds the code's vector once more, so ``force`` sets the strength)."""
+    each slot adds the code's vector once more, so ``force`` sets the strength).
+
+    A fractional ``force`` steps between whole slots: the heads whose targets are most
+    precise, a ``force - floor(force)`` share of them, get ``ceil(force)`` slots, the
+    others ``floor(force)`` (1.5: two slots in the better half of the heads, one elsewhere).
+    """
+    k = min((model.codebooks[s.target.code.site].k for s in swaps), default=math.inf)
+    if isinstance(force, bool) or not isinstance(force, (int, float)) or not 0 <= force <= k:
+        raise ValueError(f"force must be a number in [0, k={k}] slots, got {force!r}")
+    by_precision = sorted(range(len(swaps)), key=lambda i: -swaps[i].target.precision)
+    n_stronger = round((force - math.floor(force)) * len(swaps))
+    stronger = set(by_precision[:n_stronger])
     hooks: HookList = []
-    for s in swaps:
+    for i, s in enumerate(swaps):
         code = s.target.code
-        k = model.codebooks[code.site].k
-        if isinstance(force, bool) or not isinstance(force, int) or not 0 <= force <= k:
-            raise ValueError(f"force must be an int in [0, k={k}] slots, got {force!r}")
         mapping = dict.fromkeys(s.sources, code.id)
         hooks += swap_codes(model, code.site, mapping, group=code.group)
-        if force:
-            ids = [code.id] * force
-            hooks += force_codes(model, code.site, ids, group=code.group, slots="lowest")
+        slots = math.ceil(force) if i in stronger else math.floor(force)
+        if slots:
+            hooks += force_codes(
+                model, code.site, [code.id] * slots, group=code.group, slots="lowest"
+            )
     return hooks
 
 
@@ -259,6 +270,10 @@ def steering_trial(
     )
 
 
+MEASURED = ("on_topic", "perplexity_ratio", "first_on_topic", "first_perplexity_ratio")
+"""The keys `sweep_steering` adds to an option (the rest are its settings)."""
+
+
 def sweep_steering(
     options: Sequence[dict[str, Any]],
     trial: Callable[[dict[str, Any]], SteeringTrial],
@@ -266,11 +281,25 @@ def sweep_steering(
     perplexity_before: float,
     max_perplexity_ratio: float,
     skip: Callable[[dict[str, Any], list[dict[str, Any]]], bool] | None = None,
+    confirm: Callable[[dict[str, Any]], SteeringTrial] | None = None,
+    finalists: int = 3,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run ``trial`` for each option, in order (``skip(option, swept so far)`` leaves one
     out); returns every swept option with its ``on_topic`` and ``perplexity_ratio``
     (against ``perplexity_before``), and the most on-topic option whose ratio is at most
-    ``max_perplexity_ratio`` (ties: the earlier, simpler one), or None."""
+    ``max_perplexity_ratio`` (ties: the earlier, simpler one), or None.
+
+    With ``confirm`` (e.g. the same prompts, other seeds) and more fluent options than
+    ``finalists``, the ``finalists`` most on-topic fluent options are generated again and
+    judged on both trials together (their ``on_topic`` and ``perplexity_ratio`` become the
+    means of the two; the first trial's stay as ``first_on_topic``,
+    ``first_perplexity_ratio``), and the pick is the best of those still fluent (of the
+    others only if none is): the most on-topic of many noisy measurements is likely one
+    that was lucky, and a second look picks the option that is good rather than the one
+    that drew well.
+    """
+    if finalists < 1:
+        raise ValueError(f"finalists must be >= 1, got {finalists}")
     swept: list[dict[str, Any]] = []
     for option in options:
         if skip is not None and skip(option, swept):
@@ -278,8 +307,27 @@ def sweep_steering(
         result = trial(option)
         ratio = result.perplexity / perplexity_before
         swept.append({**option, "on_topic": result.on_topic, "perplexity_ratio": ratio})
-    fluent = [o for o in swept if o["perplexity_ratio"] <= max_perplexity_ratio]
-    return swept, max(fluent, key=lambda o: o["on_topic"]) if fluent else None
+
+    def fluent() -> list[dict[str, Any]]:
+        return [o for o in swept if o["perplexity_ratio"] <= max_perplexity_ratio]
+
+    ranked: list[dict[str, Any]] = []
+    if confirm is not None and len(fluent()) > finalists:
+        ranked = sorted(fluent(), key=lambda o: -o["on_topic"])[:finalists]
+        for option in ranked:
+            first = {key: option[key] for key in ("on_topic", "perplexity_ratio")}
+            plain = {k: v for k, v in option.items() if k not in first}
+            again = confirm(plain)
+            ratio = math.sqrt(first["perplexity_ratio"] * again.perplexity / perplexity_before)
+            option.update(
+                on_topic=(first["on_topic"] + again.on_topic) / 2,
+                perplexity_ratio=ratio,  # same token counts: the geometric mean
+                first_on_topic=first["on_topic"],
+                first_perplexity_ratio=first["perplexity_ratio"],
+            )
+    # confirmed options first; the others only where no finalist stayed fluent
+    candidates = [o for o in fluent() if o in ranked] or fluent()
+    return swept, max(candidates, key=lambda o: o["on_topic"]) if candidates else None
 
 
 # ---------------------------------------------------------------------------- measured effects
@@ -463,12 +511,13 @@ def steering_options(
     ``codes``: best first, one per (site, group) (`CodeEffects.ranked`); ``swaps``:
     named `topic_swaps` lists (e.g. first-layer heads, all heads). Swap options: every
     other topic's codes swapped to this topic's, alone, then with this topic's code also
-    forced into 1, 2 and k/2 of the head's lowest slots (ever stronger). Forcing
+    forced into 1, 1.5, 2 and k/2 of the head's lowest slots (ever stronger; 1.5: two in
+    the heads with the more precise half of the targets, one elsewhere). Forcing
     options (`force_code_hooks`, at every position), for the best 1, 2, 4, ... codes:
     each in its head's lowest slot, in its k/2 lowest slots (k >= 4), then in all k slots.
     """
     options = []
-    strengths = sorted({f for f in (0, 1, 2, k // 2) if f <= k})
+    strengths = sorted({f for f in (0, 1, 1.5, 2, k // 2) if f <= k})
     for name, heads in (swaps or {}).items():
         if heads:
             options += [{"swaps": list(heads), "heads": name, "force": f} for f in strengths]
@@ -556,6 +605,8 @@ def choose_steering(
     max_perplexity_ratio: float = 2.0,
     max_codes: int = 8,
     swaps: Mapping[str, Sequence[TopicSwap]] | None = None,
+    confirm: Callable[[dict[str, Any]], SteeringTrial] | None = None,
+    finalists: int = 3,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """How to steer toward a topic, chosen by measured effect, then by generation.
 
@@ -565,7 +616,9 @@ def choose_steering(
     evaluate on) in `sweep_steering`: the most on-topic option whose perplexity is at
     most ``max_perplexity_ratio`` times ``perplexity_before`` (the unsteered trial's),
     ties to the simpler, earlier one. More codes in the same slots are not tried
-    once fewer broke the guard. Returns (every swept option, the pick or None).
+    once fewer broke the guard. With ``confirm``, the ``finalists`` best are judged
+    again before the pick (`sweep_steering`). Returns (every swept option, the pick or
+    None).
     """
     if max_codes < 1:
         raise ValueError(f"max_codes must be >= 1, got {max_codes}")
@@ -577,6 +630,8 @@ def choose_steering(
         perplexity_before=perplexity_before,
         max_perplexity_ratio=max_perplexity_ratio,
         skip=lambda option, swept: _past_broken(option, swept, max_perplexity_ratio),
+        confirm=confirm,
+        finalists=finalists,
     )
 
 

@@ -186,11 +186,13 @@ def test_steering_options_go_from_swaps_to_many_heads():
     swap = TopicSwap(TopicCode(Code("s", 0, 1), 0.9, 0.5, 10), (2,))
     swaps = {"first": [swap], "none": []}
     options = steering_options(codes, 8, swaps)
-    assert options[:4] == [  # ever stronger: forced into 0, 1, 2 and k/2 slots
-        {"swaps": swaps["first"], "heads": "first", "force": f} for f in (0, 1, 2, 4)
+    assert options[:5] == [  # ever stronger: forced into 0, 1, 1.5, 2 and k/2 slots
+        {"swaps": swaps["first"], "heads": "first", "force": f} for f in (0, 1, 1.5, 2, 4)
     ]
-    assert [o["force"] for o in steering_options(codes, 2, swaps) if "swaps" in o] == [0, 1, 2]
-    assert [o["slots"] for o in options[4::4]] == ["lowest", 4, "all"]
+    forces = [o["force"] for o in steering_options(codes, 2, swaps) if "swaps" in o]
+    assert forces == [0, 1, 1.5, 2]
+    assert [o["force"] for o in steering_options(codes, 1, swaps) if "swaps" in o] == [0, 1]
+    assert [o["slots"] for o in options[5::4]] == ["lowest", 4, "all"]
     for slots in ("lowest", 4, "all"):
         chosen = [o["codes"] for o in options if o.get("slots") == slots]
         assert chosen == [codes[:1], codes[:2], codes[:4], codes]
@@ -199,7 +201,7 @@ def test_steering_options_go_from_swaps_to_many_heads():
     assert steering_options([], 8) == []
     record = option_record({**options[1], "on_topic": 0.5})
     assert record == {"swaps": [swap.as_dict()], "heads": "first", "force": 1, "on_topic": 0.5}
-    record = option_record(options[4], lambda c: {"effect": c.id / 10})
+    record = option_record(options[5], lambda c: {"effect": c.id / 10})
     assert json.loads(json.dumps(record))["codes"] == [{**codes[0].as_dict(), "effect": 0.0}]
 
 
@@ -230,6 +232,48 @@ def test_sweep_steering_picks_the_most_on_topic_fluent_option():
     )
 
 
+def test_sweep_steering_confirms_its_finalists_before_the_pick():
+    first = {1: (0.9, 30.0), 2: (0.8, 12.0), 3: (0.7, 11.0), 4: (0.6, 10.0), 5: (0.5, 10.0)}
+    again = {2: (0.4, 12.0), 3: (0.7, 40.0), 4: (0.7, 10.0)}
+    confirmed = []
+
+    def trial(option):
+        return SteeringTrial(*first[option["n"]], [])
+
+    def confirm(option):
+        assert set(option) == {"n"}, "a finalist is confirmed with its settings alone"
+        confirmed.append(option["n"])
+        return SteeringTrial(*again[option["n"]], [])
+
+    options = [{"n": n} for n in first]
+    swept, best = sweep_steering(
+        options, trial, perplexity_before=10.0, max_perplexity_ratio=2.0,
+        confirm=confirm, finalists=3,
+    )  # fmt: skip
+    assert confirmed == [2, 3, 4]  # the three most on-topic fluent options; 1 is not fluent
+    by_n = {o["n"]: o for o in swept}
+    assert by_n[2]["on_topic"] == pytest.approx(0.6) and by_n[2]["first_on_topic"] == 0.8
+    assert by_n[3]["perplexity_ratio"] == pytest.approx(math.sqrt(1.1 * 4.0))  # now broken
+    assert by_n[4]["first_perplexity_ratio"] == 1.0 and "first_on_topic" not in by_n[5]
+    assert best["n"] == 4 and best["on_topic"] == pytest.approx(0.65)  # 2 drew well once
+    # no finalist stays fluent: the best unconfirmed fluent option
+    again.update({2: (0.8, 100.0), 3: (0.7, 100.0), 4: (0.6, 100.0)})
+    _, best = sweep_steering(
+        options, trial, perplexity_before=10.0, max_perplexity_ratio=2.0,
+        confirm=confirm, finalists=3,
+    )  # fmt: skip
+    assert best["n"] == 5
+    confirmed.clear()  # no more fluent options than finalists: nothing to choose between
+    _, best = sweep_steering(
+        options, trial, perplexity_before=10.0, max_perplexity_ratio=2.0,
+        confirm=confirm, finalists=4,
+    )  # fmt: skip
+    assert confirmed == [] and best == {"n": 2, "on_topic": 0.8, "perplexity_ratio": 1.2}
+    with pytest.raises(ValueError, match="finalists must be >= 1"):
+        sweep_steering(options, trial, perplexity_before=10.0, max_perplexity_ratio=2.0,
+                       confirm=confirm, finalists=0)  # fmt: skip
+
+
 def test_sweep_skips_more_forced_heads_once_fewer_broke_the_fluency_guard():
     broke = {"codes": [1], "slots": "all", "perplexity_ratio": 3.0}
     more = {"codes": [1, 2], "slots": "all"}
@@ -248,12 +292,14 @@ def test_sweep_skips_more_forced_heads_once_fewer_broke_the_fluency_guard():
     assert not _past_broken(more, [swap_broke], limit=2.0)
 
 
-def _topic_rows(n_rows, n_topics, length):
-    """Random tokens whose rows each carry their topic's marker token (10 + topic) often."""
+def _topic_rows(n_rows, n_topics, length, vocab=13):
+    """Random tokens whose rows each carry their topic's marker token often (the
+    vocabulary's last ``n_topics`` ids; with 3 topics, 10 + topic)."""
     topic_of_row = torch.arange(n_rows) % n_topics
-    tokens = torch.randint(0, 10, (n_rows, length))
+    first_marker = vocab - n_topics
+    tokens = torch.randint(0, first_marker, (n_rows, length))
     marked = torch.rand(n_rows, length) < 0.5
-    tokens = torch.where(marked, 10 + topic_of_row[:, None], tokens)
+    tokens = torch.where(marked, first_marker + topic_of_row[:, None], tokens)
     return tokens, topic_of_row
 
 
@@ -287,13 +333,24 @@ def test_swap_sets_add_looser_targets_only_where_they_add_heads():
     torch.manual_seed(0)
     model = tiny_model(codebook=CodebookConfig(n_codes=16, k=2))
     attention = [s for s in model.codebooks if s.endswith("attn.hook_z")]
-    for n_topics in (3, 2):
+    loosest_seen = False
+    for n_topics in (5, 3, 2):
         tokens, topic_of_row = _topic_rows(240, n_topics, 16)
         stats = topic_stats(model, tokens, topic_of_row, n_topics, skip=1)
         source = 0.5 if n_topics > 2 else 0.75
         looser_seen = False
         for topic in range(n_topics):
             sets = swap_sets(model, stats, topic)
+            loosest = topic_swaps(
+                stats, topic, sites=attention, source_precision=source, target_precision=0.4
+            )
+            name = "all heads, targets 40% precise"
+            if name in sets:  # at least twice chance, and not a set already there
+                loosest_seen = True
+                assert n_topics == 5 and sets[name] == loosest
+                assert all(loosest != other for key, other in sets.items() if key != name)
+            else:
+                assert n_topics < 5 or not loosest or loosest in sets.values()
             strict = topic_swaps(stats, topic, sites=attention, source_precision=source)
             assert sets["all heads"] == strict
             assert sets["first-layer heads"] == topic_swaps(
@@ -309,6 +366,7 @@ def test_swap_sets_add_looser_targets_only_where_they_add_heads():
             else:
                 assert n_topics == 2 or len(looser) == len(strict)
         assert looser_seen == (n_topics > 2), "random marker codes give looser heads"
+    assert loosest_seen, "five topics' random marker codes give 40% precise targets"
 
 
 def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
@@ -334,9 +392,29 @@ def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
     with model.hooks(fwd_hooks=swap_code_hooks(model, swaps, force=2)):
         _, cache = model.run_with_cache(tokens, names_filter=name)
     assert (cache[name][:, :, 1] == target).all()
-    for bad in (3, -1, True, 1.0):
-        with pytest.raises(ValueError, match=r"force must be an int in \[0, k=2\]"):
+    for bad in (3, -1, 2.5, True, "1", float("nan")):
+        with pytest.raises(ValueError, match=r"force must be a number in \[0, k=2\]"):
             swap_code_hooks(model, swaps, force=bad)
+
+
+def test_a_fractional_force_puts_more_slots_where_targets_are_more_precise():
+    torch.manual_seed(0)
+    model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
+    site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
+    name = f"{site}.hook_codes"
+    tokens = torch.randint(0, 10, (3, 8))
+    swaps = [  # head 1's target is the more precise: 0.5 of the heads means head 1 alone
+        TopicSwap(TopicCode(Code(site, 0, 3), 0.6, 1.0, 1), (7,)),
+        TopicSwap(TopicCode(Code(site, 1, 5), 0.9, 1.0, 1), (7,)),
+    ]
+    for force, slots in ((0.5, (0, 1)), (1, (1, 1)), (1.5, (1, 2)), (2, (2, 2))):
+        with model.hooks(fwd_hooks=swap_code_hooks(model, swaps, force=force)):
+            _, cache = model.run_with_cache(tokens, names_filter=name)
+        for head, (target, n) in enumerate(zip((3, 5), slots, strict=True)):
+            forced = cache[name][:, :, head, 2 - n :] if n else cache[name][:, :, head, :0]
+            assert (forced == target).all(), (force, head)
+            if n < 2:  # the other slots keep the head's own codes (swapped 7s aside)
+                assert not (cache[name][:, :, head, : 2 - n] == target).all()
 
 
 def test_option_hooks_force_the_codes_at_every_position():

@@ -204,7 +204,7 @@ def test_mean_difference_baseline_sweeps_its_scale_on_the_code_prompts(model):
     exp = SimpleNamespace(
         topics=(TOPICS[0],), topic_skip=2, samples=2, sweep_samples=2, new_tokens=6, seed=0,
         max_perplexity_ratio=100.0, sweep_perplexity_ratio=100.0, unsteered_samples=2,
-        baselines={"direction_scales": [0.0, 30.0]},
+        baselines={"direction_scales": [0.0, 30.0]}, finalists=0,
     )  # fmt: skip
     prompts = (("12", "3"), ("45", "6"))  # (eval, sweep)
     tokens = _docs(4, n=6, length=10)
@@ -224,3 +224,9 @@ def test_mean_difference_baseline_sweeps_its_scale_on_the_code_prompts(model):
     assert zero["perplexity_ratio"] == pytest.approx(1.0)
     assert row["scale"] in (0.0, 30.0) and 0 <= row["after"] <= 1
     assert row["sweep"][1]["perplexity_ratio"] != pytest.approx(1.0), "30x the direction acts"
+    exp.finalists = 1  # the baseline's best option is confirmed, as the codes' are
+    (row,) = steer_with_direction(
+        model, tokens, topic_of_row, Classifier(), exp, plain, prompts, topics=TOPICS
+    )
+    assert sum("first_on_topic" in o for o in row["sweep"]) == 1
+    assert not any(key in row for key in ("first_on_topic", "first_perplexity_ratio"))

@@ -324,17 +324,17 @@ def sweep_and_evaluate(
     hooks: Callable[[dict[str, Any]], list],
 ) -> dict[str, Any]:
     """A baseline's steering of ``topic`` on the base model: ``options`` swept on the sweep
-    prompts under the fluency guard (as codes are), the pick evaluated on the eval prompts
-    (``prompts``: eval, sweep). Row fields: ``before``, ``sweep``, and with a pick its
-    settings, ``after``, ``perplexity_ratio`` and an ``example``."""
+    prompts under the fluency guard, the best confirmed (as codes are), the pick evaluated
+    on the eval prompts (``prompts``: eval, sweep). Row fields: ``before``, ``sweep``, and
+    with a pick its settings, ``after``, ``perplexity_ratio`` and an ``example``."""
     from codelens import steering as st
 
     eval_prompts, sweep_prompts = prompts
 
-    def trial(option: dict[str, Any]) -> Any:
+    def trial(option: dict[str, Any], seed: int = exp.seed + 200) -> Any:
         return st.steering_trial(
             base, base, classifier, topic, hooks(option), sweep_prompts,
-            samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=exp.seed + 200,
+            samples=exp.sweep_samples, new_tokens=exp.new_tokens, seed=seed,
         )  # fmt: skip
 
     sweep, best = st.sweep_steering(
@@ -342,6 +342,8 @@ def sweep_and_evaluate(
         trial,
         perplexity_before=plain["sweep_perplexity"],
         max_perplexity_ratio=exp.sweep_perplexity_ratio,
+        confirm=(lambda o: trial(o, exp.seed + 300)) if exp.finalists else None,
+        finalists=max(exp.finalists, 1),
     )
     row: dict[str, Any] = {"before": plain["before"][topic], "sweep": sweep}
     if best is not None:
@@ -349,7 +351,7 @@ def sweep_and_evaluate(
             base, base, classifier, topic, hooks(best), eval_prompts,
             samples=exp.samples, new_tokens=exp.new_tokens, seed=exp.seed + 100,
         )  # fmt: skip
-        row |= {k: v for k, v in best.items() if k not in ("on_topic", "perplexity_ratio")}
+        row |= {k: v for k, v in best.items() if k not in st.MEASURED}
         row |= {
             "after": final.on_topic,
             "perplexity_ratio": final.perplexity / plain["perplexity"],
