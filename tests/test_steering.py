@@ -369,12 +369,17 @@ def test_swap_sets_add_looser_targets_only_where_they_add_heads():
     assert loosest_seen, "five topics' random marker codes give 40% precise targets"
 
 
-def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
+def _first_attention_site():
+    """A tiny model (8 codes, k=2), its first attention site, that site's codes hook name
+    and random tokens."""
     torch.manual_seed(0)
     model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
     site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
-    name = f"{site}.hook_codes"
-    tokens = torch.randint(0, 10, (3, 8))
+    return model, site, f"{site}.hook_codes", torch.randint(0, 10, (3, 8))
+
+
+def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
+    model, site, name, tokens = _first_attention_site()
     _, clean = model.run_with_cache(tokens, names_filter=name)
     ids = clean[name][:, :, 1]
     source = int(ids[0, 0, 0])
@@ -398,11 +403,7 @@ def test_swap_code_hooks_swap_sources_and_optionally_force_the_target():
 
 
 def test_a_fractional_force_puts_more_slots_where_targets_are_more_precise():
-    torch.manual_seed(0)
-    model = tiny_model(codebook=CodebookConfig(n_codes=8, k=2))
-    site = next(s for s in model.codebooks if s.endswith("attn.hook_z"))
-    name = f"{site}.hook_codes"
-    tokens = torch.randint(0, 10, (3, 8))
+    model, site, name, tokens = _first_attention_site()
     swaps = [  # head 1's target is the more precise: 0.5 of the heads means head 1 alone
         TopicSwap(TopicCode(Code(site, 0, 3), 0.6, 1.0, 1), (7,)),
         TopicSwap(TopicCode(Code(site, 1, 5), 0.9, 1.0, 1), (7,)),
