@@ -518,7 +518,7 @@ def steer_topics(
                 samples=exp.sweep_samples,
                 new_tokens=exp.new_tokens,
                 seed=seed,
-            )  # fmt: skip
+            )
             for seed in (exp.seed + 200, exp.seed + 300)
         )
         sweep, best = choose_steering(
