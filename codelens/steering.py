@@ -316,8 +316,7 @@ def sweep_steering(
         ranked = sorted(fluent(), key=lambda o: -o["on_topic"])[:finalists]
         for option in ranked:
             first = {key: option[key] for key in ("on_topic", "perplexity_ratio")}
-            plain = {k: v for k, v in option.items() if k not in first}
-            again = confirm(plain)
+            again = confirm({k: v for k, v in option.items() if k not in MEASURED})
             ratio = math.sqrt(first["perplexity_ratio"] * again.perplexity / perplexity_before)
             option.update(
                 on_topic=(first["on_topic"] + again.on_topic) / 2,
