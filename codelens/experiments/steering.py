@@ -264,6 +264,9 @@ FORTUNES = SteeringExperiment(
         "steps": 250,
         "dead_code_window": 100_000,
         **_CODEBOOK_TRAINING,
+        # At 1e-3 the fine-tune diverged on linux-doc seed 1 (held-out loss ratio 1.57;
+        # 1.32 with a 0.25 commitment loss); at 3e-4 the same stage reached 1.04.
+        "lr": 3e-4,
     },
     search_len=32,
     topics=FORTUNE_TOPICS,
