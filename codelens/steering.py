@@ -5,9 +5,10 @@ Hooks from codes: `force_code_hooks` forces `Code`s on (e.g. the ``.code`` of
 (`codelens.analysis.topic_swaps`). Then `generate_texts` samples continuations
 under those hooks, `continuation_texts` decodes them, `perplexity` (under a reference
 model) and `heldout_loss` measure fluency, and `on_topic_share` counts the texts a
-topic classifier puts on a topic. `steering_trial` does all of that for one hook list,
-and `sweep_steering` tries options (codes or features, any hooks) and picks the most
-on-topic one that stays fluent.
+topic classifier puts on a topic (`real_text_on_topic`: the same judge on real topic
+text cut to a generation's length, the reference). `steering_trial` does all of that
+for one hook list, and `sweep_steering` tries options (codes or features, any hooks) and
+picks the most on-topic one that stays fluent.
 
 Choosing what to steer with, by what it does rather than by how precisely it fires:
 `code_effects` measures, teacher-forced and batched, how much forcing each candidate
@@ -63,6 +64,7 @@ __all__ = [
     "option_record",
     "option_trial",
     "perplexity",
+    "real_text_on_topic",
     "steering_options",
     "steering_trial",
     "swap_code_hooks",
@@ -223,6 +225,34 @@ def perplexity(model: HookedCodebookTransformer, generated: list[tuple[Tensor, i
 def on_topic_share(classifier: TopicClassifier, texts: list[str], topic: str) -> float:
     """Share of texts whose top topic is ``topic``."""
     return sum(p == topic for p in classifier.predict(texts)) / len(texts)
+
+
+def real_text_on_topic(
+    classifier: TopicClassifier,
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    topics: Sequence[str],
+    n_tokens: int,
+) -> dict[str, float]:
+    """Each topic's share of its real documents, cut to their first ``n_tokens`` tokens,
+    that ``classifier`` puts on the topic.
+
+    The reference for a share of steered generations ``n_tokens`` long: where the judge
+    puts only half of genuine topic text that short on its topic, a steered share far
+    above that is not to be expected of any model."""
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    missing = [t for t in topics if t not in labels]
+    if missing:
+        raise ValueError(f"topics {missing} have no documents; labels: {sorted(set(labels))}")
+    cut = [tokenizer.decode(tokenizer.encode(text)[:n_tokens]) for text in texts]
+    return {
+        t: on_topic_share(classifier, [c for c, y in zip(cut, labels, strict=True) if y == t], t)
+        for t in topics
+    }
 
 
 @torch.no_grad()

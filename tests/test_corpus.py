@@ -321,9 +321,12 @@ def test_generic_corpus_pipeline_end_to_end(tmp_path, monkeypatch):
     judge = report["classifier"]
     assert (judge["fit_stories"], judge["heldout_stories"]) == (90, 30)
     assert 0 <= judge["heldout_accuracy"] <= 1
+    real = judge["real_text_on_topic"]
+    assert list(real) == ["dragon", "fire", "flower"] and all(0 <= x <= 1 for x in real.values())
     assert info["search rows"] >= 60 and info["search length"] == exp.search_len
     markdown = (tmp_path / "run" / "report.md").read_text()
     assert "of 30 held-out documents." in markdown
+    assert f"cut to their first {exp.new_tokens} tokens" in markdown
     lm = [json.loads(line)["text"] for line in (tmp_path / "run" / "corpus.jsonl").open()]
     assert len(lm) == 120
     assert report["reused_stages"] == []

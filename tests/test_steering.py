@@ -41,6 +41,7 @@ from codelens.steering import (
     option_hooks,
     option_record,
     perplexity,
+    real_text_on_topic,
     steering_options,
     swap_code_hooks,
     sweep_steering,
@@ -93,6 +94,26 @@ def test_on_topic_share_uses_the_top_topic(stories):
     texts = [s.text for s in stories if s.topic == "dragon"]
     assert on_topic_share(classifier, texts, "dragon") == 1.0
     assert on_topic_share(classifier, texts, "cake") == 0.0
+
+
+def test_real_text_on_topic_judges_documents_cut_to_the_generation_length(tokenizer):
+    classifier = TopicClassifier.fit(
+        ["dragon cave wings", "dragon roar cave", "cake sugar icing", "sugar cake bake"],
+        ["dragon", "dragon", "cake", "cake"],
+    )
+    # the opening words are the other topic's: only a long enough cut sees the dragons
+    texts = [" sugar icing" + " dragon cave wings roar" * 3, " cake sugar bake icing"]
+    labels = ["dragon", "cake"]
+    short = len(tokenizer.encode(" sugar icing"))
+    args = (classifier, tokenizer, texts, labels, ["dragon", "cake"])
+    assert real_text_on_topic(*args, short) == {"dragon": 0.0, "cake": 1.0}
+    assert real_text_on_topic(*args, 1000) == {"dragon": 1.0, "cake": 1.0}
+    with pytest.raises(ValueError, match=r"topics \['pony'\] have no documents"):
+        real_text_on_topic(classifier, tokenizer, texts, labels, ["pony"], 10)
+    with pytest.raises(ValueError, match="n_tokens must be a positive int"):
+        real_text_on_topic(*args, 0)
+    with pytest.raises(ValueError, match="2 texts but 1 labels"):
+        real_text_on_topic(classifier, tokenizer, texts, labels[:1], ["dragon"], 10)
 
 
 @torch.no_grad()

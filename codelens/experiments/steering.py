@@ -93,6 +93,7 @@ from codelens.steering import (
     option_record,
     option_trial,
     perplexity,
+    real_text_on_topic,
     steering_trial,
 )
 from codelens.viz import Page, precision_recall, steering_results, training_curves
@@ -743,6 +744,9 @@ def run_experiment(exp: SteeringExperiment) -> dict[str, Any]:
         "fit_stories": data.info.pop("classifier documents"),
         "heldout_stories": len(check.texts),
         "heldout_accuracy": classifier.accuracy(list(check.texts), list(check.labels)),
+        "real_text_on_topic": real_text_on_topic(
+            classifier, tokenizer, check.texts, check.labels, data.steered, exp.new_tokens
+        ),
     }
     heldout = pack_to_tensor(data.search_texts, tokenizer, 128)
     if exp.corpus == "stories":  # one row per story, its opening
@@ -887,10 +891,17 @@ def _judge(report: dict[str, Any]) -> str:
         return ""
     c = report["classifier"]
     texts = "stories" if report["experiment"].get("corpus", "stories") == "stories" else "documents"
-    return (
+    line = (
         f" The TopicClassifier (bag-of-words logistic regression, {c['fit_stories']} {texts}) "
         f"is right on {_pct(c['heldout_accuracy'])}% of {c['heldout_stories']} held-out {texts}."
     )
+    if "real_text_on_topic" in c:  # reports from before it was measured lack it
+        shares = ", ".join(f"{t} {_pct(x)}%" for t, x in c["real_text_on_topic"].items())
+        line += (
+            f" Held-out {texts} cut to their first {report['experiment']['new_tokens']} "
+            f"tokens (a generation's length), each topic's put on its topic: {shares}."
+        )
+    return line
 
 
 def _code_name(code: dict[str, Any]) -> str:
