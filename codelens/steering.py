@@ -238,9 +238,9 @@ def real_text_on_topic(
     """Each topic's share of its real documents, cut to their first ``n_tokens`` tokens,
     that ``classifier`` puts on the topic.
 
-    The reference for a share of steered generations ``n_tokens`` long: where the judge
-    puts only half of genuine topic text that short on its topic, a steered share far
-    above that is not to be expected of any model."""
+    The reference for a share of steered generations ``n_tokens`` long: a bag-of-words
+    judge needs words, and on short texts it may call little even of genuine topic text
+    on topic."""
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
     if len(texts) != len(labels):
